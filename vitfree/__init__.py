@@ -1,0 +1,15 @@
+"""vitfree: window-free Vision Transformers (WinfT) for timm.
+
+``import vitfree`` registers the ``winft_*`` models in timm's registry.
+"""
+from .version import __version__
+from .windows import LayerWindows, WindowSpec, WindowSpecError, get_spec, list_specs, resolve_spec
+from .ops import BackendError, available_backends, list_backends, use_backend, window_attention
+from .layers import WindowAttention
+from .models import WinfT, create_winft
+
+__all__ = [
+    '__version__', 'WindowSpec', 'LayerWindows', 'WindowSpecError', 'get_spec', 'list_specs', 'resolve_spec',
+    'use_backend', 'window_attention', 'available_backends', 'list_backends', 'BackendError',
+    'WindowAttention', 'WinfT', 'create_winft',
+]

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``vitfree`` CLI, one module each."""

@@ -1,0 +1,3 @@
+from .window_attention import WindowAttention
+
+__all__ = ['WindowAttention']

@@ -1,0 +1,606 @@
+"""Window specifications: which patches each patch may attend to, block by block.
+
+A window is an axis-aligned rectangle of patches around a query patch, written as four
+non-negative extents ``(up, down, left, right)`` counted in patches.  Patch ``j`` lies in the
+window of patch ``i`` when ``-up <= y_j - y_i <= down`` and ``-left <= x_j - x_i <= right``; a
+window that reaches past the grid is cut off at the border (it is never moved back inside),
+and it always holds the query patch itself, so no attention row can be empty.
+
+Prefix tokens (class token, register tokens) are never constrained: they see every token and
+every token sees them.  A block may also be ``global``: then it is an unmodified ViT block.
+
+This module holds plain data (NumPy arrays) and builds boolean masks with torch; it has no
+``torch.nn`` in it.  The file format is documented in :meth:`WindowSpec.to_dict`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    'WindowSpec', 'LayerWindows', 'WindowSpecError', 'SPEC_FORMAT', 'SPEC_VERSION',
+    'resize_extents', 'window_mask', 'to_grid', 'list_specs', 'get_spec', 'resolve_spec',
+]
+
+SPEC_FORMAT = 'vitfree.window_spec'
+SPEC_VERSION = 1
+SIDES = ('up', 'down', 'left', 'right')
+PROVENANCE_KINDS = ('measured', 'prior', 'uniform')
+Grid = Tuple[int, int]
+ExtentLike = Union[int, Sequence[int], np.ndarray]
+
+
+class WindowSpecError(ValueError):
+    """A window specification (or the file holding it) is malformed or does not fit."""
+
+
+def to_grid(grid: Union[int, Sequence[int]], name: str = 'grid') -> Grid:
+    """Normalise ``14`` or ``(14, 14)`` to a ``(H, W)`` tuple of positive ints."""
+    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
+        grid = (int(grid), int(grid))
+    try:
+        h, w = (int(g) for g in grid)
+    except (TypeError, ValueError):
+        raise WindowSpecError(f'{name} must be an int or a pair of ints (H, W), got {grid!r}') from None
+    if h < 1 or w < 1:
+        raise WindowSpecError(f'{name} must be positive, got {(h, w)}')
+    return h, w
+
+
+def _as_extents(value: ExtentLike, grid: Grid, where: str) -> np.ndarray:
+    """Turn a radius, a 4-tuple or an array into a validated int32 extents array."""
+    h, w = grid
+    arr = np.asarray(value)
+    if arr.dtype.kind not in 'iu':
+        if arr.dtype.kind == 'f' and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise WindowSpecError(f'{where}: extents must be integers, got dtype {arr.dtype} ({value!r:.80})')
+    if arr.ndim == 0:  # one radius on every side
+        arr = np.broadcast_to(arr.reshape(1, 1, 1), (h, w, 4))
+    elif arr.shape == (4,):  # one (up, down, left, right) for every patch
+        arr = np.broadcast_to(arr.reshape(1, 1, 4), (h, w, 4))
+    if arr.ndim not in (3, 4) or arr.shape[-3:] != (h, w, 4):
+        raise WindowSpecError(
+            f'{where}: extents must have shape (H, W, 4) = {(h, w, 4)} or (heads, H, W, 4), '
+            f'got {tuple(arr.shape)}')
+    if arr.ndim == 4 and arr.shape[0] < 1:
+        raise WindowSpecError(f'{where}: per-head extents need at least one head, got shape {arr.shape}')
+    if arr.size and int(arr.min()) < 0:
+        idx = tuple(int(i) for i in np.argwhere(arr < 0)[0])
+        raise WindowSpecError(
+            f'{where}: extents must be >= 0, got {int(arr[idx])} at index {idx} '
+            f'(side {SIDES[idx[-1]]!r})')
+    arr = np.ascontiguousarray(arr, dtype=np.int32)
+    arr.setflags(write=False)
+    return arr
+
+
+def resize_extents(extents: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
+    """Resize one block's extents from grid ``src`` to grid ``dst``.
+
+    Vertical extents scale by ``H_dst / H_src`` and horizontal ones by ``W_dst / W_src``,
+    rounded up (exact integer arithmetic); the per-patch map is resampled by nearest
+    neighbour (patch centres).  ``src == dst`` returns the array unchanged.
+    """
+    src, dst = to_grid(src), to_grid(dst)
+    if src == dst:
+        return extents
+    (hs, ws), (hd, wd) = src, dst
+    # nearest neighbour on patch centres: source index floor((i + 0.5) * S / D)
+    ys = np.minimum(((2 * np.arange(hd) + 1) * hs) // (2 * hd), hs - 1)
+    xs = np.minimum(((2 * np.arange(wd) + 1) * ws) // (2 * wd), ws - 1)
+    out = extents[..., ys, :, :][..., :, xs, :].astype(np.int64)
+    out[..., 0:2] = (out[..., 0:2] * hd + hs - 1) // hs  # ceil(e * hd / hs)
+    out[..., 2:4] = (out[..., 2:4] * wd + ws - 1) // ws
+    out = np.ascontiguousarray(out, dtype=np.int32)
+    out.setflags(write=False)
+    return out
+
+
+def window_mask(
+        extents: Union[np.ndarray, torch.Tensor],
+        num_prefix_tokens: int = 0,
+        device: Union[str, torch.device, None] = None,
+) -> torch.Tensor:
+    """Boolean attention mask (``True`` = may attend) for extents of shape ``(H, W, 4)``
+    (gives ``(T, T)``) or ``(heads, H, W, 4)`` (gives ``(heads, T, T)``), ``T = P + H*W``.
+
+    Queries are rows.  Prefix rows and columns are all ``True``.
+    """
+    if torch.is_tensor(extents):
+        ext = extents.to(device=device, dtype=torch.int64)
+    else:
+        ext = torch.from_numpy(np.array(extents, dtype=np.int64)).to(device)
+    h, w = ext.shape[-3], ext.shape[-2]
+    n = h * w
+    ys = torch.arange(h, device=ext.device).repeat_interleave(w)
+    xs = torch.arange(w, device=ext.device).repeat(h)
+    dy = ys.view(1, n) - ys.view(n, 1)  # y_j - y_i, rows are queries i
+    dx = xs.view(1, n) - xs.view(n, 1)
+    e = ext.reshape(*ext.shape[:-3], n, 4)
+    up, down, left, right = (e[..., s].unsqueeze(-1) for s in range(4))
+    patch = (dy >= -up) & (dy <= down) & (dx >= -left) & (dx <= right)
+    if num_prefix_tokens < 0:
+        raise WindowSpecError(f'num_prefix_tokens must be >= 0, got {num_prefix_tokens}')
+    if num_prefix_tokens == 0:
+        return patch
+    t = num_prefix_tokens + n
+    full = torch.ones(*patch.shape[:-2], t, t, dtype=torch.bool, device=ext.device)
+    full[..., num_prefix_tokens:, num_prefix_tokens:] = patch
+    return full
+
+
+class LayerWindows:
+    """The windows of one (non-global) block at one grid size, with cached masks.
+
+    ``extents`` is an int32 array ``(H, W, 4)`` or ``(heads, H, W, 4)``.  Instances are
+    immutable; masks and device copies are cached per ``(num_prefix_tokens, device)``.
+    """
+
+    def __init__(self, extents: np.ndarray, grid: Grid):
+        self.grid = to_grid(grid)
+        self.extents = _as_extents(extents, self.grid, 'LayerWindows')
+        self._cache: Dict[Any, torch.Tensor] = {}
+
+    @property
+    def per_head(self) -> bool:
+        return self.extents.ndim == 4
+
+    @property
+    def num_heads(self) -> Optional[int]:
+        return self.extents.shape[0] if self.per_head else None
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def max_extents(self) -> Tuple[int, int, int, int]:
+        """Largest (up, down, left, right) over all patches (and heads), clipped to the grid."""
+        m = self.extents.reshape(-1, 4).max(axis=0)
+        h, w = self.grid
+        return (min(int(m[0]), h - 1), min(int(m[1]), h - 1), min(int(m[2]), w - 1), min(int(m[3]), w - 1))
+
+    def mean_area(self) -> float:
+        """Mean number of patches per window after clipping to the grid."""
+        return float(window_areas(self.extents, self.grid).mean())
+
+    def mask(self, num_prefix_tokens: int = 0, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+        dev = torch.device(device) if device is not None else torch.device('cpu')
+        key = ('mask', num_prefix_tokens, str(dev))
+        m = self._cache.get(key)
+        if m is None:
+            m = window_mask(self.extents, num_prefix_tokens, device=dev)
+            self._cache[key] = m
+        return m
+
+    def extents_tensor(self, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+        dev = torch.device(device) if device is not None else torch.device('cpu')
+        key = ('ext', str(dev))
+        t = self._cache.get(key)
+        if t is None:
+            t = torch.as_tensor(self.extents.astype(np.int64), device=dev)
+            self._cache[key] = t
+        return t
+
+    def cached(self, key: Any, make) -> Any:
+        """Memoise a derived object (used by backends for their own precomputations)."""
+        val = self._cache.get(key)
+        if val is None:
+            val = make()
+            self._cache[key] = val
+        return val
+
+    def resize(self, grid: Union[int, Sequence[int]]) -> 'LayerWindows':
+        grid = to_grid(grid)
+        if grid == self.grid:
+            return self
+        return LayerWindows(resize_extents(self.extents, self.grid, grid), grid)
+
+    def __repr__(self) -> str:
+        shape = 'x'.join(str(s) for s in self.extents.shape)
+        return f'LayerWindows(grid={self.grid}, extents={shape}, max={self.max_extents()})'
+
+
+def window_areas(extents: np.ndarray, grid: Grid) -> np.ndarray:
+    """Number of patches inside each (clipped) window; same leading shape as ``extents[..., 0]``."""
+    h, w = grid
+    ys = np.arange(h).reshape(h, 1)
+    xs = np.arange(w).reshape(1, w)
+    e = extents.astype(np.int64)
+    rows = np.minimum(ys + e[..., 1], h - 1) - np.maximum(ys - e[..., 0], 0) + 1
+    cols = np.minimum(xs + e[..., 3], w - 1) - np.maximum(xs - e[..., 2], 0) + 1
+    return rows * cols
+
+
+@dataclass
+class WindowSpec:
+    """Per-block windows for a ViT with a ``grid = (H, W)`` patch grid.
+
+    ``blocks[l]`` is ``None`` for a global block or an int32 array of extents, shape
+    ``(H, W, 4)`` (same window for every head) or ``(heads, H, W, 4)`` (per head); the last axis
+    is ``(up, down, left, right)``.  ``provenance`` says where the windows came from: its
+    ``kind`` is ``measured``, ``prior`` or ``uniform``, with details alongside.
+    """
+    grid: Grid
+    blocks: List[Optional[np.ndarray]]
+    provenance: Dict[str, Any] = field(default_factory=lambda: {'kind': 'uniform'})
+
+    def __post_init__(self):
+        self.grid = to_grid(self.grid)
+        if isinstance(self.blocks, (str, bytes)) or not isinstance(self.blocks, Iterable):
+            raise WindowSpecError(f'blocks must be a list (one entry per block), got {type(self.blocks).__name__}')
+        blocks = []
+        for i, b in enumerate(self.blocks):
+            if b is None or (isinstance(b, str) and b == 'global'):
+                blocks.append(None)
+            elif isinstance(b, str):
+                raise WindowSpecError(f"blocks[{i}]: expected 'global' or extents, got {b!r}")
+            else:
+                blocks.append(_as_extents(b, self.grid, f'blocks[{i}]'))
+        if not blocks:
+            raise WindowSpecError('blocks must not be empty: a spec needs one entry per transformer block')
+        self.blocks = blocks
+        heads = {b.shape[0] for b in blocks if b is not None and b.ndim == 4}
+        if len(heads) > 1:
+            raise WindowSpecError(f'per-head blocks disagree on the number of heads: {sorted(heads)}')
+        if not isinstance(self.provenance, Mapping):
+            raise WindowSpecError(f'provenance must be a mapping, got {type(self.provenance).__name__}')
+        self.provenance = dict(self.provenance)
+        kind = self.provenance.get('kind')
+        if kind not in PROVENANCE_KINDS:
+            raise WindowSpecError(f'provenance.kind must be one of {PROVENANCE_KINDS}, got {kind!r}')
+
+    # ---- constructors -------------------------------------------------------------------
+    @classmethod
+    def uniform(
+            cls,
+            depth: int,
+            grid: Union[int, Sequence[int]],
+            radius: ExtentLike,
+            global_blocks: Iterable[int] = (),
+    ) -> 'WindowSpec':
+        """The same window for every patch of every block, except ``global_blocks``.
+
+        ``radius`` is an int (a square window of side ``2r+1``) or ``(up, down, left, right)``.
+        """
+        if depth < 1:
+            raise WindowSpecError(f'depth must be >= 1, got {depth}')
+        glob = set(int(g) % depth if -depth <= int(g) < depth else _bad_block(g, depth) for g in global_blocks)
+        r = np.asarray(radius)
+        prov = {'kind': 'uniform', 'radius': r.tolist(), 'global_blocks': sorted(glob)}
+        return cls(grid, [None if i in glob else radius for i in range(depth)], prov)
+
+    @classmethod
+    def from_schedule(
+            cls,
+            grid: Union[int, Sequence[int]],
+            schedule: Sequence[Union[str, int, Sequence[int], None]],
+            provenance: Optional[Mapping[str, Any]] = None,
+    ) -> 'WindowSpec':
+        """One entry per block: ``'global'`` (or ``None``), a radius, or ``(up, down, left, right)``."""
+        prov = dict(provenance or {'kind': 'prior'})
+        prov.setdefault('kind', 'prior')
+        prov.setdefault('schedule', [s if s is None or isinstance(s, (str, int)) else list(s) for s in schedule])
+        return cls(grid, list(schedule), prov)
+
+    @classmethod
+    def all_global(cls, depth: int, grid: Union[int, Sequence[int]]) -> 'WindowSpec':
+        """Every block global: the model is exactly a ViT."""
+        return cls(grid, [None] * depth, {'kind': 'uniform', 'radius': 'global'})
+
+    # ---- queries ------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_heads(self) -> Optional[int]:
+        """Head count of per-head blocks, or None when no block is per-head."""
+        for b in self.blocks:
+            if b is not None and b.ndim == 4:
+                return b.shape[0]
+        return None
+
+    def is_global(self, block: int) -> bool:
+        return self.blocks[self._check_block(block)] is None
+
+    def layer(self, block: int) -> Optional[LayerWindows]:
+        """The windows of one block as a :class:`LayerWindows` (None when global)."""
+        b = self.blocks[self._check_block(block)]
+        return None if b is None else LayerWindows(b, self.grid)
+
+    def mask(self, block: int, num_prefix_tokens: int = 0, device=None) -> torch.Tensor:
+        """Boolean mask ``(T, T)`` or ``(heads, T, T)`` of block ``block``; ``True`` = may attend.
+
+        A global block gives an all-``True`` ``(T, T)`` mask.
+        """
+        b = self.blocks[self._check_block(block)]
+        if b is None:
+            t = num_prefix_tokens + self.grid[0] * self.grid[1]
+            return torch.ones(t, t, dtype=torch.bool, device=device)
+        return window_mask(b, num_prefix_tokens, device=device)
+
+    def areas(self, block: int) -> Optional[np.ndarray]:
+        """Clipped window area of every patch (and head) in ``block``, or None when global."""
+        b = self.blocks[self._check_block(block)]
+        return None if b is None else window_areas(b, self.grid)
+
+    def summary(self) -> List[Dict[str, Any]]:
+        """Per block: global or not, mean / min / max window area and the fraction of the grid."""
+        n = self.grid[0] * self.grid[1]
+        rows = []
+        for i in range(self.depth):
+            a = self.areas(i)
+            if a is None:
+                rows.append({'block': i, 'global': True, 'mean_area': float(n), 'min_area': n, 'max_area': n,
+                             'fraction': 1.0})
+            else:
+                rows.append({'block': i, 'global': False, 'mean_area': float(a.mean()), 'min_area': int(a.min()),
+                             'max_area': int(a.max()), 'fraction': float(a.mean() / n)})
+        return rows
+
+    def _check_block(self, block: int) -> int:
+        if not isinstance(block, (int, np.integer)) or not -self.depth <= block < self.depth:
+            raise WindowSpecError(f'block must be an int in [0, {self.depth}), got {block!r}')
+        return int(block) % self.depth
+
+    # ---- transforms ---------------------------------------------------------------------
+    def resize(self, grid: Union[int, Sequence[int]]) -> 'WindowSpec':
+        """The spec for another patch grid (see :func:`resize_extents`); same grid -> ``self``."""
+        grid = to_grid(grid)
+        if grid == self.grid:
+            return self
+        prov = copy.deepcopy(self.provenance)
+        prov['resized_from'] = list(prov.get('resized_from', self.grid))
+        return WindowSpec(grid, [None if b is None else resize_extents(b, self.grid, grid) for b in self.blocks], prov)
+
+    def check_compatible(self, depth: int, grid: Union[int, Sequence[int]], num_heads: Optional[int] = None,
+                         what: str = 'model') -> None:
+        """Raise a clear error if this spec cannot serve a model of that depth / grid / heads."""
+        if depth != self.depth:
+            raise WindowSpecError(f'window spec has {self.depth} blocks but the {what} has depth {depth}')
+        grid = to_grid(grid)
+        if grid != self.grid:
+            raise WindowSpecError(
+                f'window spec was made for a {self.grid[0]}x{self.grid[1]} patch grid but the {what} has '
+                f'{grid[0]}x{grid[1]}; use spec.resize({grid}) to adapt it')
+        if num_heads is not None and self.num_heads is not None and self.num_heads != num_heads:
+            raise WindowSpecError(f'window spec has per-head windows for {self.num_heads} heads but the '
+                                  f'{what} has {num_heads} heads')
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WindowSpec):
+            return NotImplemented
+        if self.grid != other.grid or self.depth != other.depth or self.provenance != other.provenance:
+            return False
+        for a, b in zip(self.blocks, other.blocks):
+            if (a is None) != (b is None):
+                return False
+            if a is not None and (a.shape != b.shape or not np.array_equal(a, b)):
+                return False
+        return True
+
+    def __repr__(self) -> str:
+        kinds = ''.join('G' if b is None else ('h' if b.ndim == 4 else 'w') for b in self.blocks)
+        return (f'WindowSpec(grid={self.grid}, depth={self.depth}, blocks={kinds!r} '
+                f'(G=global, w=windowed, h=per-head), provenance={self.provenance.get("kind")!r})')
+
+    # ---- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON/YAML-ready dict; the format is::
+
+            format: vitfree.window_spec
+            version: 1
+            grid: [H, W]
+            provenance: {kind: measured|prior|uniform, ...}
+            blocks:
+              - global                          # an unconstrained block
+              - [up, down, left, right]         # the same window for every patch
+              - {up: [...], down: [...], left: [...], right: [...]}   # per patch: H rows of W
+                                                                       # ints, as strings
+              - {heads: [<one of the two forms above>, ...]}          # per head
+
+        Rows are strings of space-separated ints so files stay short and readable.
+        """
+        return {
+            'format': SPEC_FORMAT,
+            'version': SPEC_VERSION,
+            'grid': list(self.grid),
+            'provenance': _plain(self.provenance),
+            'blocks': [_encode_block(b) for b in self.blocks],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = 'window spec') -> 'WindowSpec':
+        if isinstance(d, WindowSpec):
+            return d
+        if not isinstance(d, Mapping):
+            raise WindowSpecError(f'{source}: expected a mapping, got {type(d).__name__}')
+        fmt = d.get('format', SPEC_FORMAT)
+        if fmt != SPEC_FORMAT:
+            raise WindowSpecError(f'{source}: format must be {SPEC_FORMAT!r}, got {fmt!r}')
+        version = d.get('version')
+        if version != SPEC_VERSION:
+            raise WindowSpecError(f'{source}: unknown version {version!r}; this vitfree reads version {SPEC_VERSION}')
+        for key in ('grid', 'blocks'):
+            if key not in d:
+                raise WindowSpecError(f'{source}: missing field {key!r}')
+        try:
+            grid = to_grid(d['grid'], 'grid')
+        except WindowSpecError as e:
+            raise WindowSpecError(f'{source}: {e}') from None
+        blocks_in = d['blocks']
+        if not isinstance(blocks_in, list):
+            raise WindowSpecError(f'{source}: blocks must be a list, got {type(blocks_in).__name__}')
+        blocks = [_decode_block(b, grid, f'{source}: blocks[{i}]') for i, b in enumerate(blocks_in)]
+        try:
+            return cls(grid, blocks, d.get('provenance', {'kind': 'uniform'}))
+        except WindowSpecError as e:
+            raise WindowSpecError(f'{source}: {e}') from None
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write ``.yaml``/``.yml`` or ``.json`` (by suffix); returns the path."""
+        path = Path(path)
+        d = self.to_dict()
+        suffix = path.suffix.lower()
+        if suffix in ('.yaml', '.yml'):
+            import yaml
+            text = yaml.safe_dump(d, sort_keys=False, default_flow_style=None, width=100000)
+        elif suffix == '.json':
+            text = json.dumps(d, indent=1) + '\n'
+        else:
+            raise WindowSpecError(f'cannot save a window spec as {path.name!r}: use a .yaml, .yml or .json suffix')
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + '.tmp')
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> 'WindowSpec':
+        path = Path(path)
+        if not path.is_file():
+            raise WindowSpecError(f'window spec file not found: {str(path)!r}')
+        text = path.read_text()
+        suffix = path.suffix.lower()
+        try:
+            if suffix == '.json':
+                d = json.loads(text)
+            else:
+                import yaml
+                d = yaml.safe_load(text)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise WindowSpecError(f'{path}: not valid {"JSON" if suffix == ".json" else "YAML"}: {e}') from None
+        return cls.from_dict(d, source=str(path))
+
+
+def _bad_block(g, depth):
+    raise WindowSpecError(f'global_blocks entries must be in [0, {depth}), got {g!r}')
+
+
+def _plain(x: Any) -> Any:
+    """Provenance values as plain JSON types."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _encode_plane(a: np.ndarray) -> Any:
+    flat = a.reshape(-1, 4)
+    if np.all(flat == flat[0]):
+        return [int(v) for v in flat[0]]
+    return {side: [' '.join(str(int(v)) for v in row) for row in a[..., s]] for s, side in enumerate(SIDES)}
+
+
+def _encode_block(b: Optional[np.ndarray]) -> Any:
+    if b is None:
+        return 'global'
+    if b.ndim == 4:
+        return {'heads': [_encode_plane(p) for p in b]}
+    return _encode_plane(b)
+
+
+def _decode_plane(e: Any, grid: Grid, where: str) -> np.ndarray:
+    h, w = grid
+    if isinstance(e, (int, list, tuple)) and not isinstance(e, bool):
+        vals = [e] * 4 if isinstance(e, int) else list(e)
+        if len(vals) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            raise WindowSpecError(f'{where}: expected [up, down, left, right] ints, got {e!r}')
+        return _as_extents(np.array(vals), grid, where)
+    if isinstance(e, Mapping):
+        missing = [s for s in SIDES if s not in e]
+        extra = [k for k in e if k not in SIDES]
+        if missing or extra:
+            raise WindowSpecError(f'{where}: per-patch extents need keys {list(SIDES)}'
+                                  + (f', missing {missing}' if missing else '') + (f', unknown {extra}' if extra else ''))
+        planes = []
+        for side in SIDES:
+            rows = e[side]
+            if not isinstance(rows, list) or len(rows) != h:
+                raise WindowSpecError(f'{where}.{side}: expected {h} rows (grid {h}x{w}), got '
+                                      f'{len(rows) if isinstance(rows, list) else type(rows).__name__}')
+            plane = []
+            for r, row in enumerate(rows):
+                try:
+                    vals = [int(v) for v in (row.split() if isinstance(row, str) else row)]
+                except (TypeError, ValueError):
+                    raise WindowSpecError(f'{where}.{side}[{r}]: expected {w} ints, got {row!r}') from None
+                if len(vals) != w:
+                    raise WindowSpecError(f'{where}.{side}[{r}]: expected {w} values (grid {h}x{w}), got {len(vals)}')
+                plane.append(vals)
+            planes.append(plane)
+        return _as_extents(np.stack([np.array(p) for p in planes], axis=-1), grid, where)
+    raise WindowSpecError(f"{where}: expected 'global', [up, down, left, right], a per-patch mapping or "
+                          f"{{heads: [...]}}, got {e!r:.80}")
+
+
+def _decode_block(b: Any, grid: Grid, where: str) -> Optional[np.ndarray]:
+    if b is None or b == 'global':
+        return None
+    if isinstance(b, str):
+        raise WindowSpecError(f"{where}: expected 'global' or extents, got {b!r}")
+    if isinstance(b, Mapping) and 'heads' in b:
+        heads = b['heads']
+        if not isinstance(heads, list) or not heads:
+            raise WindowSpecError(f'{where}.heads: expected a non-empty list, got {heads!r:.80}')
+        return np.stack([_decode_plane(p, grid, f'{where}.heads[{k}]') for k, p in enumerate(heads)])
+    return _decode_plane(b, grid, where)
+
+
+# ---- shipped specs (configs/) -------------------------------------------------------------
+def _config_dirs() -> List[Path]:
+    dirs = []
+    env = os.environ.get('VITFREE_CONFIG_PATH')
+    if env:
+        dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    here = Path(__file__).resolve().parent
+    dirs += [here.parent / 'configs', here / '_configs']  # source checkout, installed wheel
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_specs() -> List[str]:
+    """Names of the window specs shipped in ``configs/`` (usable wherever a spec is accepted)."""
+    names = set()
+    for d in _config_dirs():
+        names.update(p.stem for p in d.glob('*.yaml'))
+    return sorted(names)
+
+
+def get_spec(name: str) -> WindowSpec:
+    """Load a shipped spec by name (see :func:`list_specs`)."""
+    for d in _config_dirs():
+        p = d / f'{name}.yaml'
+        if p.is_file():
+            return WindowSpec.load(p)
+    raise WindowSpecError(f'unknown window spec {name!r}; shipped specs: {", ".join(list_specs()) or "(none)"}; '
+                          'or pass a WindowSpec, a dict, or a path to a .yaml/.json file')
+
+
+def resolve_spec(windows: Union[WindowSpec, Mapping, str, os.PathLike, None]) -> Optional[WindowSpec]:
+    """Accept a WindowSpec, a dict (``to_dict`` form), a file path or a shipped spec name."""
+    if windows is None or isinstance(windows, WindowSpec):
+        return windows
+    if isinstance(windows, Mapping):
+        return WindowSpec.from_dict(windows)
+    if isinstance(windows, (str, os.PathLike)):
+        p = Path(windows)
+        if p.suffix.lower() in ('.yaml', '.yml', '.json') or p.is_file():
+            return WindowSpec.load(p)
+        return get_spec(str(windows))
+    raise WindowSpecError(f'windows must be a WindowSpec, a dict, a file path or a shipped spec name, '
+                          f'got {type(windows).__name__}')
