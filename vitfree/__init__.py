@@ -13,3 +13,20 @@ __all__ = [
     'use_backend', 'window_attention', 'available_backends', 'list_backends', 'BackendError',
     'WindowAttention', 'WinfT', 'create_winft',
 ]
+
+
+# analysis entry points load on first use (they pull in matplotlib, tqdm, ...)
+_LAZY = {
+    'record': 'vitfree.analysis.recorder',
+    'Recorder': 'vitfree.analysis.recorder',
+    'interaction': 'vitfree.analysis.interaction',
+    'measure_erf': 'vitfree.analysis.erf',
+}
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    import importlib
+    return getattr(importlib.import_module(mod), name)
