@@ -106,6 +106,7 @@ def resize_extents(extents: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
     return out
 
 
+@torch.compiler.disable
 def window_mask(
         extents: Union[np.ndarray, torch.Tensor],
         num_prefix_tokens: int = 0,
@@ -187,7 +188,7 @@ class LayerWindows:
         key = ('ext', str(dev))
         t = self._cache.get(key)
         if t is None:
-            t = torch.as_tensor(self.extents.astype(np.int64), device=dev)
+            t = _to_tensor(self.extents, dev)
             self._cache[key] = t
         return t
 
@@ -195,10 +196,11 @@ class LayerWindows:
         """Memoise a derived object (used by backends for their own precomputations)."""
         val = self._cache.get(key)
         if val is None:
-            val = make()
+            val = torch.compiler.disable(make)()  # numpy/index work stays outside compiled graphs
             self._cache[key] = val
         return val
 
+    @torch.compiler.disable
     def resize(self, grid: Union[int, Sequence[int]]) -> 'LayerWindows':
         grid = to_grid(grid)
         if grid == self.grid:
@@ -208,6 +210,11 @@ class LayerWindows:
     def __repr__(self) -> str:
         shape = 'x'.join(str(s) for s in self.extents.shape)
         return f'LayerWindows(grid={self.grid}, extents={shape}, max={self.max_extents()})'
+
+
+@torch.compiler.disable
+def _to_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(a.astype(np.int64)).to(device)
 
 
 def window_areas(extents: np.ndarray, grid: Grid) -> np.ndarray:

@@ -1,0 +1,17 @@
+"""``vitfree demo``: the main job on an embedded default (writes ./vitfree-out/)."""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser('demo', help='run the main job on the embedded default model and image')
+    p.add_argument('-o', '--out', default='vitfree-out', help='output folder (default: ./vitfree-out)')
+    p.add_argument('--model', default=None, help='timm model name (default: the embedded default)')
+    p.add_argument('--image', default=None, help='image file (default: a bundled sample photo)')
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..demo import run_demo
+    kw = {'model_name': args.model} if args.model else {}
+    run_demo(args.out, image=args.image, **kw)
+    return 0
