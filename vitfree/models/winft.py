@@ -13,6 +13,7 @@ Hugging Face Hub; the windows come from the spec named in ``configs/``.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
@@ -138,6 +139,33 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# Micro models for 28x28 single-channel images (Fashion-MNIST), 14x14 patch grid; their weights
+# are trained by benchmarks/fmnist_study.py and shipped in weights/ (see weights/manifest.json).
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+
+
+def _weights_file(name: str) -> str:
+    """Absolute path of a shipped checkpoint (source checkout or installed wheel)."""
+    here = Path(__file__).resolve().parent.parent
+    for d in (here.parent / 'weights', here / '_weights'):
+        if (d / name).is_file():
+            return str(d / name)
+    return str(here.parent / 'weights' / name)
+
+
+def _micro_cfg(weights: str, **kwargs) -> Dict[str, Any]:
+    return _cfg(file=_weights_file(weights), num_classes=10, input_size=(1, 28, 28), crop_pct=1.0,
+                interpolation='bilinear', mean=FMNIST_MEAN, std=FMNIST_STD, license='apache-2.0', **kwargs)
+
+
+default_cfgs.update(generate_default_cfgs({
+    'winft_micro_patch2_28.fmnist': _micro_cfg('winft_micro_patch2_28.fmnist.safetensors'),
+    'vit_micro_patch2_28.fmnist': _micro_cfg('vit_micro_patch2_28.fmnist.safetensors'),
+}))
+
+MICRO_ARGS = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=4)
+
+
 def _create_winft(variant: str, pretrained: bool = False, **kwargs) -> WinfT:
     out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(
@@ -184,6 +212,21 @@ def winft_small_patch16_384(pretrained: bool = False, **kwargs) -> WinfT:
 def winft_base_patch16_384(pretrained: bool = False, **kwargs) -> WinfT:
     model_args = dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12, windows='winft_prior_d12_g24')
     return _create_winft('winft_base_patch16_384', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def winft_micro_patch2_28(pretrained: bool = False, **kwargs) -> WinfT:
+    model_args = dict(MICRO_ARGS, windows='winft_prior_d6_g14')
+    return _create_winft('winft_micro_patch2_28', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_micro_patch2_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """The plain ViT baseline of the same shape as ``winft_micro_patch2_28`` (defined by vitfree)."""
+    return build_model_with_cfg(VisionTransformer, 'vit_micro_patch2_28', pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter'),
+                                **dict(MICRO_ARGS, **kwargs))
 
 
 # ---- any timm ViT-family architecture ------------------------------------------------------
