@@ -285,3 +285,28 @@ def test_torch_compile_dynamic_size():
     for size in ((32, 32), (40, 24)):
         x = torch.randn(1, 3, *size)
         assert (c(x) - m(x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize('name, vit_name, hub_id', [
+    ('winft_tiny_patch16_224.fb_in1k', 'deit_tiny_patch16_224', 'timm/deit_tiny_patch16_224.fb_in1k'),
+    ('winft_tiny_patch16_384.augreg_in21k_ft_in1k', 'vit_tiny_patch16_384',
+     'timm/vit_tiny_patch16_384.augreg_in21k_ft_in1k'),
+])
+def test_pretrained_tags_use_timm_hub_checkpoints(monkeypatch, name, vit_name, hub_id):
+    """The real pretrained path up to the network: timm asks the Hub for the timm checkpoint of the
+    same shape (here answered by a local ViT's state dict) and it loads strictly."""
+    import timm.models._builder as builder
+    vit = timm.create_model(vit_name)
+    asked = []
+
+    def fake_load(loc, *args, **kwargs):
+        asked.append(loc)
+        return {k: v.clone() for k, v in vit.state_dict().items()}
+
+    monkeypatch.setattr(builder, 'has_hf_hub', lambda necessary=False: True)
+    monkeypatch.setattr(builder, 'load_state_dict_from_hf', fake_load)
+    m = timm.create_model(name, pretrained=True)
+    assert asked == [hub_id]
+    for k, t in vit.state_dict().items():
+        assert torch.equal(m.state_dict()[k], t), k
+    assert m.window_spec.provenance['kind'] == 'prior'

@@ -1,8 +1,18 @@
 """The main job on an embedded default: ``vitfree demo`` / ``make demo``.
 
-Builds a small WinfT, classifies an image bundled with the package, and writes pictures of
-its windows into the output folder.  Everything runs offline on the CPU in well under a
-minute.
+With the checkpoints this project trained and ships (``weights/``, from
+``benchmarks/fmnist_study.py``), the demo
+
+1. loads the trained micro ViT and WinfT (Fashion-MNIST, 28x28, 14x14 patch grid) offline through
+   timm (``timm.create_model('winft_micro_patch2_28.fmnist', pretrained=True)``),
+2. classifies the 100 Fashion-MNIST test images bundled with the package with both,
+3. records the trained ViT's attention and measures its ERFs on those images
+   (``vitfree.measure_erf``), and
+4. writes pictures (window sizes of the shipped measured spec, ERF rectangles, tendency fields,
+   interaction maps over an image) and the measured spec into the output folder.
+
+Without shipped checkpoints it falls back to an untrained ``winft_tiny_patch16_224`` on a bundled
+photo and says so.  Everything runs offline on the CPU in well under a minute.
 """
 from __future__ import annotations
 
@@ -10,14 +20,33 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
+import numpy as np
 import torch
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
+FMNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                  'Ankle boot')
 
 
 def bundled_images() -> List[Path]:
     """Sample photos shipped with the package (from scikit-image's data set, CC0/public domain)."""
     return sorted(ASSETS.glob('*.jpg'))
+
+
+def fashion_mnist_samples() -> Dict[str, np.ndarray]:
+    """The first 100 Fashion-MNIST test images (uint8 (100, 28, 28)) and labels, bundled."""
+    with np.load(ASSETS / 'fashion_mnist_samples.npz') as d:
+        return {'images': d['images'].copy(), 'labels': d['labels'].copy()}
+
+
+def grey_to_model_input(images: np.ndarray, model) -> torch.Tensor:
+    """uint8 grey images (N, H, W) -> normalised RGB tensors for ``model`` (its pretrained cfg)."""
+    import timm
+    cfg = timm.data.resolve_data_config({}, model=model)
+    x = torch.from_numpy(images).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+    mean = torch.tensor(cfg['mean']).view(1, 3, 1, 1)
+    std = torch.tensor(cfg['std']).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def load_image_tensor(path: Union[str, Path], model) -> torch.Tensor:
@@ -30,24 +59,85 @@ def load_image_tensor(path: Union[str, Path], model) -> torch.Tensor:
         return tf(im.convert('RGB')).unsqueeze(0)
 
 
-def run_demo(out_dir: Union[str, Path] = 'vitfree-out', model_name: str = 'winft_tiny_patch16_224',
-             image: Optional[Union[str, Path]] = None, seed: int = 0, log=print) -> Dict[str, object]:
+def shipped_weights_available() -> bool:
     import timm
+    import vitfree  # noqa: F401  (registers the models)
+    cfgs = [timm.models.get_pretrained_cfg(n) for n in ('winft_micro_patch2_28.fmnist', 'vit_micro_patch2_28.fmnist')]
+    return all(c is not None and c.file and Path(c.file).is_file() for c in cfgs)
 
-    from .analysis.render import plot_window_sizes
-    from .commands.specs import format_summary
 
+def run_demo(out_dir: Union[str, Path] = 'vitfree-out', model_name: Optional[str] = None,
+             image: Optional[Union[str, Path]] = None, seed: int = 0, log=print) -> Dict[str, object]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
+    if model_name is None and image is None and shipped_weights_available():
+        result = _demo_trained(out, log)
+    else:
+        result = _demo_untrained(out, model_name or 'winft_tiny_patch16_224', image, log)
+    files = result['files']
+    log(f'wrote {len(files)} files to {out.resolve()}/ in {time.perf_counter() - t0:.1f}s:')
+    for k, p in files.items():
+        log(f'  {k:>20}: {p}')
+    return result
+
+
+def _demo_trained(out: Path, log) -> Dict[str, object]:
+    import timm
+
+    from .analysis.erf import measure_erf
+    from .analysis.render import erf_pictures, plot_window_sizes
+
+    samples = fashion_mnist_samples()
+    labels = torch.from_numpy(samples['labels']).long()
+    accs = {}
+    models = {}
+    for name in ('vit_micro_patch2_28.fmnist', 'winft_micro_patch2_28.fmnist'):
+        m = timm.create_model(name, pretrained=True).eval()
+        x = grey_to_model_input(samples['images'], m)
+        with torch.inference_mode():
+            pred = m(x).argmax(-1)
+        accs[name] = float((pred == labels).float().mean() * 100)
+        models[name] = (m, x, pred)
+        log(f'{name}: top-1 {accs[name]:.0f}% on the {len(labels)} bundled Fashion-MNIST test images '
+            f'(trained here, see weights/manifest.json)')
+    winft, x, pred = models['winft_micro_patch2_28.fmnist']
+    spec = winft.window_spec
+    log(f'WinfT windows: {spec.provenance.get("kind")} spec measured on {spec.provenance.get("model", "?")} '
+        f'(estimator {spec.provenance.get("estimator")}, tau {spec.provenance.get("tau")}); backends per block: '
+        + ' '.join(winft.attn_backends()))
+    from .commands.specs import format_summary
+    log(format_summary(spec))
+    shown = ', '.join(f'{FMNIST_CLASSES[p]}' + ('' if p == t else f' (true: {FMNIST_CLASSES[t]})')
+                      for p, t in zip(pred[:6].tolist(), labels[:6].tolist()))
+    log(f'WinfT predictions, first 6 images: {shown}')
+    files = {'shipped_window_sizes': plot_window_sizes(
+        spec, out / 'shipped_window_sizes.png', title='winft_micro_patch2_28.fmnist: shipped measured windows')}
+    vit, xv, _ = models['vit_micro_patch2_28.fmnist']
+    log('measuring the trained ViT\'s ERFs on the bundled images (attention estimator, tau 0.9, gamma 0.6) ...')
+    res = measure_erf(vit, (xv, labels), return_result=True, progress=False,
+                      data=f'{len(labels)} bundled Fashion-MNIST test images',
+                      checkpoint='vit_micro_patch2_28.fmnist (trained here)')
+    log(res.format_summary())
+    files.update(erf_pictures(res, out, image=xv[0], model=vit, prefix='vit_erf_'))
+    files['measured_spec'] = res.spec.save(out / 'vit_measured_spec.yaml')
+    return {'model': 'winft_micro_patch2_28.fmnist', 'accuracy': accs, 'files': files}
+
+
+def _demo_untrained(out: Path, model_name: str, image, log) -> Dict[str, object]:
+    import timm
+
+    from .analysis.erf import measure_erf
+    from .analysis.render import erf_pictures, plot_window_sizes
+    from .commands.specs import format_summary
+
     model = timm.create_model(model_name).eval()
     spec = model.window_spec
     log(f'model: {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, '
         f'{spec.grid[0]}x{spec.grid[1]} patch grid, {spec.provenance.get("kind")} window spec)')
-    if True:  # no trained checkpoint is embedded yet
-        log('weights: random initialisation (no pretrained checkpoint can be fetched offline); '
-            'the prediction below only shows the pipeline runs')
+    log('weights: random initialisation (no trained checkpoint for this model here); '
+        'the prediction below only shows the pipeline runs')
     image = Path(image) if image else bundled_images()[0]
     x = load_image_tensor(image, model)
     with torch.inference_mode():
@@ -57,11 +147,11 @@ def run_demo(out_dir: Union[str, Path] = 'vitfree-out', model_name: str = 'winft
     log('top-5: ' + ', '.join(f'class {i} ({p:.3f})' for p, i in zip(top.values.tolist(), top.indices.tolist())))
     log('backends per block: ' + ' '.join(model.attn_backends()))
     log(format_summary(spec))
-    files = {'window_sizes': plot_window_sizes(spec, out / 'window_sizes.png',
+    files = {'model_window_sizes': plot_window_sizes(spec, out / 'window_sizes.png',
                                                title=f'{model_name}: window area per patch and block')}
-    spec_path = spec.save(out / 'window_spec.yaml')
-    files['window_spec'] = spec_path
-    log(f'wrote {len(files)} files to {out.resolve()}/ in {time.perf_counter() - t0:.1f}s:')
-    for k, p in files.items():
-        log(f'  {k:>14}: {p}')
+    files['window_spec'] = spec.save(out / 'window_spec.yaml')
+    res = measure_erf(model, x, return_result=True, progress=False, data=f'bundled image {image.name}',
+                      checkpoint='none (random initialisation)')
+    log(res.format_summary())
+    files.update(erf_pictures(res, out, image=x[0], model=model, prefix='erf_'))
     return {'model': model_name, 'image': str(image), 'top5': top.indices.tolist(), 'files': files}

@@ -263,6 +263,10 @@ def _split_item(item: Any) -> Tuple[Any, Optional[int]]:
 
 
 def _stack(xs: List[torch.Tensor], ys: List[Optional[int]]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    sizes = sorted({tuple(t.shape) for t in xs})
+    if len(sizes) > 1:
+        raise ValueError(f'images of different sizes cannot share a batch: {sizes}; give them one size (the '
+                         f'model transform does that for PIL images and paths)')
     x = torch.stack(xs)
     y = None if any(v is None for v in ys) else torch.tensor(ys, dtype=torch.long)
     return x, y

@@ -12,6 +12,5 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..demo import run_demo
-    kw = {'model_name': args.model} if args.model else {}
-    run_demo(args.out, image=args.image, **kw)
+    run_demo(args.out, model_name=args.model, image=args.image)
     return 0

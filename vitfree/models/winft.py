@@ -139,9 +139,9 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-# Micro models for 28x28 single-channel images (Fashion-MNIST), 14x14 patch grid; their weights
+# Micro models for 28x28 grey images given as RGB (Fashion-MNIST), 14x14 patch grid; their weights
 # are trained by benchmarks/fmnist_study.py and shipped in weights/ (see weights/manifest.json).
-FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+FMNIST_MEAN, FMNIST_STD = (0.2860,) * 3, (0.3530,) * 3  # grey images replicated to RGB
 
 
 def _weights_file(name: str) -> str:
@@ -154,7 +154,7 @@ def _weights_file(name: str) -> str:
 
 
 def _micro_cfg(weights: str, **kwargs) -> Dict[str, Any]:
-    return _cfg(file=_weights_file(weights), num_classes=10, input_size=(1, 28, 28), crop_pct=1.0,
+    return _cfg(file=_weights_file(weights), num_classes=10, input_size=(3, 28, 28), crop_pct=1.0,
                 interpolation='bilinear', mean=FMNIST_MEAN, std=FMNIST_STD, license='apache-2.0', **kwargs)
 
 
@@ -163,10 +163,12 @@ default_cfgs.update(generate_default_cfgs({
     'vit_micro_patch2_28.fmnist': _micro_cfg('vit_micro_patch2_28.fmnist.safetensors'),
 }))
 
-MICRO_ARGS = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=4)
+MICRO_ARGS = dict(img_size=28, patch_size=2, in_chans=3, num_classes=10, embed_dim=64, depth=6, num_heads=4)
 
 
 def _create_winft(variant: str, pretrained: bool = False, **kwargs) -> WinfT:
+    from ..hub import prepare_factory_kwargs  # spec from config.json checked; safe, sha256-checked weights
+    kwargs = prepare_factory_kwargs(variant, pretrained, kwargs)
     out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(
         WinfT,
@@ -256,6 +258,12 @@ def create_winft(
                          f'vit_small_patch16_224 or deit_tiny_patch16_224')
     if arch.startswith('winft_'):
         return timm.create_model(base, pretrained=pretrained, windows=windows, attn_backend=attn_backend, **kwargs)
+    if pretrained and arch.startswith('hf-hub:'):  # never fall back to a pickle from the Hub
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {}, hf_hub_filename='model.safetensors')
+        kwargs['pretrained_cfg_overlay'] = overlay
+    elif pretrained and not arch.startswith('local-dir:'):
+        from ..hub import prepare_factory_kwargs
+        kwargs = prepare_factory_kwargs(base, pretrained, kwargs)
     try:
         model = timm.create_model(base, pretrained=pretrained, attn_layer=WindowAttention, **kwargs)
     except TypeError as e:
@@ -269,7 +277,8 @@ def create_winft(
         raise ValueError(f'{base!r} ignores attn_layer; WinfT cannot replace its attention')
     model.__class__ = WinfT  # same modules and state, WinfT behaviour on top
     model._init_windows(windows, attn_backend)
-    model._model_args = dict(getattr(model, '_model_args', {}), base=base, windows=model.window_spec.to_dict())
+    args = {k: v for k, v in getattr(model, '_model_args', {}).items() if k != 'attn_layer'}
+    model._model_args = dict(args, base=base, windows=model.window_spec.to_dict())
     return model
 
 
@@ -278,5 +287,8 @@ def vitfree_winft(pretrained: bool = False, base: str = 'vit_small_patch16_224',
                   **kwargs) -> WinfT:
     """Registry entry for a WinfT built on any timm ViT architecture (``base``); this is what
     ``config.json`` names when such a model is saved, so ``local-dir:``/``hf-hub:`` rebuild it."""
+    from ..hub import prepare_factory_kwargs  # a malformed spec in config.json is named as such
+    kwargs = prepare_factory_kwargs(base, False, dict(kwargs, windows=windows))
     kwargs.pop('pretrained_model_args', None)
+    windows = kwargs.pop('windows')
     return create_winft(base, windows=windows, pretrained=pretrained, **kwargs)

@@ -1,19 +1,38 @@
 """Functional windowed attention: ``(q, k, v, windows) -> out``, one file per backend, one
-dispatcher (:mod:`vitfree.ops.dispatch`)."""
+dispatcher (:mod:`vitfree.ops.dispatch`).
+
+Backends: ``tiled`` (linear in the number of patches, any device), ``dense`` (SDPA with the full
+mask, the reference), ``global`` (unmasked SDPA, only for windows that cover the whole grid),
+``xformers`` (CUDA, when xformers is installed and has a kernel) and ``eager`` (explicit
+softmax, for analysis; never chosen automatically).
+"""
 from .dense import dense_window_attention
 from .dispatch import (
-    Backend, BackendError, available_backends, choose_backend, current_backend, list_backends,
-    register_backend, resolve_backend, use_backend, window_attention,
+    Backend, BackendError, CostModel, available_backends, choose_backend, current_backend, dense_cost,
+    estimate_costs, explain_choice, fused_cost, list_backends, register_backend, resolve_backend,
+    tiled_cost_seconds, use_backend, window_attention, xformers_cost,
 )
 from .eager import eager_attention_probs, eager_window_attention
+from .full import covers_grid, full_attention, full_supports
+from .tiled import TilePlan, choose_tile, plan_tiles, tiled_window_attention
+from .xformers_attn import window_bias, xformers_inputs, xformers_supports, xformers_window_attention
 
-register_backend('dense', dense_window_attention,
+register_backend('dense', dense_window_attention, cost=dense_cost,
                  description='PyTorch SDPA with a dense boolean mask; O(T^2); the reference')
-register_backend('eager', eager_window_attention,
+register_backend('eager', eager_window_attention, auto=False,
                  description='explicit softmax; exposes the probabilities; O(T^2) memory')
+register_backend('tiled', tiled_window_attention, cost=tiled_cost_seconds,
+                 description='tiles of queries against their halo of keys; O(T * window); any device')
+register_backend('global', full_attention, supports=full_supports, cost=fused_cost,
+                 description='unmasked SDPA; only for windows that cover the whole grid')
+register_backend('xformers', xformers_window_attention, supports=xformers_supports, cost=xformers_cost,
+                 description='xformers memory-efficient attention with an additive bias; CUDA only')
 
 __all__ = [
     'window_attention', 'dense_window_attention', 'eager_window_attention', 'eager_attention_probs',
+    'tiled_window_attention', 'xformers_window_attention', 'full_attention',
+    'plan_tiles', 'choose_tile', 'TilePlan', 'covers_grid', 'window_bias', 'xformers_inputs', 'xformers_supports',
     'use_backend', 'current_backend', 'resolve_backend', 'choose_backend', 'available_backends',
-    'list_backends', 'register_backend', 'Backend', 'BackendError',
+    'list_backends', 'register_backend', 'Backend', 'BackendError', 'CostModel', 'estimate_costs',
+    'explain_choice',
 ]

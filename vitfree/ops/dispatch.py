@@ -1,16 +1,25 @@
 """One dispatcher for windowed attention.
 
 Backends register here with a function ``fn(q, k, v, windows, num_prefix_tokens, scale,
-dropout_p)`` and a ``supports(q, windows) -> reason or None`` check.  Which one runs is, in
-order of precedence:
+dropout_p)``, a ``supports(q, windows) -> reason or None`` check and, to take part in the
+automatic choice, a ``cost(q, windows, num_prefix_tokens) -> seconds`` estimate.  Which one
+runs is, in order of precedence:
 
 1. the innermost active ``with vitfree.use_backend(name):`` block;
 2. the ``backend=`` of the calling module (:class:`vitfree.layers.WindowAttention`);
 3. the ``VITFREE_BACKEND`` environment variable;
-4. ``auto``: the cheapest supported backend by :func:`choose_backend`'s cost model.
+4. ``auto``: the supported backend with the lowest estimated cost (:func:`choose_backend`).
 
 An explicitly named backend that cannot run the given inputs is an error that says why; the
-automatic choice never picks one that cannot run.
+automatic choice only considers backends whose ``supports`` accepts the inputs, so it never
+picks one that cannot run.  :func:`explain_choice` shows every backend's estimate or the reason
+it was left out.
+
+The cost model (:class:`CostModel`) is deliberately small: a time per query-key pair (times the
+head size) for each kind of kernel, a time per token row that the tiled kernel gathers, and a
+fixed time per call.  The CPU numbers were fitted on the benchmark machine with
+``benchmarks/bench_attention.py --calibrate``; the CUDA numbers are relative guesses (see
+:data:`COST_MODELS`).  Only the ratios matter: they decide where the crossovers lie.
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ import contextlib
 import contextvars
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 
@@ -27,10 +36,13 @@ from ..windows import LayerWindows
 __all__ = [
     'Backend', 'register_backend', 'available_backends', 'list_backends', 'use_backend',
     'current_backend', 'resolve_backend', 'choose_backend', 'window_attention', 'run_backend',
-    'BackendError',
+    'BackendError', 'CostModel', 'COST_MODELS', 'cost_model', 'estimate_costs', 'explain_choice',
 ]
 
 ENV_VAR = 'VITFREE_BACKEND'
+
+SupportsFn = Callable[[torch.Tensor, LayerWindows], Optional[str]]
+CostFn = Callable[[torch.Tensor, LayerWindows, int], float]
 
 
 class BackendError(ValueError):
@@ -41,8 +53,10 @@ class BackendError(ValueError):
 class Backend:
     name: str
     fn: Callable[..., torch.Tensor]
-    supports: Callable[[torch.Tensor, LayerWindows], Optional[str]]
+    supports: SupportsFn
     description: str = ''
+    cost: Optional[CostFn] = None
+    auto: bool = True  # may the automatic choice pick it?
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -54,12 +68,20 @@ def _always(q: torch.Tensor, windows: LayerWindows) -> Optional[str]:
 
 
 def register_backend(name: str, fn: Callable[..., torch.Tensor],
-                     supports: Callable[[torch.Tensor, LayerWindows], Optional[str]] = _always,
-                     description: str = '') -> None:
-    """Add (or replace) a backend under ``name``."""
+                     supports: SupportsFn = _always,
+                     description: str = '',
+                     cost: Optional[CostFn] = None,
+                     auto: bool = True) -> None:
+    """Add (or replace) a backend under ``name``.
+
+    ``cost`` (or a ``cost`` attribute on ``fn``) estimates seconds for given inputs; a backend
+    without one is costed like ``dense``.  ``auto=False`` keeps it out of the automatic choice
+    (it still runs when named)."""
     if name == 'auto':
         raise BackendError("'auto' is reserved for the dispatcher's own choice")
-    _BACKENDS[name] = Backend(name, fn, supports, description)
+    if cost is None:
+        cost = getattr(fn, 'cost', None)
+    _BACKENDS[name] = Backend(name, fn, supports, description, cost, auto)
 
 
 def list_backends() -> List[str]:
@@ -105,23 +127,146 @@ def current_backend(module_backend: Optional[str] = None) -> str:
     return 'auto'
 
 
-def choose_backend(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> str:
-    """The automatic choice: the cheapest backend that supports the inputs.
+# ---- cost model -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per unit of work for one kind of device and precision.
 
-    Cost model (per head, counted in query-key pairs): ``dense`` pays ``T^2``; backends that
-    register a ``cost`` attribute on their function are compared by it.
-    """
+    ``*_pair`` times are per query-key pair and per channel of the head (a pair with
+    ``head_dim=64`` costs 64 times that); ``row`` is per token row the tiled kernel gathers or
+    scatters, per channel; ``tile`` is per tile and (batch, head); ``*_call`` is the fixed cost
+    of one call.  When gradients will be taken every estimate is multiplied by ``backward``
+    (fused kernels) or ``tiled_backward`` (the tiled kernel, which recomputes its
+    probabilities as flash attention does)."""
+    fused_pair: float      # SDPA without a mask (flash-style kernels)
+    masked_pair: float     # SDPA with a dense boolean mask
+    masked_elem: float     # per mask element and call (mask conversion / reads, not per head)
+    tiled_pair: float      # batched matmul + softmax of the tiled kernel
+    row: float             # tiled kernel: gathered/scattered row
+    tile: float            # tiled kernel: per tile
+    xformers_pair: float   # xformers with a tensor bias
+    fused_call: float
+    masked_call: float
+    tiled_call: float
+    xformers_call: float
+    backward: float = 4.2
+    tiled_backward: float = 3.4
+
+
+_INF = float('inf')
+# CPU: fitted on the development machine (2-core Xeon with AVX-512 and AMX, one thread, CPU
+# time) from sweeps of grids 7..64, radius 1..7, 6..24 batch-heads, head_dim 64
+# (benchmarks/bench_attention.py --calibrate re-measures them).  CUDA: not measured (no GPU
+# here); set so that the fused kernels win until the tiled kernel does several times fewer
+# pairs, since small batched matmuls reach a much smaller share of a GPU's peak than fused
+# attention kernels do, and so that xformers (cached bias, no per-call mask conversion) is
+# preferred to SDPA with a boolean mask when it can run.
+COST_MODELS: Dict[str, CostModel] = {
+    'cpu': CostModel(fused_pair=3.2e-11, masked_pair=4.2e-11, masked_elem=1.0e-9, tiled_pair=7.9e-11,
+                     row=1.3e-9, tile=1.3e-6, xformers_pair=_INF, fused_call=2e-5, masked_call=4e-5,
+                     tiled_call=1.5e-4, xformers_call=_INF),
+    'cpu-lowp': CostModel(fused_pair=1.1e-11, masked_pair=1.8e-11, masked_elem=1.0e-9, tiled_pair=4.5e-11,
+                          row=1.0e-9, tile=1.3e-6, xformers_pair=_INF, fused_call=2e-5, masked_call=4e-5,
+                          tiled_call=1.5e-4, xformers_call=_INF),
+    'cuda': CostModel(fused_pair=2.0e-14, masked_pair=4.0e-14, masked_elem=2.0e-12, tiled_pair=1.2e-13,
+                      row=4.0e-13, tile=2.0e-8, xformers_pair=3.0e-14, fused_call=1e-5, masked_call=2e-5,
+                      tiled_call=2.0e-4, xformers_call=2e-5),
+}
+
+
+def cost_model(q: torch.Tensor) -> CostModel:
+    """The :class:`CostModel` for ``q``'s device and dtype (autocast included)."""
+    dev = q.device.type
+    if dev == 'cuda':
+        return COST_MODELS['cuda']
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    lowp = dtype in (torch.bfloat16, torch.float16)
+    return COST_MODELS['cpu-lowp' if lowp else 'cpu']
+
+
+def _work(q: torch.Tensor):
+    """``(batch*heads, head_dim, training)`` of a call."""
+    training = torch.is_grad_enabled() and q.requires_grad
+    return q.shape[0] * q.shape[1], q.shape[-1], training
+
+
+def _train_factor(m: CostModel, training: bool, tiled: bool = False) -> float:
+    if not training:
+        return 1.0
+    return m.tiled_backward if tiled else m.backward
+
+
+def fused_cost(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
+    """Unmasked SDPA over all ``T^2`` pairs."""
+    m, (bh, d, training) = cost_model(q), _work(q)
+    t = q.shape[-2]
+    return (bh * t * t * d * m.fused_pair + m.fused_call) * _train_factor(m, training)
+
+
+def dense_cost(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
+    """SDPA with a dense mask: all ``T^2`` pairs plus reading the mask."""
+    m, (bh, d, training) = cost_model(q), _work(q)
+    t = q.shape[-2]
+    return (bh * t * t * d * m.masked_pair + t * t * m.masked_elem + m.masked_call) * _train_factor(m, training)
+
+
+def tiled_cost_seconds(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
+    """Tiled kernel: the pairs of all tiles, the rows they gather and a cost per tile."""
+    from .tiled import tiled_cost
+    m, (bh, d, training) = cost_model(q), _work(q)
+    pairs, rows, tiles = tiled_cost(windows, num_prefix_tokens)
+    sec = bh * (d * (pairs * m.tiled_pair + rows * m.row) + tiles * m.tile) + m.tiled_call
+    return sec * _train_factor(m, training, tiled=True)
+
+
+def xformers_cost(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
+    """xformers with a tensor bias: all ``T^2`` pairs."""
+    m, (bh, d, training) = cost_model(q), _work(q)
+    t = q.shape[-2]
+    return (bh * t * t * d * m.xformers_pair + m.xformers_call) * _train_factor(m, training)
+
+
+def estimate_costs(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> Dict[str, Union[float, str]]:
+    """Every registered backend's estimated seconds for these inputs, or why it is out of the
+    automatic choice (cannot run, or ``auto=False``)."""
+    out: Dict[str, Union[float, str]] = {}
+    for name, b in sorted(_BACKENDS.items()):
+        reason = b.supports(q, windows)
+        if reason is not None:
+            out[name] = f'cannot run: {reason}'
+        elif not b.auto:
+            out[name] = 'runs only when named (not part of the automatic choice)'
+        else:
+            cost = b.cost if b.cost is not None else dense_cost
+            out[name] = float(cost(q, windows, num_prefix_tokens))
+    return out
+
+
+def explain_choice(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> str:
+    """A few lines saying what ``auto`` picks for these inputs and what every backend costs."""
+    costs = estimate_costs(q, windows, num_prefix_tokens)
+    pick = choose_backend(q, windows, num_prefix_tokens)
+    lines = [f'q {tuple(q.shape)} {q.dtype} on {q.device}, {windows!r}, {num_prefix_tokens} prefix tokens '
+             f'-> auto picks {pick!r}']
+    for name, c in costs.items():
+        mark = '*' if name == pick else ' '
+        lines.append(f' {mark} {name:<9} ' + (f'{c * 1e3:10.3f} ms (estimate)' if isinstance(c, float) else c))
+    return '\n'.join(lines)
+
+
+def choose_backend(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> str:
+    """The automatic choice: the supported backend with the lowest estimated cost (ties go to
+    the name that sorts first, so the choice is deterministic)."""
     best, best_cost = None, None
-    for name, b in _BACKENDS.items():
-        if name == 'eager' or b.supports(q, windows) is not None:
+    for name, b in sorted(_BACKENDS.items()):
+        if not b.auto or b.supports(q, windows) is not None:
             continue
-        cost_fn = getattr(b.fn, 'cost', None)
-        cost = cost_fn(q, windows, num_prefix_tokens) if cost_fn is not None else float((q.shape[-2]) ** 2)
+        cost = (b.cost if b.cost is not None else dense_cost)(q, windows, num_prefix_tokens)
         if best_cost is None or cost < best_cost:
             best, best_cost = name, cost
     if best is None:
         raise BackendError(f'no attention backend supports q of shape {tuple(q.shape)}, dtype {q.dtype}, '
-                           f'device {q.device}')
+                           f'device {q.device}; registered: {sorted(_BACKENDS)}')
     return best
 
 
@@ -151,7 +296,8 @@ def window_attention(
     """Windowed self-attention on ``(B, heads, T, head_dim)`` tensors, ``T = P + H*W``.
 
     Queries and keys are the same tokens: ``num_prefix_tokens`` global tokens first, then the
-    patches of ``windows.grid`` in row-major order.
+    patches of ``windows.grid`` in row-major order.  ``backend`` names a backend (see
+    :func:`list_backends`); by default the dispatcher chooses.
     """
     name = resolve_backend(q, windows, num_prefix_tokens, backend)
     return run_backend(name, q, k, v, windows, num_prefix_tokens, scale, dropout_p)

@@ -1,0 +1,82 @@
+"""``vitfree erf``: writes a spec that loads back and builds a WinfT, plus pictures."""
+import shutil
+
+import pytest
+import torch
+
+import vitfree
+from vitfree.cli import main
+from vitfree.windows import WindowSpec
+
+MODEL_ARGS = ['--model-kwargs', 'img_size=64', 'depth=2', 'embed_dim=64', 'num_heads=2', 'num_classes=5']
+
+
+@pytest.fixture()
+def image_dir(tmp_path):
+    d = tmp_path / 'imgs'
+    (d / 'nested').mkdir(parents=True)
+    shutil.copy('vitfree/assets/coffee.jpg', d / 'coffee.jpg')
+    shutil.copy('vitfree/assets/chelsea.jpg', d / 'nested' / 'chelsea.jpg')
+    return d
+
+
+def test_cli_writes_spec_that_builds_a_winft(tmp_path, image_dir, capsys):
+    out = tmp_path / 'spec.yaml'
+    pics = tmp_path / 'pics'
+    rc = main(['erf', 'vit_tiny_patch16_224', str(image_dir), '-o', str(out), '--images', '2', '--tau', '0.5',
+               '--gamma', '0.95', '--pictures', str(pics), '--no-progress'] + MODEL_ARGS)
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert 'ERF area' in text and 'mean area' in text and str(out) in text
+    spec = WindowSpec.load(out)
+    prov = spec.provenance
+    assert prov['kind'] == 'measured' and prov['num_images'] == 2 and prov['estimator'] == 'attention'
+    assert prov['tau'] == 0.5 and prov['gamma'] == 0.95 and str(image_dir) in prov['data']
+    assert prov['checkpoint'].startswith('none (random initialisation')
+    assert spec.grid == (4, 4) and spec.depth == 2
+    winft = vitfree.create_winft('vit_tiny_patch16_224', windows=str(out), img_size=64, depth=2, embed_dim=64,
+                                 num_heads=2, num_classes=5)
+    assert winft.window_spec.blocks[0] is None or winft.window_spec.blocks[0].shape == (4, 4, 4)
+    assert winft(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+    assert sorted(p.name for p in pics.iterdir()) == sorted(
+        ['window_sizes.png', 'erf_rects.png', 'tendency_arrows.png', 'tendency_flow.png',
+         'interaction_matrices.png', 'interaction_maps.png'])
+
+
+def test_cli_builtin_dataset_and_ablation(tmp_path):
+    out = tmp_path / 'digits.json'
+    rc = main(['erf', 'vit_tiny_patch16_224', 'digits', '-o', str(out), '--images', '2', '--estimator', 'ablation',
+               '--no-progress', '--model-kwargs', 'img_size=32', 'depth=1', 'embed_dim=32', 'num_heads=2'])
+    assert rc == 0
+    spec = WindowSpec.load(out)
+    assert spec.provenance['estimator'] == 'ablation' and 'digits' in spec.provenance['data']
+    assert spec.grid == (2, 2) and spec.depth == 1
+
+
+def test_cli_errors(tmp_path, image_dir):
+    with pytest.raises(SystemExit, match='must end in .yaml, .yml or .json'):
+        main(['erf', 'vit_tiny_patch16_224', str(image_dir), '-o', str(tmp_path / 'spec.txt')])
+    with pytest.raises(SystemExit, match="cannot create model 'vit_nope'"):
+        main(['erf', 'vit_nope', str(image_dir), '-o', str(tmp_path / 's.yaml')])
+    with pytest.raises(SystemExit, match="neither a built-in data set"):
+        main(['erf', 'vit_tiny_patch16_224', str(tmp_path / 'missing'), '-o', str(tmp_path / 's.yaml')]
+             + MODEL_ARGS)
+    with pytest.raises(SystemExit, match=r'tau must be in \(0, 1\]'):
+        main(['erf', 'vit_tiny_patch16_224', str(image_dir), '-o', str(tmp_path / 's.yaml'), '--tau', '2',
+              '--no-progress'] + MODEL_ARGS)
+
+
+def test_cli_checkpoint_is_loaded_and_recorded(tmp_path, image_dir):
+    import timm
+    from safetensors.torch import save_file
+    torch.manual_seed(3)
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=64, depth=2, embed_dim=64, num_heads=2, num_classes=5)
+    ckpt = tmp_path / 'trained.safetensors'
+    save_file(vit.state_dict(), str(ckpt))
+    out = tmp_path / 'spec.yaml'
+    assert main(['erf', 'vit_tiny_patch16_224', str(image_dir), '-o', str(out), '--images', '2', '--no-progress',
+                 '--checkpoint', str(ckpt), '--tau', '0.5', '--gamma', '2'] + MODEL_ARGS) == 0
+    spec = WindowSpec.load(out)
+    assert spec.provenance['checkpoint'] == str(ckpt.resolve())
+    expected = vitfree.measure_erf(vit, str(image_dir), tau=0.5, gamma=2, progress=False)
+    assert all((a == b).all() for a, b in zip(spec.blocks, expected.blocks))

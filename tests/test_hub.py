@@ -1,0 +1,263 @@
+"""Hub round trip: save_pretrained -> local-dir:/hf-hub: rebuild, safe loading, manifest, push (HfApi mocked)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import vitfree
+from vitfree import WindowSpec, WindowSpecError, create_winft
+from vitfree import hub
+from vitfree.hub import (UnsafeWeightsError, WeightsIntegrityError, add_to_manifest, check_config, load_manifest,
+                         prepare_push, push_to_hub, save_pretrained, verify_weights)
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, num_heads=3, depth=2)
+
+
+def measured_spec(grid=4, depth=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return WindowSpec(grid, [rng.integers(0, 3, size=(grid, grid, 4)), None],
+                      {'kind': 'measured', 'model': 'deit_tiny_patch16_224', 'tau': 0.9, 'num_images': 64})
+
+
+def tiny_winft(**kw):
+    return timm.create_model('winft_tiny_patch16_224', **dict(TINY, windows=measured_spec(), num_classes=5, **kw))
+
+
+def same_outputs(a, b, size=32):
+    x = torch.randn(2, 3, size, size)
+    return torch.equal(a.eval()(x), b.eval()(x))
+
+
+def test_save_then_local_dir_rebuilds_windows_and_weights(tmp_path):
+    model = tiny_winft()
+    out = save_pretrained(model, tmp_path / 'export', label_names=list('abcde'))
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['architecture'] == 'winft_tiny_patch16_224' and cfg['num_classes'] == 5
+    assert cfg['num_features'] == 48 and cfg['global_pool'] == 'token' and cfg['label_names'] == list('abcde')
+    assert cfg['pretrained_cfg']['input_size'] == [3, 32, 32]
+    assert WindowSpec.from_dict(cfg['model_args']['windows']) == model.window_spec
+    card = (out / 'README.md').read_text()
+    assert '`measured`' in card and 'deit_tiny_patch16_224' in card and 'library_name: timm' in card
+
+    again = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert isinstance(again, vitfree.WinfT) and again.window_spec == model.window_spec
+    assert same_outputs(model, again)
+    assert hub.load_pretrained(out).window_spec == model.window_spec  # plain path form
+
+
+def test_resized_spec_round_trip(tmp_path):
+    """A 224 model fine-tuned at 160: the 10x10 spec travels, not the 14x14 one."""
+    model = timm.create_model('winft_tiny_patch16_224', img_size=160, embed_dim=48, num_heads=3, num_classes=3)
+    assert model.window_spec.grid == (10, 10)
+    out = save_pretrained(model, tmp_path / 'export160')
+    again = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert again.window_spec == model.window_spec and again.window_spec.provenance['resized_from'] == [14, 14]
+    assert same_outputs(model, again, size=160)
+    # resizing after construction (set_input_size) is exported the same way
+    model.set_input_size((96, 96))
+    again = timm.create_model(f'local-dir:{save_pretrained(model, tmp_path / "export96")}', pretrained=True)
+    assert again.window_spec.grid == (6, 6) and same_outputs(model, again, size=96)
+
+
+def test_winft_on_any_vit_round_trips_through_vitfree_winft(tmp_path):
+    model = create_winft('vit_tiny_patch16_224', windows=measured_spec(), num_classes=4, **TINY)
+    out = save_pretrained(model, tmp_path / 'export')
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['architecture'] == 'vitfree_winft' and cfg['model_args']['base'] == 'vit_tiny_patch16_224'
+    assert 'attn_layer' not in cfg['model_args']
+    again = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert again.window_spec == model.window_spec and same_outputs(model, again)
+
+
+@pytest.mark.parametrize('breaks, match', [
+    (lambda w: w['blocks'].__setitem__(0, [1, 2, 3]), r'model_args\.windows: blocks\[0\]: expected \[up, down, left, right\]'),
+    (lambda w: w.pop('grid'), r"model_args\.windows: missing field 'grid'"),
+    (lambda w: w['provenance'].__setitem__('kind', 'guessed'), r'model_args\.windows: provenance\.kind must be one of'),
+])
+def test_malformed_spec_in_config_is_named(tmp_path, breaks, match):
+    out = save_pretrained(tiny_winft(), tmp_path / 'export')
+    cfg = json.loads((out / 'config.json').read_text())
+    breaks(cfg['model_args']['windows'])
+    (out / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(WindowSpecError, match=match) as e:
+        timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert 'config.json' in str(e.value)
+    with pytest.raises(WindowSpecError, match=match):
+        check_config(out / 'config.json')
+
+
+def test_check_config_names_other_fields(tmp_path):
+    with pytest.raises(ValueError, match='"architecture" is .*not a registered timm model'):
+        check_config({'architecture': 'winft_giant', 'model_args': {}})
+    with pytest.raises(ValueError, match='model_args.base'):
+        check_config({'architecture': 'vitfree_winft', 'model_args': {}})
+    with pytest.raises(WindowSpecError, match='expected a window spec object'):
+        check_config({'architecture': 'winft_tiny_patch16_224', 'model_args': {'windows': 3}})
+
+
+# ---- hf-hub, served from a local folder in place of the network ------------------------------------
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """Replace the two download functions with a local "Hub": {repo_id: folder}."""
+    import huggingface_hub
+    import timm.models._hub as timm_hub
+    from huggingface_hub.utils import EntryNotFoundError
+
+    repos = {}
+    calls = []
+
+    def download(repo_id, filename, revision=None, cache_dir=None, **kw):
+        calls.append((repo_id, filename))
+        path = repos[repo_id] / filename
+        if not path.is_file():
+            raise EntryNotFoundError(f'{repo_id} has no {filename}')
+        return str(path)
+
+    monkeypatch.setattr(timm_hub, 'hf_hub_download', download)
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
+    repos['calls'] = calls
+    return repos
+
+
+def test_hf_hub_round_trip(tmp_path, fake_hub):
+    model = tiny_winft()
+    fake_hub['org/winft-tiny'] = save_pretrained(model, tmp_path / 'repo')
+    again = timm.create_model('hf-hub:org/winft-tiny', pretrained=True)
+    assert again.window_spec == model.window_spec and same_outputs(model, again)
+    assert ('org/winft-tiny', 'model.safetensors') in fake_hub['calls']
+
+
+def test_hub_pickle_weights_are_refused(tmp_path, fake_hub):
+    repo = save_pretrained(tiny_winft(), tmp_path / 'repo')
+    torch.save(torch.nn.Module().state_dict(), repo / 'pytorch_model.bin')
+    (repo / 'model.safetensors').unlink()
+    fake_hub['org/pickled'] = repo
+    with pytest.raises(UnsafeWeightsError, match='only as safetensors and will not fall back to pytorch_model.bin'):
+        timm.create_model('hf-hub:org/pickled', pretrained=True)
+    assert ('org/pickled', 'pytorch_model.bin') not in fake_hub['calls']
+    with pytest.raises(UnsafeWeightsError, match="refusing to load 'pytorch_model.bin' from hf-hub:org/x"):
+        hub.secure_pretrained_cfg('winft_tiny_patch16_224', {'hf_hub_id': 'org/x', 'hf_hub_filename': 'pytorch_model.bin',
+                                                             'source': 'hf-hub'})
+    with pytest.raises(UnsafeWeightsError, match='refusing to load pickle weights from https://'):
+        hub.secure_pretrained_cfg('winft_tiny_patch16_224', {'url': 'https://example.org/w.pth'})
+    # a local pickle is fine, read with weights_only=True by timm
+    local = save_pretrained(tiny_winft(), tmp_path / 'local')
+    sd = timm.create_model(f'local-dir:{local}', pretrained=True).state_dict()
+    (local / 'model.safetensors').unlink()
+    torch.save(sd, local / 'pytorch_model.bin')
+    assert timm.create_model(f'local-dir:{local}', pretrained=True).window_spec.grid == (4, 4)
+
+
+# ---- sha256 manifest of shipped weights ----------------------------------------------------------
+def test_shipped_manifest_is_valid():
+    entries = load_manifest()
+    assert isinstance(entries, dict)
+    for name, e in entries.items():
+        assert len(e['sha256']) == 64, name
+
+
+def test_verify_weights_and_the_shipped_weights_hook(tmp_path, monkeypatch):
+    shipped = tmp_path / 'weights'
+    shipped.mkdir()
+    monkeypatch.setattr(hub, '_weights_dirs', lambda: [shipped])
+    monkeypatch.setenv('VITFREE_WEIGHTS_MANIFEST', str(shipped / 'manifest.json'))
+    model = tiny_winft()
+    w = shipped / 'winft_test.safetensors'
+    shutil.copy(save_pretrained(model, tmp_path / 'x') / 'model.safetensors', w)
+
+    def build():
+        return timm.create_model('winft_tiny_patch16_224', pretrained=True, pretrained_cfg_overlay=dict(file=str(w), num_classes=5),
+                                 **dict(TINY, windows=measured_spec(), num_classes=5))
+
+    with pytest.raises(WeightsIntegrityError, match='shipped with vitfree but not listed'):
+        build()
+    entry = add_to_manifest(w, 'winft_test.demo', hf_hub_id='org/winft-test')
+    assert load_manifest()['winft_test.demo']['sha256'] == entry['sha256']
+    assert verify_weights(w) == 'winft_test.demo'
+    assert same_outputs(model, build())
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor
+    w.write_bytes(bytes(data))
+    with pytest.raises(WeightsIntegrityError, match=r'has SHA-256 [0-9a-f]{64} but the manifest entry .*winft_test.demo'):
+        build()
+    w.write_bytes(bytes(data[:-1]))
+    with pytest.raises(WeightsIntegrityError, match='truncated'):
+        verify_weights(w)
+
+
+def test_hub_download_listed_in_manifest_is_checked(tmp_path, fake_hub, monkeypatch):
+    repo = save_pretrained(tiny_winft(), tmp_path / 'repo')
+    fake_hub['org/winft-test'] = repo
+    manifest = tmp_path / 'manifest.json'
+    monkeypatch.setenv('VITFREE_WEIGHTS_MANIFEST', str(manifest))
+    add_to_manifest(repo / 'model.safetensors', 'winft_test.hub', hf_hub_id='org/winft-test')
+    assert timm.create_model('hf-hub:org/winft-test', pretrained=True).num_classes == 5
+    save_pretrained(tiny_winft(), repo)  # different weights under the same name
+    with pytest.raises(WeightsIntegrityError, match='winft_test.hub'):
+        timm.create_model('hf-hub:org/winft-test', pretrained=True)
+
+
+# ---- push (network boundary mocked) ------------------------------------------------------------
+class RecordingApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(('create_repo', repo_id, kw))
+        from huggingface_hub.hf_api import RepoUrl
+        return RepoUrl(f'https://huggingface.co/{repo_id}')
+
+    def upload_folder(self, **kw):
+        self.calls.append(('upload_folder', kw['repo_id'], kw))
+        return 'commit-info'
+
+
+def test_push_prepares_create_repo_and_upload(tmp_path):
+    out = save_pretrained(tiny_winft(), tmp_path / 'export')
+    (out / 'notes.txt').write_text('not uploaded')
+    api = RecordingApi()
+    assert push_to_hub(out, 'org/winft-tiny', private=True, api=api) == 'commit-info'
+    (name1, repo1, kw1), (name2, repo2, kw2) = api.calls
+    assert (name1, repo1) == ('create_repo', 'org/winft-tiny')
+    assert kw1 == {'private': True, 'exist_ok': True, 'repo_type': 'model'}
+    assert (name2, repo2) == ('upload_folder', 'org/winft-tiny')
+    assert kw2['folder_path'] == str(out) and kw2['allow_patterns'] == ['config.json', 'model.safetensors', 'README.md']
+    assert kw2['commit_message'] == 'Upload WinfT (winft_tiny_patch16_224)'
+
+
+def test_push_cli_uses_real_hfapi_up_to_the_network(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+    from vitfree.cli import main
+
+    api = RecordingApi()
+    seen = {}
+
+    def create_repo(self, repo_id, **kw):
+        seen['library'] = self.library_name
+        return api.create_repo(repo_id, **kw)
+
+    monkeypatch.setattr(HfApi, 'create_repo', create_repo)
+    monkeypatch.setattr(HfApi, 'upload_folder', lambda self, **kw: api.upload_folder(**kw))
+    out = save_pretrained(tiny_winft(), tmp_path / 'run' / 'model')
+    assert main(['push', str(tmp_path / 'run'), 'org/name', '--dry-run']) == 0  # a finetune output folder
+    assert 'dry run' in capsys.readouterr().out and api.calls == []
+    assert main(['push', str(out), 'org/name', '--message', 'first']) == 0
+    assert [c[0] for c in api.calls] == ['create_repo', 'upload_folder'] and seen['library'] == 'vitfree'
+    assert api.calls[1][2]['commit_message'] == 'first'
+
+
+def test_push_refuses_what_it_cannot_vouch_for(tmp_path, capsys):
+    from vitfree.cli import main
+    out = save_pretrained(tiny_winft(), tmp_path / 'export')
+    with pytest.raises(ValueError, match='repo id must look like "org/name"'):
+        prepare_push(out, 'just-a-name')
+    torch.save({}, out / 'pytorch_model.bin')
+    (out / 'model.safetensors').unlink()
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors \(only pickle files \['pytorch_model.bin'\]"):
+        prepare_push(out, 'org/name')
+    assert main(['push', str(out), 'org/name']) == 2
+    assert 'no model.safetensors' in capsys.readouterr().err

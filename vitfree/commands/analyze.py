@@ -1,0 +1,128 @@
+"""``vitfree analyze MODEL IMAGE_OR_FOLDER... -o DIR``: every analysis, as PNGs and one HTML page.
+
+MODEL is any timm ViT-family model name (``deit_small_patch16_224``, ``vit_tiny_patch16_224``,
+``winft_*``, ``hf-hub:...``, ``local-dir:...``).  Images are files or folders (searched
+recursively).  The page ``DIR/report.html`` embeds every picture, so it can be mailed or
+opened offline; ``DIR/results.json`` holds the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict
+
+PARTS = ('erf', 'profiles', 'heads', 'patterns', 'sift', 'removal')  # same as vitfree.analysis.report.PARTS
+
+
+def _kv(text: str):
+    """``key=value`` with the value read as YAML (``depth=2``, ``img_size=64``, ``class_token=false``)."""
+    import yaml
+    if '=' not in text:
+        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
+    k, v = text.split('=', 1)
+    return k.strip(), yaml.safe_load(v)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        'analyze', help='analyse a ViT on images: windows, ERFs, profiles, head importance, patterns, SIFT; '
+                        'writes PNGs and one HTML page',
+        description='Run the vitfree analyses of a timm ViT-family model on a few images and write PNGs, '
+                    'results.json and one self-contained HTML page (pictures embedded, no network) into DIR. '
+                    f'Parts: {", ".join(PARTS)} (all by default; choose with --parts or drop with --skip).')
+    p.add_argument('model', metavar='MODEL', help='timm model name (or hf-hub:/local-dir: reference)')
+    p.add_argument('images', metavar='IMAGE_OR_FOLDER', nargs='+', help='image files and/or folders (recursive)')
+    p.add_argument('-o', '--output', required=True, metavar='DIR', help='output folder (created)')
+    p.add_argument('--parts', nargs='+', choices=PARTS, default=None, metavar='PART',
+                   help=f'run only these parts ({", ".join(PARTS)})')
+    p.add_argument('--skip', nargs='+', choices=PARTS, default=[], metavar='PART', help='leave these parts out')
+    p.add_argument('--pretrained', action='store_true',
+                   help="load the model's pretrained weights: from the Hub or its local cache, or the weights "
+                        "saved in a local-dir: folder (off by default: random initialisation)")
+    p.add_argument('--checkpoint', default=None, help='a .safetensors/.pth state dict to load into the model')
+    p.add_argument('--model-kwargs', nargs='*', type=_kv, default=[], metavar='KEY=VALUE',
+                   help='extra timm.create_model arguments, e.g. img_size=64 depth=2')
+    p.add_argument('--max-images', type=int, default=32, metavar='N', help='use at most N images (default 32)')
+    p.add_argument('--head-images', type=int, default=8, metavar='N',
+                   help='images for head pruning, which costs 6 x blocks x heads forwards each (default 8)')
+    p.add_argument('--batch-size', type=int, default=8, help='images per forward (default 8)')
+    p.add_argument('--average', choices=['pairs', 'queries'], default='pairs',
+                   help='hop-strength averaging (default: pairs)')
+    p.add_argument('--k', type=int, default=6, help='attention-pattern clusters (default 6)')
+    p.add_argument('--latent-dim', type=int, default=16, help='pattern autoencoder latent size (default 16)')
+    p.add_argument('--epochs', type=int, default=200, help='pattern autoencoder epochs (default 200)')
+    p.add_argument('--sift-weight', choices=['count', 'response', 'scale'], default='count',
+                   help='patch semantic mass from SIFT keypoints (default: count)')
+    p.add_argument('--spurious-threshold', type=float, default=0.5,
+                   help='flag an image when its class token puts more than this share on keypoint-free patches '
+                        '(default 0.5)')
+    p.add_argument('--prompt-by', choices=['group0', 'lowest'], default='group0',
+                   help='prompting masks keypoint-free patches (group0) or the lowest-mass quarter (lowest)')
+    p.add_argument('--tau', type=float, default=0.9, help='ERF mass (default 0.9)')
+    p.add_argument('--gamma', type=float, default=0.6, help='global-block threshold on mean ERF area (default 0.6)')
+    p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
+    p.add_argument('--seed', type=int, default=0, help='seed for initialisation, clustering and masks (default 0)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    p.set_defaults(func=run)
+
+
+def _load_checkpoint(model, path: str) -> None:
+    import torch
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f'error: checkpoint file not found: {path!r}')
+    if p.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        sd = load_file(str(p))
+    else:
+        sd = torch.load(str(p), map_location='cpu', weights_only=True)
+        sd = sd.get('state_dict', sd.get('model', sd)) if isinstance(sd, dict) else sd
+    model.load_state_dict(sd, strict=True)
+
+
+def run(args) -> int:
+    import timm
+    import torch
+
+    import vitfree  # noqa: F401  (registers the winft_* models)
+    from ..analysis.report import analyze
+
+    parts = [p for p in (args.parts or PARTS) if p not in set(args.skip)]
+    if not parts:
+        raise SystemExit('error: --parts/--skip leave nothing to run')
+    for name in ('max_images', 'head_images', 'batch_size', 'k', 'epochs'):
+        if getattr(args, name) < 1:
+            raise SystemExit(f'error: --{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    kwargs: Dict[str, Any] = dict(args.model_kwargs)
+    torch.manual_seed(args.seed)
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    except RuntimeError as e:  # timm raises RuntimeError for unknown names
+        raise SystemExit(f'error: cannot create model {args.model!r}: {e}') from None
+    if args.checkpoint:
+        _load_checkpoint(model, args.checkpoint)
+        weights = f'checkpoint {Path(args.checkpoint).resolve()}'
+    elif args.pretrained:
+        weights = 'pretrained (timm)'
+    else:
+        weights = f'random initialisation (seed {args.seed}; pass --pretrained or --checkpoint for trained weights)'
+    if args.model.startswith(('local-dir:', 'hf-hub:')) and not (args.pretrained or args.checkpoint):
+        print(f'note: {args.model} is built with random weights; add --pretrained to load the weights it ships')
+    model = model.to(args.device)
+    print(f'model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters); '
+          f'weights: {weights}')
+    try:
+        report = analyze(
+            model, args.images, args.output, parts, weights=weights, max_images=args.max_images,
+            head_images=args.head_images, batch_size=args.batch_size, average=args.average, latent_dim=args.latent_dim,
+            k=args.k, epochs=args.epochs, sift_weight=args.sift_weight, spurious_threshold=args.spurious_threshold,
+            prompt_by=args.prompt_by, tau=args.tau, gamma=args.gamma, seed=args.seed, device=args.device,
+            progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}') from None
+    print(f'report: {report.html}')
+    if report.errors:
+        for part, msg in report.errors.items():
+            print(f'  part {part!r} failed: {msg}')
+        return 1
+    return 0

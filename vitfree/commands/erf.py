@@ -1,0 +1,136 @@
+"""``vitfree erf MODEL DATA -o spec.yaml``: measure per-patch ERFs and write a window spec.
+
+MODEL is any timm ViT-family model name (``deit_small_patch16_224``, ``vit_tiny_patch16_224``,
+``winft_*``, ``hf-hub:...``, ``local-dir:...``).  DATA is a folder of images (read recursively,
+labels unknown), one image file, or a built-in data set name (``digits``, ``fashion_mnist``;
+see :mod:`vitfree.data`).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict, List
+
+
+def _kv(text: str):
+    """``key=value`` with the value parsed as YAML (``depth=2``, ``img_size=64``, ``class_token=false``)."""
+    import yaml
+    if '=' not in text:
+        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
+    k, v = text.split('=', 1)
+    return k.strip(), yaml.safe_load(v)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        'erf', help='measure per-patch ERFs of a ViT on images and write the window spec they give',
+        description='Measure the effective receptive field of every patch in every block of a timm ViT-family '
+                    'model on a sample of images (vitfree.measure_erf), print a per-block table, and write the '
+                    'measured window spec (and pictures).  The spec builds a WinfT with '
+                    'vitfree.create_winft(MODEL, windows=SPEC).')
+    p.add_argument('model', metavar='MODEL', help='timm model name (or hf-hub:/local-dir: reference)')
+    p.add_argument('data', metavar='DATA', help='image folder (recursive), image file, or built-in data set '
+                                                '(digits, fashion_mnist)')
+    p.add_argument('-o', '--output', required=True, help='where to write the window spec (.yaml/.yml/.json)')
+    p.add_argument('--estimator', default='attention', choices=['attention', 'attribution', 'ablation'],
+                   help='interaction estimator (default: attention)')
+    p.add_argument('--images', type=int, default=32, metavar='N', help='number of images to use (default: 32)')
+    p.add_argument('--tau', type=float, default=0.9, help='interaction mass an ERF must hold, in (0, 1] (default 0.9)')
+    p.add_argument('--gamma', type=float, default=0.6,
+                   help='a block becomes global when its mean ERF area >= gamma * patches (default 0.6)')
+    p.add_argument('--per-head', action='store_true', help='one window per head (attention/attribution only)')
+    p.add_argument('--target', default='predicted',
+                   help="attribution target: predicted, label or a class index (default: predicted)")
+    p.add_argument('--pictures', metavar='DIR', default=None, help='write PNG pictures into DIR')
+    p.add_argument('--pretrained', action='store_true',
+                   help="load the model's pretrained weights (from the Hub cache, a local-dir: model, or a file "
+                        "given as --model-kwargs 'pretrained_cfg_overlay={file: weights.safetensors}')")
+    p.add_argument('--checkpoint', default=None, help='a .safetensors/.pth state dict to load into the model')
+    p.add_argument('--model-kwargs', nargs='*', type=_kv, default=[], metavar='KEY=VALUE',
+                   help='extra timm.create_model arguments, e.g. img_size=64 depth=2')
+    p.add_argument('--split', default='train', help='split of a built-in data set (default: train)')
+    p.add_argument('--batch-size', type=int, default=16, help='images per forward (default 16)')
+    p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
+    p.add_argument('--seed', type=int, default=0, help='seed for random initialisation (default 0)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.set_defaults(func=run)
+
+
+def _load_data(data: str, split: str):
+    """A Dataset for DATA: image folder/file, else a built-in set through vitfree.data."""
+    from ..analysis.interaction import ImageFiles
+    path = Path(data).expanduser()
+    if path.is_dir() or path.is_file():
+        return ImageFiles(path), f'image files under {path}' if path.is_dir() else f'image {path}'
+    try:
+        from ..data import build_dataset
+    except ImportError as e:
+        raise SystemExit(f'error: DATA {data!r} is not an existing folder or image file, and built-in data sets '
+                         f'need vitfree.data, which cannot be imported here ({e})') from None
+    try:
+        ds = build_dataset(data, split=split)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    return ds, f'{data} ({split} split, {len(ds)} images)'
+
+
+def run(args) -> int:
+    import timm
+    import torch
+
+    import vitfree  # noqa: F401  (registers the winft_* models)
+    from ..analysis.erf import checkpoint_hint, measure_erf
+    from .specs import format_summary
+
+    out = Path(args.output)
+    if out.suffix.lower() not in ('.yaml', '.yml', '.json'):
+        raise SystemExit(f'error: -o/--output must end in .yaml, .yml or .json, got {args.output!r}')
+    if args.images < 1:
+        raise SystemExit(f'error: --images must be >= 1, got {args.images}')
+    target: Any = int(args.target) if args.target.lstrip('-').isdigit() else args.target
+    kwargs: Dict[str, Any] = dict(args.model_kwargs)
+    torch.manual_seed(args.seed)
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    except RuntimeError as e:  # timm raises RuntimeError for unknown names
+        raise SystemExit(f'error: cannot create model {args.model!r}: {e}') from None
+    if args.checkpoint:
+        from .analyze import _load_checkpoint  # one loader for both commands (safetensors, or weights_only .pth)
+        _load_checkpoint(model, args.checkpoint)
+        checkpoint = str(Path(args.checkpoint).resolve())
+    elif args.pretrained:
+        checkpoint = checkpoint_hint(model) or args.model
+    else:
+        checkpoint = f'none (random initialisation, seed {args.seed})'
+        if args.model.startswith(('local-dir:', 'hf-hub:')):
+            print(f'note: {args.model} is built with random weights; add --pretrained to load the weights it ships')
+    model = model.to(args.device)
+    dataset, data_desc = _load_data(args.data, args.split)
+    print(f'model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), '
+          f'weights: {checkpoint}')
+    print(f'data: {data_desc}; using up to {args.images} images, estimator {args.estimator}, '
+          f'tau={args.tau:g}, gamma={args.gamma:g}')
+    try:
+        result = measure_erf(
+            model, dataset, estimator=args.estimator, tau=args.tau, gamma=args.gamma, num_images=args.images,
+            batch_size=args.batch_size, per_head=args.per_head, target=target, data=data_desc,
+            checkpoint=checkpoint, progress=not args.no_progress, return_result=True, device=args.device)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    spec = result.spec
+    print(result.format_summary())
+    print()
+    print('window spec:')
+    print(format_summary(spec))
+    path = spec.save(out)
+    written: List[Path] = [path]
+    if args.pictures:
+        from ..analysis.interaction import iter_images
+        from ..analysis.render import erf_pictures
+        x, _ = next(iter_images(model, dataset, batch_size=1, num_images=1, device=args.device))
+        written += list(erf_pictures(result, args.pictures, image=x[0], model=model).values())
+    print(f'wrote {len(written)} file(s):')
+    for p in written:
+        print(f'  {p}')
+    return 0
+

@@ -1,0 +1,560 @@
+"""Save, load and share WinfT models with their window spec (Hugging Face Hub, local folders).
+
+An exported model is a folder in timm's format, so ``timm.create_model('local-dir:DIR',
+pretrained=True)`` and ``timm.create_model('hf-hub:org/name', pretrained=True)`` rebuild it
+(after ``import vitfree``):
+
+* ``config.json``: ``architecture`` (a registered ``winft_*`` name, or ``vitfree_winft`` with
+  ``model_args.base`` for a WinfT built on another timm ViT), ``num_classes``, ``num_features``,
+  ``global_pool``, ``model_args`` (with ``windows``: the full window spec, at the model's
+  current patch grid) and ``pretrained_cfg`` (input size, mean/std, crop);
+* ``model.safetensors``: the weights (never a pickle);
+* ``README.md``: a model card that states where the windows came from (the spec's provenance).
+
+Loading rules (applied by the WinfT factories whenever ``pretrained=True``): weights from the
+network (Hub, URL) load only from safetensors files, and pickle files are refused; ``.pth`` /
+``.bin`` load only from local paths, with ``torch.load(weights_only=True)``.  Weight files the
+project ships are listed with their SHA-256 in ``weights/manifest.json`` and checked before
+they load (:func:`verify_weights`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .windows import WindowSpec, WindowSpecError
+
+__all__ = [
+    'save_pretrained', 'load_pretrained', 'check_config', 'push_to_hub', 'prepare_push', 'PushPlan',
+    'verify_weights', 'load_manifest', 'add_to_manifest', 'manifest_path', 'WeightsError', 'UnsafeWeightsError',
+    'WeightsIntegrityError', 'secure_pretrained_cfg', 'prepare_factory_kwargs', 'model_card',
+]
+
+_logger = logging.getLogger(__name__)
+
+CONFIG_NAME = 'config.json'
+WEIGHTS_NAME = 'model.safetensors'
+CARD_NAME = 'README.md'
+MANIFEST_FORMAT = 'vitfree.weights_manifest'
+MANIFEST_VERSION = 1
+PICKLE_SUFFIXES = ('.bin', '.pth', '.pt', '.pth.tar', '.ckpt', '.pkl')
+UPLOAD_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
+
+
+class WeightsError(RuntimeError):
+    """Weights cannot be loaded safely."""
+
+
+class UnsafeWeightsError(WeightsError):
+    """A pickle weight file was requested from the network."""
+
+
+class WeightsIntegrityError(WeightsError):
+    """A shipped weight file does not match its SHA-256 in the manifest."""
+
+
+# ---- export ---------------------------------------------------------------------------------
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, '_orig_mod'):
+            model = getattr(model, 'module', None) or getattr(model, '_orig_mod')
+        else:
+            return model
+
+
+def _export_args(model: torch.nn.Module) -> Dict[str, Any]:
+    """``model_args`` for config.json: the factory's arguments with the live window spec as a dict."""
+    args = {k: v for k, v in dict(getattr(model, '_model_args', {})).items()
+            if k not in ('attn_layer', 'pretrained_model_args', 'cache_dir')}
+    args['windows'] = model.window_spec.to_dict()
+    backend = getattr(model, 'attn_backend', None)
+    if backend is None or backend == 'auto':
+        args.pop('attn_backend', None)
+    for key, value in args.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ValueError(f'model argument {key}={value!r:.60} cannot be written to config.json; create the model '
+                             f'with JSON-friendly arguments (names, numbers, lists) to export it') from None
+    return args
+
+
+def save_pretrained(
+        model: torch.nn.Module,
+        save_directory: Union[str, os.PathLike],
+        label_names: Optional[Sequence[str]] = None,
+        data_config: Optional[Mapping[str, Any]] = None,
+        training: Optional[Mapping[str, Any]] = None,
+        card: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` to a folder.
+
+    Args:
+        model: a WinfT (DDP / ``torch.compile`` wrappers are taken off).
+        save_directory: created if missing; files of the same names are replaced.
+        label_names: class names in label order (stored as timm's ``label_names``).
+        data_config: preprocessing the weights were trained with (``input_size``, ``mean``, ...).
+        training: facts for the model card (``dataset``, ``epochs``, ``metrics``, ``base_model``).
+        card: model card front-matter overrides (``license``, ``tags``, ``description``).
+
+    Returns:
+        the folder.
+    """
+    from timm.models._hub import save_for_hf
+
+    model = _unwrap(model)
+    if not hasattr(model, 'window_spec'):
+        raise TypeError(f'save_pretrained expects a WinfT, got {type(model).__name__}; '
+                        f'make one with vitfree.create_winft(...) or timm.create_model("winft_...")')
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ('pytorch_model.bin',):
+        if (out / stale).exists():
+            (out / stale).unlink()
+    args = _export_args(model)
+    model_config: Dict[str, Any] = {}
+    if 'base' in args:  # a WinfT on another timm ViT: rebuilt through the vitfree_winft entry point
+        model_config['pretrained_cfg'] = {'architecture': 'vitfree_winft'}
+    if label_names is not None:
+        if len(label_names) != model.num_classes:
+            raise ValueError(f'{len(label_names)} label names for a model with {model.num_classes} classes')
+        model_config['label_names'] = [str(n) for n in label_names]
+    dc = None
+    if data_config:
+        dc = {k: data_config[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+              if k in data_config}
+    save_for_hf(model, str(out), model_config=model_config, model_args=args, safe_serialization=True, data_config=dc)
+    config = json.loads((out / CONFIG_NAME).read_text())
+    (out / CARD_NAME).write_text(model_card(config, training=training, card=card))
+    return out
+
+
+def model_card(config: Mapping[str, Any], training: Optional[Mapping[str, Any]] = None,
+               card: Optional[Mapping[str, Any]] = None) -> str:
+    """A Hub model card (``README.md``) for an exported WinfT, stating its window spec's provenance."""
+    card = dict(card or {})
+    spec = WindowSpec.from_dict(config['model_args']['windows'], source='model_args.windows')
+    prov = spec.provenance
+    arch = config['architecture']
+    base = config['model_args'].get('base')
+    tags = card.get('tags') or ['image-classification', 'timm', 'vitfree', 'winft']
+    lines = ['---', 'tags:'] + [f'- {t}' for t in tags]
+    lines += ['library_name: timm', 'pipeline_tag: image-classification', f'license: {card.get("license", "apache-2.0")}',
+              '---', f'# {card.get("name", arch + (f" ({base})" if base else ""))}', '']
+    lines.append(card.get('description', (
+        'A window-free Vision Transformer (WinfT): every patch attends only to the patches inside its own '
+        'rectangular window, block by block, plus the class/register tokens. The windows are masks, not weights: '
+        'they are stored in `config.json` (`model_args.windows`) and rebuilt with the model.')))
+    lines += ['', '## Window spec', '']
+    kind = prov.get('kind')
+    what = {'measured': 'measured from the attention of a trained model',
+            'prior': 'a hand-set prior, **not measured**',
+            'uniform': 'one uniform window size, **not measured**'}.get(kind, kind)
+    lines.append(f'- **Provenance:** `{kind}`: {what}.')
+    for key, value in prov.items():
+        if key != 'kind':
+            lines.append(f'- **{key}:** {json.dumps(value) if not isinstance(value, str) else value}')
+    lines.append(f'- **Patch grid:** {spec.grid[0]}x{spec.grid[1]}, {spec.depth} blocks '
+                 f'({sum(spec.is_global(i) for i in range(spec.depth))} global)')
+    lines += ['', '| block | window | mean area (patches) | share of grid |', '|---:|:---|---:|---:|']
+    for row in spec.summary():
+        lines.append(f'| {row["block"]} | {"global" if row["global"] else "local"} | {row["mean_area"]:.1f} | '
+                     f'{100 * row["fraction"]:.1f}% |')
+    lines += ['', '## Model', '',
+              f'- **Architecture:** `{arch}`' + (f' on `{base}`' if base else ''),
+              f'- **Classes:** {config.get("num_classes")}',
+              f'- **Input size:** {config.get("pretrained_cfg", {}).get("input_size")}']
+    if training:
+        lines += ['', '## Training', '']
+        for key, value in training.items():
+            if value is None:
+                continue
+            if isinstance(value, Mapping):
+                value = ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in value.items())
+            lines.append(f'- **{key}:** {value}')
+    lines += ['', '## Usage', '', '```python', 'import timm, vitfree',
+              "model = timm.create_model('hf-hub:ORG/NAME', pretrained=True)  # or 'local-dir:PATH'",
+              'model.window_spec  # the windows, rebuilt from config.json', '```', '']
+    return '\n'.join(lines)
+
+
+def load_pretrained(name_or_path: Union[str, os.PathLike], **kwargs: Any) -> torch.nn.Module:
+    """``timm.create_model(..., pretrained=True)`` for an export folder (``local-dir:``) or Hub id (``hf-hub:``).
+
+    A plain path is taken as a folder and a ``org/name`` that is not a folder as a Hub id.
+    """
+    import timm
+
+    name = str(name_or_path)
+    if not name.startswith(('local-dir:', 'hf-hub:')):
+        if Path(name).is_dir():
+            check_config(Path(name) / CONFIG_NAME)
+            name = f'local-dir:{name}'
+        else:
+            name = f'hf-hub:{name}'
+    return timm.create_model(name, pretrained=True, **kwargs)
+
+
+def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], source: Optional[str] = None) -> Dict[str, Any]:
+    """Validate an exported ``config.json`` (path or dict); errors name the file and the field."""
+    import timm
+
+    if isinstance(config, Mapping):
+        cfg, src = dict(config), source or 'config.json'
+    else:
+        path = Path(config)
+        src = source or str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f'{src}: not found (an exported model folder holds {CONFIG_NAME}, '
+                                    f'{WEIGHTS_NAME} and {CARD_NAME})')
+        try:
+            cfg = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f'{src}: not valid JSON ({e})') from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f'{src}: expected a JSON object, got {type(cfg).__name__}')
+    arch = cfg.get('architecture')
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f'{src}: field "architecture" is missing; expected a timm model name such as '
+                         f'"winft_small_patch16_224" or "vitfree_winft"')
+    if not timm.is_model(arch):
+        raise ValueError(f'{src}: field "architecture" is {arch!r}, which is not a registered timm model '
+                         f'(did you `import vitfree`?)')
+    args = cfg.get('model_args', {})
+    if not isinstance(args, dict):
+        raise ValueError(f'{src}: field "model_args" must be an object, got {type(args).__name__}')
+    if arch == 'vitfree_winft' and not isinstance(args.get('base'), str):
+        raise ValueError(f'{src}: field "model_args.base" is missing; vitfree_winft needs the timm ViT it is '
+                         f'built on, e.g. "vit_small_patch16_224"')
+    if 'windows' in args:
+        _parse_windows(args['windows'], f'{src}: model_args.windows')
+    return cfg
+
+
+def _parse_windows(windows: Any, where: str) -> Optional[WindowSpec]:
+    if windows is None or isinstance(windows, (WindowSpec, str)):
+        return None
+    if not isinstance(windows, Mapping):
+        raise WindowSpecError(f'{where}: expected a window spec object (format, version, grid, provenance, '
+                              f'blocks), got {type(windows).__name__}')
+    return WindowSpec.from_dict(windows, source=where)
+
+
+# ---- what the WinfT factories call before building ------------------------------------------------
+def prepare_factory_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Check a spec that came from a ``config.json`` and make the pretrained source safe.
+
+    Called by the WinfT entry points with their keyword arguments; returns the arguments to build
+    with.  A malformed ``model_args.windows`` raises :class:`WindowSpecError` naming the
+    config file and the field; with ``pretrained=True`` the weight source is resolved by
+    :func:`secure_pretrained_cfg`.
+    """
+    kwargs = dict(kwargs)
+    cfg = kwargs.get('pretrained_cfg')
+    saved = kwargs.get('pretrained_model_args') or {}
+    if isinstance(cfg, Mapping) and cfg.get('source') in ('local-dir', 'hf-hub'):
+        where = cfg.get('file') if cfg.get('source') == 'local-dir' else f'hf-hub:{cfg.get("hf_hub_id")}'
+        if 'windows' in kwargs and kwargs['windows'] is saved.get('windows'):
+            spec = _parse_windows(kwargs['windows'], f'{where}/{CONFIG_NAME}: model_args.windows')
+            if spec is not None:
+                kwargs['windows'] = spec
+    if pretrained:
+        kwargs['pretrained_cfg'] = secure_pretrained_cfg(
+            variant, kwargs.get('pretrained_cfg'), kwargs.pop('pretrained_cfg_overlay', None), kwargs.get('cache_dir'))
+    return kwargs
+
+
+def secure_pretrained_cfg(
+        variant: str,
+        pretrained_cfg: Optional[Union[str, Mapping[str, Any]]] = None,
+        pretrained_cfg_overlay: Optional[Mapping[str, Any]] = None,
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+) -> Dict[str, Any]:
+    """Resolve timm's pretrained config for ``variant`` to a weight source that is safe to load.
+
+    * Hub (``hf-hub:`` or a registry ``hf_hub_id``): the safetensors file is downloaded here
+      (``model.safetensors`` unless ``hf_hub_filename`` names another ``.safetensors``); pickle
+      files are refused with :class:`UnsafeWeightsError`.
+    * URL: only ``.safetensors`` URLs.
+    * local file / folder: any format timm reads; pickles load with ``weights_only=True``.
+    * Files listed in ``weights/manifest.json`` (by shipped file or Hub id) are SHA-256 checked.
+
+    Returns a pretrained_cfg dict whose ``file`` points at the checked local weights.
+    """
+    from timm.models._builder import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=dict(pretrained_cfg) if isinstance(pretrained_cfg, Mapping)
+                                 else pretrained_cfg, pretrained_cfg_overlay=dict(pretrained_cfg_overlay or {})).to_dict()
+    source = cfg.get('source')
+    if source == 'local-dir':
+        return cfg
+    if cfg.get('state_dict') is not None and source != 'hf-hub':
+        return cfg
+    if source == 'hf-hub' or (not cfg.get('file') and cfg.get('hf_hub_id')):
+        repo = cfg['hf_hub_id']
+        filename = cfg.get('hf_hub_filename') or WEIGHTS_NAME
+        path = _download_safetensors(repo, filename, cache_dir)
+        verify_weights(path, hub=f'{_strip_revision(repo)}/{filename}', required=False)
+        cfg.update(file=path, source='file')
+        return cfg
+    if cfg.get('file'):
+        path = Path(cfg['file'])
+        if _is_shipped(path):
+            verify_weights(path, required=True)
+        else:
+            verify_weights(path, required=False)
+        return cfg
+    url = cfg.get('url')
+    if url:
+        url_s = url[0] if isinstance(url, (list, tuple)) else url
+        if not str(url_s).endswith('.safetensors'):
+            raise UnsafeWeightsError(f'refusing to load pickle weights from {url_s}: vitfree loads weights from the '
+                                     f'network only as .safetensors (a pickle can run code when loaded)')
+        from timm.models._hub import download_cached_file
+        path = download_cached_file(url, check_hash=False, cache_dir=cache_dir)
+        verify_weights(path, required=False)
+        cfg.update(file=path, source='file')
+        return cfg
+    raise WeightsError(f'{variant}: no pretrained weights are registered for this configuration '
+                       f'(tag {cfg.get("tag")!r}); use pretrained=False, local-dir:PATH or hf-hub:ORG/NAME')
+
+
+def _strip_revision(repo: str) -> str:
+    return repo.split('@')[0]
+
+
+def _download_safetensors(repo: str, filename: str, cache_dir=None) -> str:
+    if not filename.endswith('.safetensors'):
+        raise UnsafeWeightsError(f'refusing to load {filename!r} from hf-hub:{repo}: vitfree loads weights from the '
+                                 f'Hub only as .safetensors (a pickle can run code when loaded). Convert it locally '
+                                 f'and load it with local-dir:PATH, or upload a model.safetensors')
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    repo_id, _, revision = repo.partition('@')
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir,
+                               library_name='vitfree')
+    except EntryNotFoundError:
+        raise UnsafeWeightsError(f'hf-hub:{repo} has no {filename}; vitfree loads weights from the Hub only as '
+                                 f'safetensors and will not fall back to pytorch_model.bin or other pickles') from None
+
+
+# ---- manifest of shipped weights --------------------------------------------------------------------
+def _weights_dirs() -> List[Path]:
+    here = Path(__file__).resolve().parent
+    return [d for d in (here.parent / 'weights', here / '_weights') if d.is_dir()]
+
+
+def manifest_path() -> Path:
+    """``weights/manifest.json`` in a checkout, ``vitfree/_weights/manifest.json`` when installed."""
+    env = os.environ.get('VITFREE_WEIGHTS_MANIFEST')
+    if env:
+        return Path(env)
+    dirs = _weights_dirs()
+    return (dirs[0] if dirs else Path(__file__).resolve().parent.parent / 'weights') / 'manifest.json'
+
+
+def _is_shipped(path: Path) -> bool:
+    try:
+        parent = path.resolve().parent
+    except OSError:
+        return False
+    return any(parent == d.resolve() for d in _weights_dirs())
+
+
+def load_manifest(path: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Dict[str, Any]]:
+    """Entries of the weights manifest: ``{name: {file?, hf_hub_id?, hf_hub_filename?, sha256, size?}}``."""
+    path = Path(path) if path is not None else manifest_path()
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise WeightsError(f'{path}: not valid JSON ({e})') from None
+    if not isinstance(data, dict) or data.get('format') != MANIFEST_FORMAT:
+        raise WeightsError(f'{path}: expected {{"format": "{MANIFEST_FORMAT}", "version": 1, "weights": {{...}}}}')
+    entries = data.get('weights', {})
+    if not isinstance(entries, dict):
+        raise WeightsError(f'{path}: "weights" must be an object of name -> entry')
+    for name, e in entries.items():
+        sha = e.get('sha256') if isinstance(e, dict) else None
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in '0123456789abcdef' for c in sha)):
+            raise WeightsError(f'{path}: weights[{name!r}].sha256 must be 64 lowercase hex digits, got {sha!r}')
+    return entries
+
+
+def _find_entry(entries: Mapping[str, Dict[str, Any]], path: Path, name: Optional[str], hub: Optional[str]):
+    if name is not None:
+        if name not in entries:
+            raise WeightsError(f'{name!r} is not in the weights manifest; listed: {", ".join(sorted(entries)) or "(none)"}')
+        return name, entries[name]
+    for key, e in entries.items():
+        if hub and e.get('hf_hub_id') and f'{e["hf_hub_id"]}/{e.get("hf_hub_filename", WEIGHTS_NAME)}' == hub:
+            return key, e
+    for key, e in entries.items():
+        if e.get('file') and Path(e['file']).name == path.name and _is_shipped(path):
+            return key, e
+    return None, None
+
+
+def verify_weights(
+        path: Union[str, os.PathLike],
+        name: Optional[str] = None,
+        hub: Optional[str] = None,
+        required: bool = False,
+        manifest: Optional[Union[str, os.PathLike]] = None,
+) -> Optional[str]:
+    """Check a weight file against its SHA-256 in the manifest.
+
+    Args:
+        path: the local file.
+        name: the manifest entry to check against (default: found by ``hub`` id or file name).
+        hub: ``org/name/filename`` the file was downloaded as.
+        required: raise when the manifest has no entry for the file (shipped files must be listed).
+        manifest: another manifest file (default :func:`manifest_path`).
+
+    Returns:
+        the entry name that matched, or ``None`` when the file is not listed (and not required).
+    """
+    from .train.checkpoint import sha256_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f'weight file not found: {path}')
+    entries = load_manifest(manifest)
+    key, entry = _find_entry(entries, path, name, hub)
+    if entry is None:
+        if required:
+            raise WeightsIntegrityError(f'{path} is shipped with vitfree but not listed in {manifest or manifest_path()}; '
+                                        f'add it with vitfree.hub.add_to_manifest')
+        return None
+    size = entry.get('size')
+    if size is not None and path.stat().st_size != size:
+        raise WeightsIntegrityError(f'{path} has {path.stat().st_size} bytes but the manifest entry {key!r} says {size}: '
+                                    f'the file is truncated or not the released one; delete it and download again')
+    digest = sha256_file(path)
+    if digest != entry['sha256']:
+        raise WeightsIntegrityError(f'{path} has SHA-256 {digest} but the manifest entry {key!r} expects '
+                                    f'{entry["sha256"]}: the file is corrupt or not the released one; '
+                                    f'delete it and download again')
+    return key
+
+
+def add_to_manifest(
+        path: Union[str, os.PathLike],
+        name: str,
+        hf_hub_id: Optional[str] = None,
+        hf_hub_filename: Optional[str] = None,
+        manifest: Optional[Union[str, os.PathLike]] = None,
+        **info: Any,
+) -> Dict[str, Any]:
+    """Record (or update) a weight file's SHA-256 and size in the manifest; returns the entry."""
+    from .train.checkpoint import sha256_file
+
+    path = Path(path)
+    mpath = Path(manifest) if manifest is not None else manifest_path()
+    data = {'format': MANIFEST_FORMAT, 'version': MANIFEST_VERSION, 'weights': {}}
+    if mpath.is_file():
+        load_manifest(mpath)  # validates
+        data = json.loads(mpath.read_text())
+    entry = {'file': path.name, 'sha256': sha256_file(path), 'size': path.stat().st_size}
+    if hf_hub_id:
+        entry['hf_hub_id'] = hf_hub_id
+        entry['hf_hub_filename'] = hf_hub_filename or WEIGHTS_NAME
+    entry.update(info)
+    data['weights'][name] = entry
+    mpath.parent.mkdir(parents=True, exist_ok=True)
+    tmp = mpath.with_name(mpath.name + '.tmp')
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + '\n')
+    os.replace(tmp, mpath)
+    return entry
+
+
+# ---- push -----------------------------------------------------------------------------------
+@dataclass
+class PushPlan:
+    """Everything a push will do, prepared without touching the network."""
+    folder: Path
+    repo_id: str
+    files: List[str]
+    create_repo: Dict[str, Any] = field(default_factory=dict)
+    upload_folder: Dict[str, Any] = field(default_factory=dict)
+
+
+def _export_folder(folder: Union[str, os.PathLike]) -> Path:
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file() and (folder / 'model' / CONFIG_NAME).is_file():
+        return folder / 'model'  # a `vitfree finetune` output folder
+    return folder
+
+
+def prepare_push(
+        folder: Union[str, os.PathLike],
+        repo_id: str,
+        private: bool = False,
+        revision: Optional[str] = None,
+        commit_message: Optional[str] = None,
+        create_pr: bool = False,
+) -> PushPlan:
+    """Check an export folder and prepare the ``create_repo`` / ``upload_folder`` arguments."""
+    folder = _export_folder(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f'{folder}: no such folder (expected the output of vitfree.hub.save_pretrained)')
+    if not isinstance(repo_id, str) or repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise ValueError(f'repo id must look like "org/name", got {repo_id!r}')
+    check_config(folder / CONFIG_NAME)
+    if not (folder / WEIGHTS_NAME).is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+        raise FileNotFoundError(f'{folder} has no {WEIGHTS_NAME}'
+                                + (f' (only pickle files {pickles}, which vitfree does not upload)' if pickles else '')
+                                + '; export with vitfree.hub.save_pretrained')
+    from safetensors import safe_open
+    try:
+        with safe_open(str(folder / WEIGHTS_NAME), framework='pt') as f:
+            keys = list(f.keys())
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f'{folder / WEIGHTS_NAME} is not a readable safetensors file ({e})') from None
+    if not keys:
+        raise ValueError(f'{folder / WEIGHTS_NAME} holds no tensors')
+    files = [n for n in UPLOAD_PATTERNS if (folder / n).is_file()]
+    message = commit_message or f'Upload WinfT ({json.loads((folder / CONFIG_NAME).read_text())["architecture"]})'
+    return PushPlan(
+        folder=folder, repo_id=repo_id, files=files,
+        create_repo=dict(repo_id=repo_id, private=private, exist_ok=True, repo_type='model'),
+        upload_folder=dict(folder_path=str(folder), revision=revision, commit_message=message, create_pr=create_pr,
+                           allow_patterns=list(files), repo_type='model'),
+    )
+
+
+def push_to_hub(
+        folder: Union[str, os.PathLike],
+        repo_id: str,
+        token: Optional[str] = None,
+        private: bool = False,
+        revision: Optional[str] = None,
+        commit_message: Optional[str] = None,
+        create_pr: bool = False,
+        api: Optional[Any] = None,
+):
+    """Upload an export folder (config.json, model.safetensors, README.md) to the Hub.
+
+    Uses ``huggingface_hub.HfApi().create_repo(..., exist_ok=True)`` then ``upload_folder``
+    restricted to those three files; returns the ``CommitInfo``.  Pass ``api`` to use your own
+    ``HfApi`` (or a stand-in in tests).
+    """
+    plan = prepare_push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                        create_pr=create_pr)
+    if api is None:
+        from huggingface_hub import HfApi
+        from .version import __version__
+        api = HfApi(token=token, library_name='vitfree', library_version=__version__)
+    repo_url = api.create_repo(**plan.create_repo)
+    target = getattr(repo_url, 'repo_id', None) or plan.repo_id  # the Hub may fill in the owner
+    return api.upload_folder(repo_id=target, **plan.upload_folder)

@@ -1,0 +1,456 @@
+"""Tiled window attention: cost and memory linear in the number of patches.
+
+Patch queries are grouped in rectangular tiles of ``th x tw`` patches.  Every tile reads one
+*halo*: the smallest block of patches (the same size for all tiles, placed per tile) that holds
+the windows of all its patches, plus the prefix tokens.  Inside the tile a boolean mask keeps
+each query to its exact rectangle, so the result is the same as the dense reference; only the
+work changes, from ``T^2`` query-key pairs to ``tiles * tile_area * (P + halo_area)``.
+
+All tiles (and batch entries and heads) run as one batched matmul/softmax/matmul.  The
+forward pass keeps no attention probabilities: like flash attention, the backward pass
+recomputes them per tile from the saved log-sum-exp, so training memory stays linear too.
+Prefix-token queries see every token and take one plain SDPA call.
+
+The index tables and masks (a :class:`TilePlan`) depend only on the windows, the number of
+prefix tokens and the tile shape; they are built once with NumPy and cached on the
+:class:`~vitfree.windows.LayerWindows` per device (and per dtype for the additive mask).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..windows import LayerWindows
+
+__all__ = [
+    'TilePlan', 'plan_tiles', 'choose_tile', 'tiled_window_attention', 'tiled_cost', 'window_bounds',
+]
+
+Tile = Tuple[int, int]
+
+# tile sides tried by choose_tile (besides the full grid side)
+_TILE_SIDES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32)
+# relative cost of moving one token row (gather of q/k/v, scatter of the output) against one
+# query-key pair of the batched attention, and a fixed cost per tile in pairs (small tiles
+# make skinny matmuls); least-squares fit of tile sweeps on CPU (grids 24..64, radius 1..6)
+_ROW_COST = 16.0
+_TILE_COST = 256.0
+
+
+def window_bounds(windows: LayerWindows) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Clipped window rows ``[r0, r1]`` and columns ``[c0, c1]`` of every patch, each ``(H, W)``.
+
+    With per-head windows the union over heads is returned (tiles are shared by the heads)."""
+    h, w = windows.grid
+    e = windows.extents.astype(np.int64)
+    if e.ndim == 4:
+        e = e.max(axis=0)  # the bounding box of rectangles around one patch: largest side each
+    ys = np.arange(h).reshape(h, 1)
+    xs = np.arange(w).reshape(1, w)
+    r0 = np.maximum(ys - e[..., 0], 0)
+    r1 = np.minimum(ys + e[..., 1], h - 1)
+    c0 = np.maximum(xs - e[..., 2], 0)
+    c1 = np.minimum(xs + e[..., 3], w - 1)
+    return r0, r1, c0, c1
+
+
+def _tile_reduce(a: np.ndarray, tile: Tile, fill: int, op) -> np.ndarray:
+    """Reduce an ``(H, W)`` map over tiles of ``tile`` (padding with ``fill``) -> ``(nty, ntx)``."""
+    th, tw = tile
+    h, w = a.shape
+    nty, ntx = -(-h // th), -(-w // tw)
+    pad = np.full((nty * th, ntx * tw), fill, dtype=a.dtype)
+    pad[:h, :w] = a
+    return op(op(pad.reshape(nty, th, ntx, tw), axis=3), axis=1)
+
+
+def _halo_shape(bounds, tile: Tile) -> Tuple[Tuple[int, int], Tuple[np.ndarray, ...]]:
+    r0, r1, c0, c1 = bounds
+    big = np.iinfo(np.int64).max // 4
+    ymin = _tile_reduce(r0, tile, big, np.min)
+    ymax = _tile_reduce(r1, tile, -1, np.max)
+    xmin = _tile_reduce(c0, tile, big, np.min)
+    xmax = _tile_reduce(c1, tile, -1, np.max)
+    return (int((ymax - ymin).max()) + 1, int((xmax - xmin).max()) + 1), (ymin, xmin)
+
+
+def _candidate_cost(grid: Tuple[int, int], tile: Tile, halo: Tile, num_prefix_tokens: int) -> float:
+    h, w = grid
+    th, tw = tile
+    nt = (-(-h // th)) * (-(-w // tw))
+    q_rows = th * tw
+    k_rows = num_prefix_tokens + halo[0] * halo[1]
+    return nt * (q_rows * k_rows + _ROW_COST * (2 * q_rows + 2 * k_rows) + _TILE_COST)
+
+
+def choose_tile(windows: LayerWindows, num_prefix_tokens: int = 0) -> Tile:
+    """The tile shape ``(th, tw)`` with the lowest estimated cost for these windows.
+
+    The estimate counts query-key pairs of all tiles (tile area times prefix plus halo area)
+    plus the rows gathered and scattered, plus a fixed cost per tile; tiles of 1..32 patches per
+    side (and the full grid side) are tried.  Cached on ``windows``."""
+    def make():
+        h, w = windows.grid
+        bounds = window_bounds(windows)
+        best, best_cost = None, None
+        for th in sorted({s for s in _TILE_SIDES if s < h} | {h}):
+            for tw in sorted({s for s in _TILE_SIDES if s < w} | {w}):
+                halo, _ = _halo_shape(bounds, (th, tw))
+                cost = _candidate_cost(windows.grid, (th, tw), halo, num_prefix_tokens)
+                if best_cost is None or cost < best_cost:
+                    best, best_cost = (th, tw), cost
+        return best
+    return windows.cached(('tiled.tile', num_prefix_tokens), make)
+
+
+@dataclass
+class TilePlan:
+    """Index tables and masks of one tiling (see the module docstring).
+
+    Token indices count the prefix tokens first (``0..P-1``), then patches row-major.
+
+    Attributes:
+        grid, tile, halo: patch grid, tile shape and halo shape ``(rows, cols)``.
+        num_prefix_tokens: ``P``.
+        num_tiles: number of tiles ``nt``; ``tile_queries = th*tw``, ``tile_keys = P + halo area``.
+        query_index: ``(nt * th*tw,)`` token of each tile query (rows past the grid edge repeat a
+            valid patch; their results are dropped).
+        grad_index: ``(nt * th*tw,)`` patch of each tile query, ``N`` for padding rows (used to
+            gather from a patch tensor with one extra zero row).
+        key_index: ``(nt * tile_keys,)`` token of each tile key: the prefix, then the halo.
+        out_index: ``(N,)`` row of each patch in the tile-major query layout.
+        allowed: bool ``(nt, th*tw, tile_keys)`` or ``(heads, nt, th*tw, tile_keys)``; padding
+            rows allow everything (they are dropped).
+    """
+    grid: Tuple[int, int]
+    tile: Tile
+    halo: Tile
+    num_prefix_tokens: int
+    num_tiles: int
+    query_index: torch.Tensor
+    grad_index: torch.Tensor
+    key_index: torch.Tensor
+    out_index: torch.Tensor
+    allowed: torch.Tensor
+    _cache: Dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def tile_queries(self) -> int:
+        return self.tile[0] * self.tile[1]
+
+    @property
+    def tile_keys(self) -> int:
+        return self.num_prefix_tokens + self.halo[0] * self.halo[1]
+
+    @property
+    def pairs(self) -> int:
+        """Query-key pairs computed per (batch, head), prefix queries included."""
+        t = self.num_prefix_tokens + self.grid[0] * self.grid[1]
+        return self.num_tiles * self.tile_queries * self.tile_keys + self.num_prefix_tokens * t
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask (0 inside windows, -inf outside) in ``dtype``, cached."""
+        b = self._cache.get(dtype)
+        if b is None:
+            b = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
+            b.masked_fill_(~self.allowed, float('-inf'))
+            self._cache[dtype] = b
+        return b
+
+    def to(self, device: torch.device) -> 'TilePlan':
+        return TilePlan(self.grid, self.tile, self.halo, self.num_prefix_tokens, self.num_tiles,
+                        self.query_index.to(device), self.grad_index.to(device), self.key_index.to(device),
+                        self.out_index.to(device), self.allowed.to(device))
+
+
+def _build_plan(windows: LayerWindows, num_prefix_tokens: int, tile: Tile) -> TilePlan:
+    h, w = windows.grid
+    n = h * w
+    p = num_prefix_tokens
+    th, tw = tile
+    nty, ntx = -(-h // th), -(-w // tw)
+    nt = nty * ntx
+    (hh, hw), (ymin, xmin) = _halo_shape(window_bounds(windows), tile)
+    sy = np.clip(ymin, 0, h - hh)  # (nty, ntx): halo origin, shifted inwards at the border
+    sx = np.clip(xmin, 0, w - hw)
+
+    # query coordinates per tile: (nty, ntx, th, tw)
+    qy = (np.arange(nty) * th)[:, None, None, None] + np.arange(th)[None, None, :, None]
+    qx = (np.arange(ntx) * tw)[None, :, None, None] + np.arange(tw)[None, None, None, :]
+    qy, qx = np.broadcast_arrays(qy, qx)
+    valid = (qy < h) & (qx < w)
+    qyc, qxc = np.minimum(qy, h - 1), np.minimum(qx, w - 1)
+    patch = qyc * w + qxc
+    query_index = (p + patch).reshape(-1)
+    grad_index = np.where(valid, patch, n).reshape(-1)
+    out_index = np.empty(n, dtype=np.int64)
+    out_index[patch[valid]] = np.flatnonzero(valid.reshape(-1))
+
+    # halo coordinates per tile: rows (nty, ntx, hh), cols (nty, ntx, hw)
+    ky = sy[:, :, None] + np.arange(hh)
+    kx = sx[:, :, None] + np.arange(hw)
+    halo_tok = p + ky[:, :, :, None] * w + kx[:, :, None, :]  # (nty, ntx, hh, hw)
+    prefix = np.broadcast_to(np.arange(p), (nt, p))
+    key_index = np.concatenate([prefix, halo_tok.reshape(nt, hh * hw)], axis=1).reshape(-1)
+
+    # exact rectangles: dy = y_key - y_query, tested against (up, down); same for x
+    e = windows.extents.astype(np.int64)[..., qyc, qxc, :]  # (..., nty, ntx, th, tw, 4)
+    dy = ky[:, :, None, None, :] - qy[..., None]  # (nty, ntx, th, tw, hh)
+    dx = kx[:, :, None, None, :] - qx[..., None]  # (nty, ntx, th, tw, hw)
+    ok_y = (dy >= -e[..., 0:1]) & (dy <= e[..., 1:2])
+    ok_x = (dx >= -e[..., 2:3]) & (dx <= e[..., 3:4])
+    ok = ok_y[..., :, None] & ok_x[..., None, :]  # (..., nty, ntx, th, tw, hh, hw)
+    ok = ok | ~valid[..., None, None]
+    lead = ok.shape[:-6]
+    ok = ok.reshape(*lead, nt, th * tw, hh * hw)
+    allowed = np.concatenate([np.ones((*lead, nt, th * tw, p), dtype=bool), ok], axis=-1)
+
+    as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    return TilePlan((h, w), (th, tw), (hh, hw), p, nt, as_long(query_index), as_long(grad_index),
+                    as_long(key_index), as_long(out_index), torch.from_numpy(np.ascontiguousarray(allowed)))
+
+
+def plan_tiles(windows: LayerWindows, num_prefix_tokens: int = 0, tile: Optional[Sequence[int]] = None,
+               device: torch.device | str | None = None) -> TilePlan:
+    """The :class:`TilePlan` for these windows (tile from :func:`choose_tile` unless given),
+    cached on ``windows`` per ``(num_prefix_tokens, tile, device)``."""
+    if num_prefix_tokens < 0:
+        raise ValueError(f'num_prefix_tokens must be >= 0, got {num_prefix_tokens}')
+    if tile is None:
+        tile = choose_tile(windows, num_prefix_tokens)
+    else:
+        tile = tuple(int(t) for t in tile)
+        if len(tile) != 2 or min(tile) < 1:
+            raise ValueError(f'tile must be two positive ints (rows, cols), got {tile!r}')
+        tile = (min(tile[0], windows.grid[0]), min(tile[1], windows.grid[1]))
+    dev = torch.device(device) if device is not None else torch.device('cpu')
+    cpu = windows.cached(('tiled.plan', num_prefix_tokens, tile, 'cpu'),
+                         lambda: _build_plan(windows, num_prefix_tokens, tile))
+    if dev.type == 'cpu':
+        return cpu
+    return windows.cached(('tiled.plan', num_prefix_tokens, tile, str(dev)), lambda: cpu.to(dev))
+
+
+def tiled_cost(windows: LayerWindows, num_prefix_tokens: int = 0) -> Tuple[float, float, float]:
+    """``(pairs, rows, tiles)`` of the chosen tiling per (batch, head): query-key pairs computed,
+    token rows gathered/scattered and tiles; used by the dispatcher's cost model."""
+    def make():
+        tile = choose_tile(windows, num_prefix_tokens)
+        (hh, hw), _ = _halo_shape(window_bounds(windows), tile)
+        h, w = windows.grid
+        nt = (-(-h // tile[0])) * (-(-w // tile[1]))
+        q_rows, k_rows = tile[0] * tile[1], num_prefix_tokens + hh * hw
+        t = num_prefix_tokens + h * w
+        pairs = nt * q_rows * k_rows + num_prefix_tokens * t
+        rows = nt * (2 * q_rows + 2 * k_rows)
+        return float(pairs), float(rows), float(nt)
+    return windows.cached(('tiled.cost', num_prefix_tokens), make)
+
+
+# ---- the kernel ------------------------------------------------------------------------------
+def _flat_indices(plan: TilePlan, bh: int, t: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row indices into ``(bh*T, d)`` / ``(bh*nt*Qt, d)`` views for ``bh = batch*heads`` slices:
+    query rows, key rows and patch output rows.  Cached per ``bh`` on the plan."""
+    key = ('flat', bh)
+    idx = plan._cache.get(key)
+    if idx is None:
+        dev = plan.key_index.device
+        qt_rows = plan.num_tiles * plan.tile_queries
+        base_t = torch.arange(bh, device=dev).unsqueeze(1) * t
+        base_o = torch.arange(bh, device=dev).unsqueeze(1) * qt_rows
+        idx = ((base_t + plan.query_index).reshape(-1), (base_t + plan.key_index).reshape(-1),
+               (base_o + plan.out_index).reshape(-1))
+        if len(plan._cache) < 64:  # a few batch sizes; do not grow without bound
+            plan._cache[key] = idx
+    return idx
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``(B, heads, T, d)`` as a contiguous ``(B*heads*T, d)`` matrix (copies strided inputs)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+# exp() of very negative floats takes a slow path on CPU; logits more than this far below the
+# row maximum are raised to it, which gives them a weight below 2e-35 of the largest one, so
+# masked keys (-inf) still contribute nothing representable to a sum that includes the maximum
+_LOGIT_FLOOR = -80.0
+
+
+def _logits(qs: torch.Tensor, kt: torch.Tensor, plan: TilePlan, b: int, h: int) -> torch.Tensor:
+    """Masked logits of scaled query tiles in fp32 (fp64 for fp64): ``(B*heads*nt, Qt, Kt)``."""
+    s = torch.bmm(qs, kt.transpose(1, 2))
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    if s.dtype != acc:
+        s = s.to(acc)
+    s.view(b, h, plan.num_tiles, plan.tile_queries, plan.tile_keys).add_(plan.bias(acc))
+    return s
+
+
+# batch entries per chunk are chosen so one chunk's logits stay near this many elements: small
+# enough to stay in cache between the matmul, the softmax and the second matmul
+_CHUNK_ELEMS = 1 << 20
+
+
+def _chunks(plan: TilePlan, b: int, h: int):
+    per_item = h * plan.num_tiles * plan.tile_queries * plan.tile_keys
+    step = max(1, _CHUNK_ELEMS // max(per_item, 1))
+    return [(i, min(i + step, b)) for i in range(0, b, step)]
+
+
+def _forward(q, k, v, plan: TilePlan, scale: float):
+    """One batch chunk: patch outputs ``(b, h, N, dv)`` and the log-sum-exp per tile row."""
+    b, h, t, d = q.shape
+    dv = v.shape[-1]
+    nt, nq, nk = plan.num_tiles, plan.tile_queries, plan.tile_keys
+    iq, ik, io = _flat_indices(plan, b * h, t)
+    qs = _rows(q).index_select(0, iq).view(b * h * nt, nq, d).mul_(scale)
+    kt = _rows(k).index_select(0, ik).view(b * h * nt, nk, d)
+    vt = _rows(v).index_select(0, ik).view(b * h * nt, nk, dv)
+    s = _logits(qs, kt, plan, b, h)
+    m = s.amax(-1, keepdim=True)
+    e = s.sub_(m).clamp_min_(_LOGIT_FLOOR).exp_()  # unnormalised probabilities
+    denom = e.sum(-1, keepdim=True)
+    o = torch.bmm(e.to(v.dtype), vt)  # (b*h*nt, Qt, dv)
+    o = o.div_(denom) if o.dtype == denom.dtype else (o / denom).to(v.dtype)
+    out = o.view(-1, dv).index_select(0, io).view(b, h, -1, dv)
+    return out, m.add_(denom.log_())
+
+
+def _backward(q, k, v, out, lse, grad_out, plan: TilePlan, scale: float):
+    """One batch chunk of the backward pass: ``dq, dk, dv`` with the shapes of q, k, v."""
+    b, h, t, d = q.shape
+    dv = v.shape[-1]
+    nt, nq, nk, p = plan.num_tiles, plan.tile_queries, plan.tile_keys, plan.num_prefix_tokens
+    iq, ik, io = _flat_indices(plan, b * h, t)
+    qs = _rows(q).index_select(0, iq).view(b * h * nt, nq, d).mul_(scale)
+    kt = _rows(k).index_select(0, ik).view(b * h * nt, nk, d)
+    vt = _rows(v).index_select(0, ik).view(b * h * nt, nk, dv)
+    prob = _logits(qs, kt, plan, b, h).sub_(lse).clamp_min_(_LOGIT_FLOOR).exp_()  # (b*h*nt, Qt, Kt)
+    acc = prob.dtype
+    # grad_out and rowsum(grad_out * out) in the tile layout; padding rows stay zero
+    go = grad_out.new_zeros(b * h * nt * nq, dv).index_copy_(0, io, _rows(grad_out))
+    delta = (grad_out.to(acc) * out.to(acc)).sum(-1).reshape(-1)
+    delta = delta.new_zeros(b * h * nt * nq).index_copy_(0, io, delta)
+    go = go.view(b * h * nt, nq, dv)
+    dvt = torch.bmm(prob.to(v.dtype).transpose(1, 2), go)
+    dp = torch.bmm(go, vt.transpose(1, 2)).to(acc)
+    ds = dp.sub_(delta.view(b * h * nt, nq, 1)).mul_(prob).to(q.dtype)  # d loss / d logits
+    del prob, dp
+    dqt = torch.bmm(ds, kt).mul_(scale)
+    dkt = torch.bmm(ds.transpose(1, 2), qs)
+    dq = q.new_zeros(b, h, t, d)
+    dq[:, :, p:] = dqt.view(-1, d).index_select(0, io).view(b, h, -1, d)
+    dk = k.new_zeros(b * h * t, d).index_add_(0, ik, dkt.view(-1, d)).view(b, h, t, d)
+    dvv = v.new_zeros(b * h * t, dv).index_add_(0, ik, dvt.view(-1, dv)).view(b, h, t, dv)
+    return dq, dk, dvv
+
+
+class _TiledAttention(torch.autograd.Function):
+    """Patch-query rows of windowed attention; returns ``(B, heads, N, dv)``.
+
+    Runs in batch chunks sized to stay in cache.  The backward pass recomputes the
+    probabilities tile by tile from the saved log-sum-exp instead of storing them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: TilePlan, scale: float):
+        chunks = _chunks(plan, q.shape[0], q.shape[1])
+        if len(chunks) == 1:
+            out, lse = _forward(q, k, v, plan, scale)
+        else:
+            parts = [_forward(q[i:j], k[i:j], v[i:j], plan, scale) for i, j in chunks]
+            out = torch.cat([o for o, _ in parts])
+            lse = [l for _, l in parts]
+        ctx.save_for_backward(q, k, v, out, *(lse if isinstance(lse, list) else [lse]))
+        ctx.plan, ctx.scale, ctx.chunks = plan, scale, chunks
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, *lse = ctx.saved_tensors
+        plan, scale, chunks = ctx.plan, ctx.scale, ctx.chunks
+        if len(chunks) == 1:
+            dq, dk, dv = _backward(q, k, v, out, lse[0], grad_out, plan, scale)
+        else:
+            parts = [_backward(q[i:j], k[i:j], v[i:j], out[i:j], l, grad_out[i:j], plan, scale)
+                     for (i, j), l in zip(chunks, lse)]
+            dq, dk, dv = (torch.cat(g) for g in zip(*parts))
+        return dq, dk, dv, None, None
+
+
+def _tiled_with_dropout(q, k, v, plan: TilePlan, scale: float, dropout_p: float) -> torch.Tensor:
+    """Plain-autograd version (keeps the probabilities) for attention dropout."""
+    b, h, t, d = q.shape
+    dv = v.shape[-1]
+    nt, nq, nk = plan.num_tiles, plan.tile_queries, plan.tile_keys
+    iq, ik, io = _flat_indices(plan, b * h, t)
+    qs = _rows(q).index_select(0, iq).view(b * h * nt, nq, d) * scale
+    kt = _rows(k).index_select(0, ik).view(b * h * nt, nk, d)
+    vt = _rows(v).index_select(0, ik).view(b * h * nt, nk, dv)
+    s = torch.bmm(qs, kt.transpose(1, 2)).float()
+    s = (s.view(b, h, nt, nq, nk) + plan.bias(torch.float32)).view(b * h * nt, nq, nk)
+    prob = F.dropout(s.softmax(-1), p=dropout_p).to(v.dtype)
+    o = torch.bmm(prob, vt)
+    return o.view(-1, dv).index_select(0, io).view(b, h, -1, dv)
+
+
+def tiled_window_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        windows: LayerWindows,
+        num_prefix_tokens: int = 0,
+        scale: Optional[float] = None,
+        dropout_p: float = 0.0,
+        tile: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """Windowed attention on ``(B, heads, T, head_dim)`` tensors, ``T = P + H*W``, computed tile
+    by tile (see the module docstring); same result as the dense reference.
+
+    ``tile=(th, tw)`` overrides the automatic tile shape.  Under ``torch.autocast`` the inputs
+    are cast to the autocast dtype first, as SDPA would be; logits and softmax run in fp32.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f'q, k, v must be (B, heads, T, head_dim), got shapes {tuple(q.shape)}, '
+                         f'{tuple(k.shape)}, {tuple(v.shape)}')
+    p = num_prefix_tokens
+    t = p + windows.num_patches
+    if q.shape[-2] != t or k.shape[-2] != t or v.shape[-2] != t:
+        raise ValueError(f'sequence length must be {p} prefix tokens + {windows.grid[0]}x{windows.grid[1]} '
+                         f'patches = {t}, got q/k/v lengths {q.shape[-2]}, {k.shape[-2]}, {v.shape[-2]}')
+    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f'k must have the shape of q and v the same (B, heads, T), got {tuple(q.shape)}, '
+                         f'{tuple(k.shape)}, {tuple(v.shape)}')
+    if windows.per_head and windows.num_heads != q.shape[1]:
+        raise ValueError(f'windows are per head for {windows.num_heads} heads but q has {q.shape[1]} heads')
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f'q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    plan = plan_tiles(windows, p, tile, q.device)
+    with torch.autocast(dev, enabled=False):
+        if dropout_p > 0.0:
+            patches = _tiled_with_dropout(q, k, v, plan, scale, dropout_p)
+        else:
+            patches = _TiledAttention.apply(q, k, v, plan, scale)
+    if p == 0:
+        return patches
+    return torch.cat([_prefix_attention(q[:, :, :p], k, v, scale, dropout_p), patches], dim=2)
+
+
+def _prefix_attention(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      dropout_p: float) -> torch.Tensor:
+    """Prefix-token queries attend to every token: a few rows, so a plain softmax beats a fused
+    kernel's setup cost."""
+    s = torch.matmul(qp * scale, k.transpose(-1, -2))
+    prob = s.softmax(-1, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
+    if dropout_p > 0.0:
+        prob = F.dropout(prob, p=dropout_p)
+    return torch.matmul(prob.to(v.dtype), v)

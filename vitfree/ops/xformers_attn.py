@@ -1,0 +1,166 @@
+"""The ``xformers`` backend: ``xformers.ops.memory_efficient_attention`` on CUDA, with the window
+mask passed as an additive bias tensor (0 inside a window, -inf outside).
+
+xformers is imported lazily, the first time a CUDA tensor asks for this backend, with its
+import-time warnings silenced; CPU users never import it.  Whether xformers can run a given
+CUDA device / dtype / head size is probed once with a tiny call and remembered, so the
+dispatcher falls back to SDPA where xformers has no kernel.
+
+Argument preparation is split into pure functions (:func:`window_bias`,
+:func:`xformers_inputs`) that run anywhere, so their shapes, strides and alignment are tested
+on CPU.  What xformers asks of a tensor bias: the query's dtype, shape ``(B, heads, Mq, Mk)``
+(broadcast dimensions may have stride 0), unit stride in the last dimension, and every other
+stride a multiple of 16 bytes; we allocate the rows padded to a multiple of 8 elements and
+slice back, so the row stride is aligned while the visible shape is exactly ``T x T``.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from ..windows import LayerWindows
+
+__all__ = [
+    'BIAS_ALIGN', 'window_bias', 'xformers_inputs', 'xformers_window_attention', 'xformers_supports',
+    'import_xformers',
+]
+
+BIAS_ALIGN = 8  # elements; 16 bytes for fp16/bf16, 32 for fp32 (xformers needs 16)
+
+_xformers: Any = None          # the imported xformers.ops module, once loaded
+_import_error: Optional[str] = None
+_probe_results: Dict[Tuple[str, torch.dtype, int, int], Optional[str]] = {}
+
+
+def import_xformers() -> Tuple[Any, Optional[str]]:
+    """``(xformers.ops, None)`` or ``(None, reason)``; imports once, silencing its warnings."""
+    global _xformers, _import_error
+    if _xformers is None and _import_error is None:
+        xf_logger = logging.getLogger('xformers')
+        level = xf_logger.level
+        xf_logger.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                _xformers = importlib.import_module('xformers.ops')
+        except Exception as e:  # ImportError, or a broken build raising anything at import
+            _import_error = (f'xformers is not usable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}); '
+                             f"install it with pip install 'vitfree[gpu]'")
+        finally:
+            xf_logger.setLevel(level)
+    return _xformers, _import_error
+
+
+def window_bias(
+        windows: LayerWindows,
+        num_prefix_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        batch: int = 1,
+        num_heads: int = 1,
+) -> torch.Tensor:
+    """The window mask as an additive bias ``(batch, num_heads, T, T)`` for xformers.
+
+    0 where a query may attend, ``-inf`` elsewhere, in ``dtype``.  The storage is one
+    ``(T, T_pad)`` matrix (``(heads, T, T_pad)`` for per-head windows), ``T_pad`` the next
+    multiple of :data:`BIAS_ALIGN`, sliced to ``T`` columns and expanded (stride 0) over the
+    batch (and heads).  The storage is cached on ``windows`` per (prefix, dtype, device).
+    """
+    dev = torch.device(device) if device is not None else torch.device('cpu')
+    if windows.per_head and windows.num_heads != num_heads:
+        raise ValueError(f'windows are per head for {windows.num_heads} heads, got num_heads={num_heads}')
+
+    def make() -> torch.Tensor:
+        allowed = windows.mask(num_prefix_tokens, dev)  # (T, T) or (heads, T, T)
+        t = allowed.shape[-1]
+        t_pad = -(-t // BIAS_ALIGN) * BIAS_ALIGN
+        store = torch.full((*allowed.shape[:-1], t_pad), float('-inf'), dtype=dtype, device=dev)
+        store[..., :t].masked_fill_(allowed, 0.0)
+        return store
+
+    store = windows.cached(('xformers.bias', num_prefix_tokens, dtype, str(dev)), make)
+    t = store.shape[-2]
+    bias = store[..., :t]
+    if bias.dim() == 2:
+        bias = bias.unsqueeze(0)
+    return bias.unsqueeze(0).expand(batch, num_heads, t, t)
+
+
+def xformers_inputs(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        windows: LayerWindows,
+        num_prefix_tokens: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, heads, T, d)`` q/k/v -> xformers' ``(B, T, heads, d)`` views plus the bias.
+
+    No copies are made except that the last dimension is made contiguous if it is not."""
+    b, h = q.shape[:2]
+
+    def bmhk(x: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(1, 2)
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    bias = window_bias(windows, num_prefix_tokens, q.dtype, q.device, b, h)
+    return bmhk(q), bmhk(k), bmhk(v), bias
+
+
+def xformers_window_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        windows: LayerWindows,
+        num_prefix_tokens: int = 0,
+        scale: Optional[float] = None,
+        dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Windowed attention through ``xformers.ops.memory_efficient_attention``; ``(B, heads, T, d)``
+    in and out.  Cost and bias memory are O(T^2); the kernel never forms the probabilities."""
+    xops, reason = import_xformers()
+    if xops is None:
+        raise RuntimeError(reason)
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    qx, kx, vx, bias = xformers_inputs(q, k, v, windows, num_prefix_tokens)
+    out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias, p=dropout_p, scale=scale)
+    return out.transpose(1, 2)
+
+
+def _probe(device: torch.device, dtype: torch.dtype, head_dim: int, value_dim: int) -> Optional[str]:
+    """Run a tiny biased call once per (device, dtype, head sizes); the error text if it fails."""
+    key = (str(device), dtype, head_dim, value_dim)
+    if key not in _probe_results:
+        xops, reason = import_xformers()
+        if xops is None:
+            _probe_results[key] = reason
+        else:
+            try:
+                q = torch.zeros(1, 8, 1, head_dim, dtype=dtype, device=device)
+                v = torch.zeros(1, 8, 1, value_dim, dtype=dtype, device=device)
+                bias = torch.zeros(1, 1, 8, 8, dtype=dtype, device=device)
+                xops.memory_efficient_attention(q, q, v, attn_bias=bias)
+                _probe_results[key] = None
+            except Exception as e:  # NotImplementedError / ValueError from its dispatcher
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                _probe_results[key] = f'xformers has no kernel for {dtype}, head_dim {head_dim} on {device}: {first}'
+    return _probe_results[key]
+
+
+def _on_cuda(q: torch.Tensor) -> bool:
+    return q.device.type == 'cuda'
+
+
+def xformers_supports(q: torch.Tensor, windows: LayerWindows) -> Optional[str]:
+    """None when xformers can run ``q`` (CUDA, importable, kernel available), else why not."""
+    if not _on_cuda(q):
+        return f'xformers runs on CUDA tensors only; q is on {q.device.type}'
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f'xformers needs float16, bfloat16 or float32 inputs, got {q.dtype}'
+    return _probe(q.device, q.dtype, q.shape[-1], q.shape[-1])
