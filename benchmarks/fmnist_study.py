@@ -279,30 +279,25 @@ def write_results(out_dir: Path, results: Dict[str, Any], tag: str) -> None:
 
 
 def ship(work: Path, sel: Dict[str, Any], vit_rec: Dict[str, Any], winft_rec: Dict[str, Any]) -> None:
-    """Copy the measured spec to configs/ and the seed-0 weights to weights/ with sha256 + accuracy."""
+    """Copy the measured spec to configs/ and the seed-0 weights to weights/, recording sha256, size
+    and the accuracy on the bundled first-1000 test images in weights/manifest.json."""
     from safetensors.torch import load_file, save_file
-    from vitfree.hub import sha256_file
+    from vitfree.hub import add_to_manifest
     spec = WindowSpec.load(sel['chosen_path'])
     spec.provenance['selected_by'] = sel['rule']
     spec.save(ROOT / 'configs' / 'winft_micro_fmnist.yaml')
-    manifest_path = ROOT / 'weights' / 'manifest.json'
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    manifest.setdefault('files', {})
     subset = np.load(ROOT / 'tests' / 'data' / 'fashion_mnist_test_first1000.npz')
     for arch, rec in (('vit_micro_patch2_28', vit_rec), ('winft_micro_patch2_28', winft_rec)):
         sd = load_file(str(Path(rec['export']) / 'model.safetensors'))
-        fname = f'{arch}.fmnist.safetensors'
-        dst = ROOT / 'weights' / fname
+        dst = ROOT / 'weights' / f'{arch}.fmnist.safetensors'
         save_file({k: v.contiguous() for k, v in sd.items()}, str(dst), metadata={'format': 'pt'})
-        m = timm.create_model(arch, windows=(spec if arch.startswith('winft') else None)) \
-            if arch.startswith('winft') else timm.create_model(arch)
+        m = timm.create_model(arch, windows=spec) if arch.startswith('winft') else timm.create_model(arch)
         m.load_state_dict(sd)
         acc = subset_accuracy(m.eval(), subset)
-        manifest['files'][fname] = {'sha256': sha256_file(dst), 'test_top1_first1000': acc,
-                                    'test_top1_full': rec['test_top1'], 'seed': rec['seed'],
-                                    'source': f'benchmarks/fmnist_study.py run {rec["name"]}_s{rec["seed"]}'}
-        log(f'shipped {fname}: first-1000 test top-1 {acc:.2f}%')
-    manifest_path.write_text(json.dumps(manifest, indent=1) + '\n')
+        add_to_manifest(dst, name=f'{arch}.fmnist', test_top1_first1000=acc, test_top1_full=rec['test_top1'],
+                        seed=rec['seed'], source=f'benchmarks/fmnist_study.py run {rec["name"]}_s{rec["seed"]}',
+                        windows='winft_micro_fmnist' if arch.startswith('winft') else 'global')
+        log(f'shipped {dst.name}: first-1000 test top-1 {acc:.2f}%')
 
 
 @torch.no_grad()
@@ -329,8 +324,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--erf-images', type=int, default=200)
     p.add_argument('--estimators', nargs='+', default=['attention', 'attribution'])
-    p.add_argument('--taus', type=float, nargs='+', default=[0.8, 0.9])
-    p.add_argument('--gammas', type=float, nargs='+', default=[0.6])
+    p.add_argument('--taus', type=float, nargs='+', default=[0.7, 0.8, 0.9])
+    p.add_argument('--gammas', type=float, nargs='+', default=[0.6, 0.8])
     p.add_argument('--max-val-drop', type=float, default=1.0)
     p.add_argument('--quick', action='store_true', help='tiny smoke run (results tagged "quick", nothing shipped)')
     p.add_argument('--ship', action='store_true', help='copy the measured spec and seed-0 weights into the package')

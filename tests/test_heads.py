@@ -94,14 +94,19 @@ def test_mode2_equals_zeroing_the_head_output(models, name):
             assert torch.equal(pred[:, 0, b, h], ref.argmax(-1))
 
 
-def test_batching_does_not_change_the_result(models):
+def test_batching_and_resuming_do_not_change_the_result(models, monkeypatch):
+    from vitfree.analysis import heads
     model = models['vit']
     x = torch.randn(2, 3, 32, 32)
     t = torch.tensor([0, 6])
+    assert heads._block_inputs(model, x, [0, 1]) is not None  # masked forwards resume at the pruned block
     a = prune_heads(model, x, t, prune_batch=1)
     b = prune_heads(model, x, t, prune_batch=1000)
-    assert torch.allclose(a[0], b[0], atol=1e-6) and torch.equal(a[1], b[1])
+    monkeypatch.setattr(heads, '_block_inputs', lambda *args: None)  # every masked forward from the start
+    c = prune_heads(model, x, t, prune_batch=7)
     assert a[0].shape == (2, 6, 2, 3)
+    for other in (b, c):
+        assert torch.allclose(a[0], other[0], atol=1e-6) and torch.equal(a[1], other[1])
 
 
 def test_models_without_prefix_tokens_prune_nothing_in_modes_3_5_6():

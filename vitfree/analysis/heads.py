@@ -42,7 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hooks import attention_modules, attention_override, normalize_blocks, num_prefix_tokens
+from .hooks import (attention_modules, attention_override, capture_block_io, normalize_blocks,
+                    num_prefix_tokens)
 from .interaction import ImagesLike, _count, describe_images, eval_mode, iter_images, model_name, resolve_targets
 from .profiles import progress_bar
 
@@ -132,14 +133,12 @@ def prune_heads(
     npt = num_prefix_tokens(model)
     device = x.device
     B, M, L, Hh = x.shape[0], len(modes), len(chosen), len(heads)
-    # one row per (image, mode, block, head), in that (row-major) order
-    grid = torch.stack(torch.meshgrid(torch.arange(B), torch.arange(M), torch.arange(L), torch.arange(Hh),
-                                      indexing='ij'), -1).reshape(-1, 4).to(device)
-    row_image, row_mode = grid[:, 0], grid[:, 1]
-    row_block = torch.as_tensor(chosen, device=device)[grid[:, 2]]
-    row_head = torch.as_tensor(heads, device=device)[grid[:, 3]]
-    prob = torch.empty(grid.shape[0], device=device)
-    pred = torch.empty(grid.shape[0], dtype=torch.long, device=device)
+    prob = torch.empty(B, M, L, Hh, device=device)
+    pred = torch.empty(B, M, L, Hh, dtype=torch.long, device=device)
+    # rows of one block: every (image, mode, head), row-major
+    rows = torch.stack(torch.meshgrid(torch.arange(B), torch.arange(M), torch.arange(Hh), indexing='ij'),
+                       -1).reshape(-1, 3).to(device)
+    head_index = torch.as_tensor(heads, device=device)
     keep_cache: Dict[int, torch.Tensor] = {}
     current: Dict[str, torch.Tensor] = {}
 
@@ -148,30 +147,57 @@ def prune_heads(
             keep_cache[t] = torch.stack([pruning_keep_mask(m, t, npt, device) for m in modes])
         return keep_cache[t]
 
-    def probs_fn(block: int, probs: torch.Tensor) -> Optional[torch.Tensor]:
-        sel = (current['block'] == block).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            return None
-        hsel = current['head'][sel]
-        keep = keep_masks(probs.shape[-1]).to(probs.dtype)[current['mode'][sel]]
-        masked = probs[sel, hsel] * keep
+    def probs_fn(block: int, probs: torch.Tensor) -> torch.Tensor:
+        r = torch.arange(probs.shape[0], device=probs.device)
+        hsel = current['head']
+        masked = probs[r, hsel] * keep_masks(probs.shape[-1]).to(probs.dtype)[current['mode']]
         if renormalize:
             masked = masked / masked.sum(-1, keepdim=True).clamp_min(torch.finfo(masked.dtype).tiny)
         probs = probs.clone()
-        probs[sel, hsel] = masked
+        probs[r, hsel] = masked
         return probs
 
-    with torch.no_grad(), attention_override(model, chosen, probs_fn=probs_fn):
-        for s in range(0, grid.shape[0], prune_batch):
-            sl = slice(s, s + prune_batch)
-            current.update(block=row_block[sl], head=row_head[sl], mode=row_mode[sl])
-            logits = model(x[row_image[sl]]).float()
-            p = logits.softmax(-1)
-            prob[sl] = p.gather(1, targets[row_image[sl]].unsqueeze(1)).squeeze(1)
-            pred[sl] = logits.argmax(-1)
-            if bar is not None:
-                bar.update(int(logits.shape[0]))
-    return prob.reshape(B, M, L, Hh), pred.reshape(B, M, L, Hh)
+    with torch.no_grad():
+        inputs = _block_inputs(model, x, chosen)  # None: run every masked forward from the start
+        for li, block in enumerate(chosen):
+            with attention_override(model, [block], probs_fn=probs_fn):
+                for s in range(0, rows.shape[0], prune_batch):
+                    r = rows[s:s + prune_batch]
+                    img, mode, head = r[:, 0], r[:, 1], r[:, 2]
+                    current.update(head=head_index[head], mode=mode)
+                    if inputs is None:
+                        logits = model(x[img]).float()
+                    else:
+                        logits = _resume(model, block, inputs[block][img]).float()
+                    prob[img, mode, li, head] = logits.softmax(-1).gather(1, targets[img].unsqueeze(1)).squeeze(1)
+                    pred[img, mode, li, head] = logits.argmax(-1)
+                    if bar is not None:
+                        bar.update(int(r.shape[0]))
+    return prob, pred
+
+
+def _resume(model: nn.Module, block: int, h: torch.Tensor) -> torch.Tensor:
+    """Logits from the input ``h`` of ``model.blocks[block]`` on (timm ViT forward order)."""
+    for blk in list(model.blocks)[block:]:
+        h = blk(h)
+    return model.forward_head(model.norm(h))
+
+
+def _block_inputs(model: nn.Module, x: torch.Tensor, blocks: List[int]) -> Optional[Dict[int, torch.Tensor]]:
+    """The inputs of the chosen blocks for ``x``, when the model's output can be recomputed from a
+    block's input (checked once against the full forward); otherwise ``None``.  Pruning a head
+    of block ``l`` leaves blocks ``0..l-1`` unchanged, so their work need not be redone."""
+    if not (hasattr(model, 'norm') and hasattr(model, 'forward_head')):
+        return None
+    with capture_block_io(model, blocks) as io:
+        ref = model(x)
+    try:
+        again = _resume(model, blocks[0], io[blocks[0]]['input'])
+    except Exception:  # noqa: BLE001 - any failure just means: run from the start
+        return None
+    if again.shape != ref.shape or not torch.allclose(again, ref, rtol=1e-4, atol=1e-5):
+        return None
+    return {b: io[b]['input'] for b in blocks}
 
 
 def gate_gradients(

@@ -17,13 +17,14 @@ way uniform attention gives the same strength at every hop, so its entropy is
     prof.mean_strength        # (blocks, heads, hops) dataset mean
     prof.entropy              # (images, blocks, heads) per-image head entropies
 
-This module also holds the small helpers the other analysis modules share (batches of
-images, the model's device, target classes).
+The module also holds what the other analysis modules of this family share:
+:func:`attention_pass` (run a model over images and hand every block's attention to a
+callback), the class-token position and progress bars.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -34,20 +35,13 @@ from .interaction import ImagesLike, _count, describe_images, eval_mode, iter_im
 
 __all__ = [
     'AVERAGES', 'DistanceProfiles', 'hop_distances', 'hop_strength', 'head_entropy', 'distance_profiles',
-    'attention_pass', 'model_device', 'class_token_index', 'progress_bar',
+    'attention_pass', 'class_token_index', 'progress_bar',
 ]
 
 AVERAGES = ('pairs', 'queries')
 
 
 # ---- shared helpers -----------------------------------------------------------------------------
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameter-free model)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device('cpu')
-
-
 def class_token_index(model: nn.Module) -> Optional[int]:
     """Token index of the class token (timm puts it first), ``None`` when the model has none."""
     return 0 if getattr(model, 'cls_token', None) is not None else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -59,13 +59,15 @@ def _heat(ax, values: np.ndarray, title: str, cmap: str, vmin: float, vmax: floa
     step = max(1, math.ceil(nb / 12))
     ax.set_yticks(range(0, nb, step))
     ax.set_yticklabels([str(blocks[i]) for i in range(0, nb, step)], fontsize=6)
-    if annotate and nb * nh <= 150 and max(abs(vmin), abs(vmax)) >= 0.005:
+    if annotate and nb * nh <= 48 and max(abs(vmin), abs(vmax)) >= 0.005:
         span = max(abs(vmax - vmin), 1e-12)
+        diverging = cmap in ('RdBu_r', 'coolwarm')
         for b in range(nb):
             for h in range(nh):
                 v = values[b, h]
                 if np.isfinite(v):
-                    light = (v - vmin) / span > 0.6 if cmap not in ('RdBu_r', 'coolwarm') else abs(v - (vmin + vmax) / 2) / span > 0.3
+                    # white text on the dark ends of the colour map
+                    light = abs(v - (vmin + vmax) / 2) / span > 0.3 if diverging else (v - vmin) / span > 0.6
                     text = fmt.format(v)
                     if text.lstrip('-').strip('0.') == '':
                         text = '0'
@@ -83,7 +85,7 @@ def plot_head_importance(imp, path: PathLike, title: Optional[str] = None) -> Pa
     pdrop, adrop, gate = imp.prob_drop(), imp.accuracy_drop(), imp.gate_score()
     cols = len(modes) + (gate is not None)
     nb, nh = pdrop.shape[1:]
-    cw = max(1.5, 0.28 * nh + 0.7)
+    cw = max(1.5, min(0.22 * nh + 0.7, 2.6))
     fig, axes = plt.subplots(2, cols, figsize=(cw * cols + 1.2, 2 * max(2.0, 0.22 * nb + 1.0) + 0.8), squeeze=False,
                              layout='constrained')
     plim = max(float(np.abs(pdrop).max()), 1e-6)

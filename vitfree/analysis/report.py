@@ -246,7 +246,7 @@ def analyze(
     from .heads import MODE_NAMES, head_importance
     from .patterns import attention_patterns, pattern_descriptors
     from .profiles import distance_profiles
-    from .semantic import GROUP_NAMES, prompting, semantic_interrelation
+    from .semantic import prompting, semantic_interrelation
 
     parts = list(PARTS) if parts is None else [parts] if isinstance(parts, str) else list(parts)
     bad = [p for p in parts if p not in PARTS]
@@ -263,10 +263,7 @@ def analyze(
     else:
         x, file_names = load_images(model, images, max_images, dev)
         names = list(names) if names is not None else file_names
-    if dev is not None:
-        x = x.to(dev)
-    else:
-        x = x.to(next(iter(model.parameters())).device)
+    x = x.to(dev if dev is not None else next(iter(model.parameters())).device)
     if len(names) != len(x):
         raise ValueError(f'{len(names)} names for {len(x)} images')
     report = AnalysisReport(out, out / 'report.html', out / 'results.json')
@@ -285,7 +282,7 @@ def analyze(
     pred = probs.argmax(-1)
     top = probs.topk(min(3, probs.shape[-1]), dim=-1)
     rgb = [to_display_image(img, model) for img in x]
-    captions = ['; '.join(f'{_label(int(c), classes)} ({p:.2f})' for p, c in zip(pv.tolist(), cv.tolist()))
+    captions = ['; '.join(f'{_label(int(c), classes)} ({p:.3f})' for p, c in zip(pv.tolist(), cv.tolist()))
                 for pv, cv in zip(top.values, top.indices)]
     files['images'] = render_report.plot_images(rgb[:8], names[:8], out / 'images.png')
     results['predictions'] = {'names': names, 'top3': top.indices.tolist(), 'top3_prob': top.values.tolist()}

@@ -256,12 +256,12 @@ def block_lifts(
     ``cls_index`` is given ``cls_mass`` and ``cls_lift`` ``(B, heads, 4)``.
     """
     p = int(num_prefix_tokens)
-    a = probs[..., p:, p:].double()
+    a = probs[..., p:, p:].float()
     b_, h_, n, _ = a.shape
     if weights.shape != (b_, n) or groups.shape != (b_, n):
         raise ValueError(f'weights and groups must be (B, N) = ({b_}, {n}), got {tuple(weights.shape)} and '
                          f'{tuple(groups.shape)}')
-    a = a / a.sum(-1, keepdim=True).clamp_min(1e-300)
+    a = a / a.sum(-1, keepdim=True).clamp_min(1e-30)
     w = weights.to(a)
     m = torch.ones(n, n, dtype=a.dtype, device=a.device) if allowed is None else allowed.to(a)
     if m.dim() == 2:
@@ -271,7 +271,7 @@ def block_lifts(
     s = (a * w[:, None, None, :]).sum(-1)  # (B, heads, N)
     base = (m * w[:, None, None, :]).sum(-1) / size  # (B, 1|heads, N)
     nan = torch.tensor(float('nan'), dtype=a.dtype, device=a.device)
-    qmap = torch.where(base > 0, s / base.clamp_min(1e-300), nan)
+    qmap = torch.where(base > 0, s / base.clamp_min(1e-30), nan)
     qlift = torch.nanmean(qmap, -1)
     g = torch.nn.functional.one_hot(groups.long().to(a.device), 4).to(a)  # (B, N, 4)
     mass = a @ g[:, None]  # (B, heads, N, 4): sum_{j in b} A(i, j)
@@ -282,14 +282,14 @@ def block_lifts(
     r0 = gt @ unif / na[:, None, :, None].clamp_min(1)
     ok = (na[:, None, :, None] > 0) & (r0 > 0)
     out = {'query_lift': qlift.float(), 'query_lift_map': qmap.float(),
-           'group_lift': torch.where(ok, r / r0.clamp_min(1e-300), nan).float()}
+           'group_lift': torch.where(ok, r / r0.clamp_min(1e-30), nan).float()}
     if cls_index is not None:
-        c = probs[:, :, cls_index, p:].double()
-        c = c / c.sum(-1, keepdim=True).clamp_min(1e-300)
+        c = probs[:, :, cls_index, p:].float()
+        c = c / c.sum(-1, keepdim=True).clamp_min(1e-30)
         cm = c @ g  # (B, heads, 4)
         share = (na / n)[:, None, :]
         out['cls_mass'] = cm.float()
-        out['cls_lift'] = torch.where(share > 0, cm / share.clamp_min(1e-300), nan).float()
+        out['cls_lift'] = torch.where(share > 0, cm / share.clamp_min(1e-30), nan).float()
     return out
 
 

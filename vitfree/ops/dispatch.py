@@ -17,8 +17,9 @@ it was left out.
 
 The cost model (:class:`CostModel`) is deliberately small: a time per query-key pair (times the
 head size) for each kind of kernel, a time per token row that the tiled kernel gathers, and a
-fixed time per call.  The CPU numbers were fitted on the benchmark machine with
-``benchmarks/bench_attention.py --calibrate``; the CUDA numbers are relative guesses (see
+fixed time per call.  The CPU numbers were fitted to timings on the development machine
+(``benchmarks/bench_attention.py`` reports the backend ``auto`` picks next to the measured
+times, so a wrong crossover shows); the CUDA numbers are relative guesses (see
 :data:`COST_MODELS`).  Only the ratios matter: they decide where the crossovers lie.
 """
 from __future__ import annotations
@@ -156,7 +157,7 @@ class CostModel:
 _INF = float('inf')
 # CPU: fitted on the development machine (2-core Xeon with AVX-512 and AMX, one thread, CPU
 # time) from sweeps of grids 7..64, radius 1..7, 6..24 batch-heads, head_dim 64
-# (benchmarks/bench_attention.py --calibrate re-measures them).  CUDA: not measured (no GPU
+# (benchmarks/bench_attention.py --calibrate refits the tile-choice constants).  CUDA: not measured (no GPU
 # here); set so that the fused kernels win until the tiled kernel does several times fewer
 # pairs, since small batched matmuls reach a much smaller share of a GPU's peak than fused
 # attention kernels do, and so that xformers (cached bias, no per-call mask conversion) is

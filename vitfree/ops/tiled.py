@@ -6,14 +6,16 @@ the windows of all its patches, plus the prefix tokens.  Inside the tile a boole
 each query to its exact rectangle, so the result is the same as the dense reference; only the
 work changes, from ``T^2`` query-key pairs to ``tiles * tile_area * (P + halo_area)``.
 
-All tiles (and batch entries and heads) run as one batched matmul/softmax/matmul.  The
-forward pass keeps no attention probabilities: like flash attention, the backward pass
+All tiles and heads of a few batch entries run as one batched matmul / softmax / matmul
+(the batch is cut into chunks whose logits fit in cache; there is no Python loop over tiles).
+The forward pass keeps no attention probabilities: like flash attention, the backward pass
 recomputes them per tile from the saved log-sum-exp, so training memory stays linear too.
-Prefix-token queries see every token and take one plain SDPA call.
+Prefix-token queries see every token and take one small plain-softmax call.  Logits and
+softmax run in fp32 (fp64 for fp64 inputs) whatever the input dtype.
 
 The index tables and masks (a :class:`TilePlan`) depend only on the windows, the number of
 prefix tokens and the tile shape; they are built once with NumPy and cached on the
-:class:`~vitfree.windows.LayerWindows` per device (and per dtype for the additive mask).
+:class:`~vitfree.windows.LayerWindows` per device (and per dtype for the additive masks).
 """
 from __future__ import annotations
 
@@ -161,6 +163,15 @@ class TilePlan:
             self._cache[dtype] = b
         return b
 
+    def keep(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as 1 (inside windows) / 0 (outside) in ``dtype``, cached."""
+        key = ('keep', dtype)
+        k = self._cache.get(key)
+        if k is None:
+            k = self.allowed.to(dtype)
+            self._cache[key] = k
+        return k
+
     def to(self, device: torch.device) -> 'TilePlan':
         return TilePlan(self.grid, self.tile, self.halo, self.num_prefix_tokens, self.num_tiles,
                         self.query_index.to(device), self.grad_index.to(device), self.key_index.to(device),
@@ -274,10 +285,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-# exp() of very negative floats takes a slow path on CPU; logits more than this far below the
-# row maximum are raised to it, which gives them a weight below 2e-35 of the largest one, so
-# masked keys (-inf) still contribute nothing representable to a sum that includes the maximum
-_LOGIT_FLOOR = -80.0
+# exp() of very negative floats takes a slow path on CPU, so logits more than this far below
+# the row maximum are raised to it before exp(); the masked keys are then set to exactly zero
+# (multiplying by a 0/1 mask) so no tiny weights reach the matmuls, where subnormal numbers
+# would slow them down by orders of magnitude.  Keys inside a window lose nothing visible:
+# e^-60 < 1e-26 of the largest weight.
+_LOGIT_FLOOR = -60.0
 
 
 def _logits(qs: torch.Tensor, kt: torch.Tensor, plan: TilePlan, b: int, h: int) -> torch.Tensor:
@@ -313,6 +326,7 @@ def _forward(q, k, v, plan: TilePlan, scale: float):
     s = _logits(qs, kt, plan, b, h)
     m = s.amax(-1, keepdim=True)
     e = s.sub_(m).clamp_min_(_LOGIT_FLOOR).exp_()  # unnormalised probabilities
+    _zero_masked(e, plan, b, h)
     denom = e.sum(-1, keepdim=True)
     o = torch.bmm(e.to(v.dtype), vt)  # (b*h*nt, Qt, dv)
     o = o.div_(denom) if o.dtype == denom.dtype else (o / denom).to(v.dtype)
@@ -330,6 +344,7 @@ def _backward(q, k, v, out, lse, grad_out, plan: TilePlan, scale: float):
     kt = _rows(k).index_select(0, ik).view(b * h * nt, nk, d)
     vt = _rows(v).index_select(0, ik).view(b * h * nt, nk, dv)
     prob = _logits(qs, kt, plan, b, h).sub_(lse).clamp_min_(_LOGIT_FLOOR).exp_()  # (b*h*nt, Qt, Kt)
+    _zero_masked(prob, plan, b, h)
     acc = prob.dtype
     # grad_out and rowsum(grad_out * out) in the tile layout; padding rows stay zero
     go = grad_out.new_zeros(b * h * nt * nq, dv).index_copy_(0, io, _rows(grad_out))
@@ -347,6 +362,10 @@ def _backward(q, k, v, out, lse, grad_out, plan: TilePlan, scale: float):
     dk = k.new_zeros(b * h * t, d).index_add_(0, ik, dkt.view(-1, d)).view(b, h, t, d)
     dvv = v.new_zeros(b * h * t, dv).index_add_(0, ik, dvt.view(-1, dv)).view(b, h, t, dv)
     return dq, dk, dvv
+
+
+def _zero_masked(e: torch.Tensor, plan: TilePlan, b: int, h: int) -> None:
+    e.view(b, h, plan.num_tiles, plan.tile_queries, plan.tile_keys).mul_(plan.keep(e.dtype))
 
 
 class _TiledAttention(torch.autograd.Function):
