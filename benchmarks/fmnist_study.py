@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shutil
 import sys
@@ -314,11 +313,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--work', default=str(ROOT / 'bench-out' / 'fmnist'), help='runs, data folders, specs')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--train-per-class', type=int, default=500)
-    p.add_argument('--down-per-class', type=int, default=500)
+    p.add_argument('--train-per-class', type=int, default=400)
+    p.add_argument('--down-per-class', type=int, default=400)
     p.add_argument('--val-per-class', type=int, default=200)
-    p.add_argument('--epochs', type=int, default=8)
-    p.add_argument('--down-epochs', type=int, default=6)
+    p.add_argument('--epochs', type=int, default=6)
+    p.add_argument('--down-epochs', type=int, default=5)
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--lr', type=float, default=2e-3)
     p.add_argument('--threads', type=int, default=None)
@@ -336,7 +335,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.estimators = ['attention']
         args.work = str(Path(args.work).with_name('fmnist-quick'))
     tag = 'fmnist_quick' if args.quick else 'fmnist_study'
-    work = Path(args.work)
+    work = Path(args.work) / f'tr{args.train_per_class}_dn{args.down_per_class}_va{args.val_per_class}'
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     data = make_data(work, args)

@@ -72,7 +72,8 @@ def test_image_folder_classes_and_items(tmp_path):
      r'class folder .*train/b has no images \(it is empty\)'),
     (lambda r: (_folder(r, {'train': {'a': 2}, 'val': {'a': 1}}), (r / 'train' / 'a' / '1.png').write_bytes(b'xx')),
      r'1 unreadable image file\(s\) under .*train.*\n.*train/a/1\.png'),
-    (lambda r: _folder(r, {'train': {'a': 2}, 'val': {'a': 1, 'zebra': 1}}), r"class folders the training split does not have: \['zebra'\]"),
+    (lambda r: _folder(r, {'train': {'a': 2}, 'val': {'a': 1, 'zebra': 1}}),
+     r"class folders the training split does not have: \['zebra'\]"),
     (lambda r: r.mkdir(), r'must hold train/ and val/'),
 ])
 def test_bad_folders_give_errors_naming_the_path(tmp_path, make, match):

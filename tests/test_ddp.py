@@ -23,8 +23,8 @@ def _cfg(out, batch_size, **kw):
     # full-size steps, so the rounding differences of a 2-way all-reduce would dominate those entries.
     return FinetuneConfig(model='winft_tiny_patch16_224', data='digits', output=str(out), img_size=32,
                           model_kwargs=dict(depth=2, patch_size=8, embed_dim=48, num_heads=3, windows=SPEC),
-                          epochs=2, batch_size=batch_size, opt='sgd', lr=0.05, limit_train_batches=4, workers=0, threads=1,
-                          progress=False, seed=11, scale=(0.5, 1.0), checkpoint_every=3, **kw)
+                          epochs=2, batch_size=batch_size, opt='sgd', lr=0.05, limit_train_batches=4, workers=0,
+                          threads=1, progress=False, seed=11, scale=(0.5, 1.0), checkpoint_every=3, **kw)
 
 
 def _free_port():

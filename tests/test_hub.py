@@ -74,7 +74,8 @@ def test_winft_on_any_vit_round_trips_through_vitfree_winft(tmp_path):
 
 
 @pytest.mark.parametrize('breaks, match', [
-    (lambda w: w['blocks'].__setitem__(0, [1, 2, 3]), r'model_args\.windows: blocks\[0\]: expected \[up, down, left, right\]'),
+    (lambda w: w['blocks'].__setitem__(0, [1, 2, 3]),
+     r'model_args\.windows: blocks\[0\]: expected \[up, down, left, right\]'),
     (lambda w: w.pop('grid'), r"model_args\.windows: missing field 'grid'"),
     (lambda w: w['provenance'].__setitem__('kind', 'guessed'), r'model_args\.windows: provenance\.kind must be one of'),
 ])
@@ -140,8 +141,8 @@ def test_hub_pickle_weights_are_refused(tmp_path, fake_hub):
         timm.create_model('hf-hub:org/pickled', pretrained=True)
     assert ('org/pickled', 'pytorch_model.bin') not in fake_hub['calls']
     with pytest.raises(UnsafeWeightsError, match="refusing to load 'pytorch_model.bin' from hf-hub:org/x"):
-        hub.secure_pretrained_cfg('winft_tiny_patch16_224', {'hf_hub_id': 'org/x', 'hf_hub_filename': 'pytorch_model.bin',
-                                                             'source': 'hf-hub'})
+        hub.secure_pretrained_cfg('winft_tiny_patch16_224',
+                                  {'hf_hub_id': 'org/x', 'hf_hub_filename': 'pytorch_model.bin', 'source': 'hf-hub'})
     with pytest.raises(UnsafeWeightsError, match='refusing to load pickle weights from https://'):
         hub.secure_pretrained_cfg('winft_tiny_patch16_224', {'url': 'https://example.org/w.pth'})
     # a local pickle is fine, read with weights_only=True by timm
@@ -170,7 +171,8 @@ def test_verify_weights_and_the_shipped_weights_hook(tmp_path, monkeypatch):
     shutil.copy(save_pretrained(model, tmp_path / 'x') / 'model.safetensors', w)
 
     def build():
-        return timm.create_model('winft_tiny_patch16_224', pretrained=True, pretrained_cfg_overlay=dict(file=str(w), num_classes=5),
+        return timm.create_model('winft_tiny_patch16_224', pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(w), num_classes=5),
                                  **dict(TINY, windows=measured_spec(), num_classes=5))
 
     with pytest.raises(WeightsIntegrityError, match='shipped with vitfree but not listed'):
@@ -182,7 +184,7 @@ def test_verify_weights_and_the_shipped_weights_hook(tmp_path, monkeypatch):
     data = bytearray(w.read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in the last tensor
     w.write_bytes(bytes(data))
-    with pytest.raises(WeightsIntegrityError, match=r'has SHA-256 [0-9a-f]{64} but the manifest entry .*winft_test.demo'):
+    with pytest.raises(WeightsIntegrityError, match=r'has SHA-256 [0-9a-f]{64} but the manifest entry .*test.demo'):
         build()
     w.write_bytes(bytes(data[:-1]))
     with pytest.raises(WeightsIntegrityError, match='truncated'):
@@ -261,3 +263,15 @@ def test_push_refuses_what_it_cannot_vouch_for(tmp_path, capsys):
         prepare_push(out, 'org/name')
     assert main(['push', str(out), 'org/name']) == 2
     assert 'no model.safetensors' in capsys.readouterr().err
+
+
+def test_offline_hub_miss_is_not_reported_as_missing_file(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    def offline(*a, **kw):
+        raise LocalEntryNotFoundError('offline')
+
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', offline)
+    with pytest.raises(hub.WeightsError, match='not in the local cache and the Hub cannot be reached'):
+        hub.secure_pretrained_cfg('winft_tiny_patch16_224', 'fb_in1k')

@@ -292,21 +292,24 @@ def test_torch_compile_dynamic_size():
     ('winft_tiny_patch16_384.augreg_in21k_ft_in1k', 'vit_tiny_patch16_384',
      'timm/vit_tiny_patch16_384.augreg_in21k_ft_in1k'),
 ])
-def test_pretrained_tags_use_timm_hub_checkpoints(monkeypatch, name, vit_name, hub_id):
-    """The real pretrained path up to the network: timm asks the Hub for the timm checkpoint of the
-    same shape (here answered by a local ViT's state dict) and it loads strictly."""
-    import timm.models._builder as builder
+def test_pretrained_tags_use_timm_hub_checkpoints(monkeypatch, tmp_path, name, vit_name, hub_id):
+    """The real pretrained path up to the network: the Hub is asked for the safetensors of timm's
+    checkpoint of the same shape (answered here by a local ViT saved as safetensors) and it loads
+    strictly into the WinfT."""
+    import huggingface_hub
+    from safetensors.torch import save_file
     vit = timm.create_model(vit_name)
+    f = tmp_path / 'model.safetensors'
+    save_file(vit.state_dict(), str(f))
     asked = []
 
-    def fake_load(loc, *args, **kwargs):
-        asked.append(loc)
-        return {k: v.clone() for k, v in vit.state_dict().items()}
+    def fake_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return str(f)
 
-    monkeypatch.setattr(builder, 'has_hf_hub', lambda necessary=False: True)
-    monkeypatch.setattr(builder, 'load_state_dict_from_hf', fake_load)
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
     m = timm.create_model(name, pretrained=True)
-    assert asked == [hub_id]
+    assert asked == [(hub_id, 'model.safetensors')]
     for k, t in vit.state_dict().items():
         assert torch.equal(m.state_dict()[k], t), k
     assert m.window_spec.provenance['kind'] == 'prior'

@@ -128,3 +128,11 @@ def test_img_size_resizes_the_window_spec(tmp_path):
 def test_bad_options_are_named(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         finetune(tiny_cfg(tmp_path, **bad))
+
+
+def test_loader_workers_do_not_change_the_result(tmp_path):
+    """Augmentation is seeded per (epoch, sample): two worker processes give the single-process weights."""
+    a = finetune(tiny_cfg(tmp_path / 'a', epochs=1, limit_train_batches=3, workers=0, export=False))
+    b = finetune(tiny_cfg(tmp_path / 'b', epochs=1, limit_train_batches=3, workers=2, export=False))
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -21,6 +21,15 @@ _LAZY = {
     'Recorder': 'vitfree.analysis.recorder',
     'interaction': 'vitfree.analysis.interaction',
     'measure_erf': 'vitfree.analysis.erf',
+    'patch_removal': 'vitfree.analysis.removal',
+    'distance_profiles': 'vitfree.analysis.profiles',
+    'head_importance': 'vitfree.analysis.heads',
+    'attention_patterns': 'vitfree.analysis.patterns',
+    'semantic_interrelation': 'vitfree.analysis.semantic',
+    'keypoint_guided_masks': 'vitfree.analysis.semantic',
+    'analyze': 'vitfree.analysis.report',
+    'finetune': 'vitfree.train.finetune',
+    'save_pretrained': 'vitfree.hub',
 }
 
 

@@ -145,8 +145,9 @@ def model_card(config: Mapping[str, Any], training: Optional[Mapping[str, Any]] 
     base = config['model_args'].get('base')
     tags = card.get('tags') or ['image-classification', 'timm', 'vitfree', 'winft']
     lines = ['---', 'tags:'] + [f'- {t}' for t in tags]
-    lines += ['library_name: timm', 'pipeline_tag: image-classification', f'license: {card.get("license", "apache-2.0")}',
-              '---', f'# {card.get("name", arch + (f" ({base})" if base else ""))}', '']
+    title = card.get('name', arch + (f' ({base})' if base else ''))
+    lines += ['library_name: timm', 'pipeline_tag: image-classification',
+              f'license: {card.get("license", "apache-2.0")}', '---', f'# {title}', '']
     lines.append(card.get('description', (
         'A window-free Vision Transformer (WinfT): every patch attends only to the patches inside its own '
         'rectangular window, block by block, plus the class/register tokens. The windows are masks, not weights: '
@@ -289,8 +290,10 @@ def secure_pretrained_cfg(
     """
     from timm.models._builder import resolve_pretrained_cfg
 
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=dict(pretrained_cfg) if isinstance(pretrained_cfg, Mapping)
-                                 else pretrained_cfg, pretrained_cfg_overlay=dict(pretrained_cfg_overlay or {})).to_dict()
+    if isinstance(pretrained_cfg, Mapping):
+        pretrained_cfg = dict(pretrained_cfg)
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg,
+                                 pretrained_cfg_overlay=dict(pretrained_cfg_overlay or {})).to_dict()
     source = cfg.get('source')
     if source == 'local-dir':
         return cfg
@@ -336,11 +339,19 @@ def _download_safetensors(repo: str, filename: str, cache_dir=None) -> str:
                                  f'and load it with local-dir:PATH, or upload a model.safetensors')
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError
+    try:
+        from huggingface_hub.utils import LocalEntryNotFoundError  # offline / not cached: not a missing file
+    except ImportError:  # pragma: no cover - very old huggingface_hub
+        LocalEntryNotFoundError = ()
 
     repo_id, _, revision = repo.partition('@')
     try:
         return hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir,
                                library_name='vitfree')
+    except LocalEntryNotFoundError as e:
+        raise WeightsError(f'cannot get {filename} of hf-hub:{repo}: it is not in the local cache and the Hub '
+                           f'cannot be reached ({type(e).__name__}); go online, or load a local export with '
+                           f'local-dir:PATH') from None
     except EntryNotFoundError:
         raise UnsafeWeightsError(f'hf-hub:{repo} has no {filename}; vitfree loads weights from the Hub only as '
                                  f'safetensors and will not fall back to pytorch_model.bin or other pickles') from None
@@ -393,7 +404,8 @@ def load_manifest(path: Optional[Union[str, os.PathLike]] = None) -> Dict[str, D
 def _find_entry(entries: Mapping[str, Dict[str, Any]], path: Path, name: Optional[str], hub: Optional[str]):
     if name is not None:
         if name not in entries:
-            raise WeightsError(f'{name!r} is not in the weights manifest; listed: {", ".join(sorted(entries)) or "(none)"}')
+            listed = ', '.join(sorted(entries)) or '(none)'
+            raise WeightsError(f'{name!r} is not in the weights manifest; listed: {listed}')
         return name, entries[name]
     for key, e in entries.items():
         if hub and e.get('hf_hub_id') and f'{e["hf_hub_id"]}/{e.get("hf_hub_filename", WEIGHTS_NAME)}' == hub:
@@ -432,13 +444,14 @@ def verify_weights(
     key, entry = _find_entry(entries, path, name, hub)
     if entry is None:
         if required:
-            raise WeightsIntegrityError(f'{path} is shipped with vitfree but not listed in {manifest or manifest_path()}; '
-                                        f'add it with vitfree.hub.add_to_manifest')
+            raise WeightsIntegrityError(f'{path} is shipped with vitfree but not listed in '
+                                        f'{manifest or manifest_path()}; add it with vitfree.hub.add_to_manifest')
         return None
     size = entry.get('size')
     if size is not None and path.stat().st_size != size:
-        raise WeightsIntegrityError(f'{path} has {path.stat().st_size} bytes but the manifest entry {key!r} says {size}: '
-                                    f'the file is truncated or not the released one; delete it and download again')
+        raise WeightsIntegrityError(f'{path} has {path.stat().st_size} bytes but the manifest entry {key!r} says '
+                                    f'{size}: the file is truncated or not the released one; delete it and '
+                                    f'download again')
     digest = sha256_file(path)
     if digest != entry['sha256']:
         raise WeightsIntegrityError(f'{path} has SHA-256 {digest} but the manifest entry {key!r} expects '

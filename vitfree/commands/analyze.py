@@ -7,20 +7,12 @@ opened offline; ``DIR/results.json`` holds the numbers.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Dict
 
+from ._common import key_value, load_state_dict_file
+
 PARTS = ('erf', 'profiles', 'heads', 'patterns', 'sift', 'removal')  # same as vitfree.analysis.report.PARTS
-
-
-def _kv(text: str):
-    """``key=value`` with the value read as YAML (``depth=2``, ``img_size=64``, ``class_token=false``)."""
-    import yaml
-    if '=' not in text:
-        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
-    k, v = text.split('=', 1)
-    return k.strip(), yaml.safe_load(v)
 
 
 def add_parser(sub) -> None:
@@ -40,7 +32,7 @@ def add_parser(sub) -> None:
                    help="load the model's pretrained weights: from the Hub or its local cache, or the weights "
                         "saved in a local-dir: folder (off by default: random initialisation)")
     p.add_argument('--checkpoint', default=None, help='a .safetensors/.pth state dict to load into the model')
-    p.add_argument('--model-kwargs', nargs='*', type=_kv, default=[], metavar='KEY=VALUE',
+    p.add_argument('--model-kwargs', nargs='*', type=key_value, default=[], metavar='KEY=VALUE',
                    help='extra timm.create_model arguments, e.g. img_size=64 depth=2')
     p.add_argument('--max-images', type=int, default=32, metavar='N', help='use at most N images (default 32)')
     p.add_argument('--head-images', type=int, default=8, metavar='N',
@@ -66,20 +58,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _load_checkpoint(model, path: str) -> None:
-    import torch
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f'error: checkpoint file not found: {path!r}')
-    if p.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        sd = load_file(str(p))
-    else:
-        sd = torch.load(str(p), map_location='cpu', weights_only=True)
-        sd = sd.get('state_dict', sd.get('model', sd)) if isinstance(sd, dict) else sd
-    model.load_state_dict(sd, strict=True)
-
-
 def run(args) -> int:
     import timm
     import torch
@@ -100,7 +78,7 @@ def run(args) -> int:
     except RuntimeError as e:  # timm raises RuntimeError for unknown names
         raise SystemExit(f'error: cannot create model {args.model!r}: {e}') from None
     if args.checkpoint:
-        _load_checkpoint(model, args.checkpoint)
+        load_state_dict_file(model, args.checkpoint)
         weights = f'checkpoint {Path(args.checkpoint).resolve()}'
     elif args.pretrained:
         weights = 'pretrained (timm)'

@@ -7,18 +7,10 @@ see :mod:`vitfree.data`).
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Dict, List
 
-
-def _kv(text: str):
-    """``key=value`` with the value parsed as YAML (``depth=2``, ``img_size=64``, ``class_token=false``)."""
-    import yaml
-    if '=' not in text:
-        raise argparse.ArgumentTypeError(f'expected key=value, got {text!r}')
-    k, v = text.split('=', 1)
-    return k.strip(), yaml.safe_load(v)
+from ._common import key_value, load_state_dict_file
 
 
 def add_parser(sub) -> None:
@@ -46,7 +38,7 @@ def add_parser(sub) -> None:
                    help="load the model's pretrained weights (from the Hub cache, a local-dir: model, or a file "
                         "given as --model-kwargs 'pretrained_cfg_overlay={file: weights.safetensors}')")
     p.add_argument('--checkpoint', default=None, help='a .safetensors/.pth state dict to load into the model')
-    p.add_argument('--model-kwargs', nargs='*', type=_kv, default=[], metavar='KEY=VALUE',
+    p.add_argument('--model-kwargs', nargs='*', type=key_value, default=[], metavar='KEY=VALUE',
                    help='extra timm.create_model arguments, e.g. img_size=64 depth=2')
     p.add_argument('--split', default='train', help='split of a built-in data set (default: train)')
     p.add_argument('--batch-size', type=int, default=16, help='images per forward (default 16)')
@@ -95,8 +87,7 @@ def run(args) -> int:
     except RuntimeError as e:  # timm raises RuntimeError for unknown names
         raise SystemExit(f'error: cannot create model {args.model!r}: {e}') from None
     if args.checkpoint:
-        from .analyze import _load_checkpoint  # one loader for both commands (safetensors, or weights_only .pth)
-        _load_checkpoint(model, args.checkpoint)
+        load_state_dict_file(model, args.checkpoint)
         checkpoint = str(Path(args.checkpoint).resolve())
     elif args.pretrained:
         checkpoint = checkpoint_hint(model) or args.model

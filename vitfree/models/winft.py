@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
@@ -22,7 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from ..layers import WindowAttention
-from ..windows import WindowSpec, WindowSpecError, resolve_spec, to_grid
+from ..windows import WindowSpec, WindowSpecError, resolve_spec
 
 __all__ = ['WinfT', 'create_winft']
 
@@ -225,6 +225,8 @@ def winft_micro_patch2_28(pretrained: bool = False, **kwargs) -> WinfT:
 @register_model
 def vit_micro_patch2_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The plain ViT baseline of the same shape as ``winft_micro_patch2_28`` (defined by vitfree)."""
+    from ..hub import prepare_factory_kwargs  # shipped weights: sha256-checked against weights/manifest.json
+    kwargs = prepare_factory_kwargs('vit_micro_patch2_28', pretrained, kwargs)
     return build_model_with_cfg(VisionTransformer, 'vit_micro_patch2_28', pretrained,
                                 pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter'),

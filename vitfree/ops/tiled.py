@@ -410,8 +410,9 @@ def _tiled_with_dropout(q, k, v, plan: TilePlan, scale: float, dropout_p: float)
     qs = _rows(q).index_select(0, iq).view(b * h * nt, nq, d) * scale
     kt = _rows(k).index_select(0, ik).view(b * h * nt, nk, d)
     vt = _rows(v).index_select(0, ik).view(b * h * nt, nk, dv)
-    s = torch.bmm(qs, kt.transpose(1, 2)).float()
-    s = (s.view(b, h, nt, nq, nk) + plan.bias(torch.float32)).view(b * h * nt, nq, nk)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.bmm(qs, kt.transpose(1, 2)).to(acc)
+    s = (s.view(b, h, nt, nq, nk) + plan.bias(acc)).view(b * h * nt, nq, nk)
     prob = F.dropout(s.softmax(-1), p=dropout_p).to(v.dtype)
     o = torch.bmm(prob, vt)
     return o.view(-1, dv).index_select(0, io).view(b, h, -1, dv)

@@ -229,7 +229,8 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
         raise CheckpointError(f'{ipath} is not a vitfree checkpoint index (format {index.get("format")!r} '
                               f'if a dict), expected {CKPT_FORMAT!r}')
     if index.get('version') != CKPT_VERSION:
-        raise CheckpointError(f'{ipath}: checkpoint version {index.get("version")!r}; this vitfree reads {CKPT_VERSION}')
+        raise CheckpointError(f'{ipath}: checkpoint version {index.get("version")!r}; '
+                              f'this vitfree reads {CKPT_VERSION}')
     meta = index.get('tensors') or {}
     if not tpath.is_file():
         raise CheckpointError(f'checkpoint {path} is incomplete: {TENSORS_FILE} is missing')
@@ -248,7 +249,8 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
     try:
         return decode_state(index['state'], tensors)
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f'checkpoint {path}: index does not match its tensors ({type(e).__name__}: {e})') from None
+        raise CheckpointError(f'checkpoint {path}: index does not match its tensors '
+                              f'({type(e).__name__}: {e})') from None
 
 
 # ---- a folder of checkpoints --------------------------------------------------------------------

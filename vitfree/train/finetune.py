@@ -499,8 +499,8 @@ def _run(cfg: FinetuneConfig, ds: DistState, on_step: Optional[Callable[[int], N
         history.append(record)
         metrics_log.write(event='val', **record)
         if ds.is_main:
-            msg = (f'epoch {epoch + 1}/{cfg.epochs}: train loss {record["train_loss"]:.4f}, val loss {val["loss"]:.4f}, '
-                   f'top-1 {val["top1"]:.2f}%, top-5 {val["top5"]:.2f}%')
+            msg = (f'epoch {epoch + 1}/{cfg.epochs}: train loss {record["train_loss"]:.4f}, '
+                   f'val loss {val["loss"]:.4f}, top-1 {val["top1"]:.2f}%, top-5 {val["top5"]:.2f}%')
             if ema is not None:
                 msg += f', EMA top-1 {record["ema_top1"]:.2f}%'
             (tqdm.write if cfg.progress else _logger.info)(msg)
