@@ -3,7 +3,8 @@
   sdpa       F.scaled_dot_product_attention without a mask (what timm's ViT runs; all pairs)
   sdpa_mask  SDPA with the dense boolean window mask (vitfree's ``dense`` backend)
   tiled      vitfree's ``tiled`` backend
-  natten     NATTEN's ``na2d`` with kernel_size 7 (optional: ``pip install 'vitfree[bench]'``)
+  natten     NATTEN's ``na2d`` with kernel_size 7 (optional: ``pip install 'vitfree[bench]'``;
+             timed in its own rounds, since it is 10-100x slower and flushes the caches)
   auto       what vitfree's dispatcher picks (for checking its cost model)
 
 at N = 196, 784, 2304, 4096 patches (grids 14, 28, 48, 64), ViT-S heads (6 x 64), batch 1, no
@@ -114,7 +115,12 @@ def run(args) -> dict:
             calls = {m: make_call(m, g, backward) for m in here}
             reps = args.reps if g < 48 or not backward else max(2, args.reps - 1)
             t0 = time.perf_counter()
+            # NATTEN streams gigabytes through the caches; timed in its own rounds so it does
+            # not slow whichever method would follow it in the round-robin
+            slow = {m: calls.pop(m) for m in ('natten',) if m in calls}
             times = interleaved(calls, reps=reps, warmup=1)
+            if slow:
+                times.update(interleaved(slow, reps=max(2, reps - 2), warmup=1))
             row = {'N': g * g, 'grid': g, 'mode': mode, 'auto_picks': picked,
                    'time_s': {m: times[m]['median'] if m in here else None for m in methods},
                    'time_min_s': {m: times[m]['min'] if m in here else None for m in methods}}

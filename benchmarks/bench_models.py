@@ -133,8 +133,8 @@ def bench_size(base: str, img: int, reps: int, threads: int, memory: bool, peak:
         if memory and row['train_peak_mb'].get(v) and row['train_peak_mb'].get('vit'):
             row[f'{v}_train_memory_ratio'] = row['train_peak_mb'][v] / row['train_peak_mb']['vit']
     row['wall_s'] = time.perf_counter() - t0
-    print(json.dumps({k: v for k, v in row.items() if 'speedup' in k or 'ratio' in k or k in ('model', 'img_size', 'dtype')}),
-          flush=True)
+    keys = ('model', 'img_size', 'dtype')
+    print(json.dumps({k: v for k, v in row.items() if 'speedup' in k or 'ratio' in k or k in keys}), flush=True)
     return row
 
 
@@ -160,7 +160,8 @@ def to_markdown(res: dict) -> str:
         '# Whole model: timm ViT vs WinfT',
         '',
         f'{m["cpu"]}, {m["cores"]} cores, torch {m["torch"]}, {m["threads"]} thread(s) '
-        f'({"CPU-time clock" if m["threads"] == 1 else "wall clock"}); load average at start {m["load_avg_1_5_15"]}, '
+        f'({"CPU-time clock" if m["threads"] == 1 else "wall clock"}); '
+        f'load average at start {m["load_avg_1_5_15"]}, '
         f'at end {m.get("load_avg_end")}: the machine was shared with other jobs, so models ran interleaved and '
         f'medians of {res["reps"]} rounds are shown. Matmul peak with these threads: {pk["float32"]:.0f} GFLOP/s fp32, '
         f'{pk["bfloat16"]:.0f} GFLOP/s bf16. uniform7 = 7x7 window in every block; shipped = `{res["shipped_spec"]}` '
@@ -185,8 +186,8 @@ def to_markdown(res: dict) -> str:
             + f'{",".join(r["backends"]["winft_uniform7"])}; {",".join(r["backends"]["winft_shipped"])} |')
     if res['bf16_rows']:
         out += ['', '## bf16 autocast (CPU)', '',
-                '| model | px | batch | ViT img/s | uniform7 img/s | shipped img/s | uniform7 vs ViT | shipped vs ViT | '
-                'train: uniform7 vs ViT | % bf16 peak ViT / u7 / shipped |',
+                '| model | px | batch | ViT img/s | uniform7 img/s | shipped img/s | uniform7 vs ViT | '
+                'shipped vs ViT | train: uniform7 vs ViT | % bf16 peak ViT / u7 / shipped |',
                 '|' + '---|' * 10]
         for r in res['bf16_rows']:
             ii, frac = r['infer_img_s'], r['infer_peak_fraction']

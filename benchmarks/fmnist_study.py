@@ -102,13 +102,13 @@ def make_data(work: Path, args) -> Dict[str, Path]:
     all10 = list(range(10))
     folders['all10'] = write_folder(work / 'data' / 'all10', {
         'train': pick(tr, args.train_per_class, all10), 'val': pick(va, args.val_per_class, all10),
-        'test': pick(te, 10 ** 6, all10)}, all10)
+        'test': pick(te, args.test_per_class, all10)}, all10)
     folders['up6'] = write_folder(work / 'data' / 'up6', {
         'train': pick(tr, args.train_per_class, UP), 'val': pick(va, args.val_per_class, UP),
-        'test': pick(te, 10 ** 6, UP)}, UP)
+        'test': pick(te, args.test_per_class, UP)}, UP)
     folders['down4'] = write_folder(work / 'data' / 'down4', {
         'train': pick(tr, args.down_per_class, DOWN), 'val': pick(va, args.val_per_class, DOWN),
-        'test': pick(te, 10 ** 6, DOWN)}, DOWN)
+        'test': pick(te, args.test_per_class, DOWN)}, DOWN)
     return folders
 
 
@@ -313,29 +313,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--work', default=str(ROOT / 'bench-out' / 'fmnist'), help='runs, data folders, specs')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--train-per-class', type=int, default=400)
-    p.add_argument('--down-per-class', type=int, default=400)
+    p.add_argument('--train-per-class', type=int, default=800)
+    p.add_argument('--down-per-class', type=int, default=800)
     p.add_argument('--val-per-class', type=int, default=200)
-    p.add_argument('--epochs', type=int, default=6)
-    p.add_argument('--down-epochs', type=int, default=5)
+    p.add_argument('--test-per-class', type=int, default=1000, help='1000 = the full test split')
+    p.add_argument('--epochs', type=int, default=5)
+    p.add_argument('--down-epochs', type=int, default=4)
     p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--lr', type=float, default=2e-3)
+    p.add_argument('--lr', type=float, default=1.5e-3)
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--erf-images', type=int, default=200)
     p.add_argument('--estimators', nargs='+', default=['attention', 'attribution'])
     p.add_argument('--taus', type=float, nargs='+', default=[0.7, 0.8, 0.9])
     p.add_argument('--gammas', type=float, nargs='+', default=[0.6, 0.8])
     p.add_argument('--max-val-drop', type=float, default=1.0)
+    p.add_argument('--part', choices=['all', 'all10', 'down'], default='all',
+                   help='run only the 10-class arms (a-c) or only the downstream arms (d), e.g. in two processes '
+                        'at once; a final run with --part all (everything cached) writes the results')
     p.add_argument('--quick', action='store_true', help='tiny smoke run (results tagged "quick", nothing shipped)')
     p.add_argument('--ship', action='store_true', help='copy the measured spec and seed-0 weights into the package')
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.train_per_class, args.down_per_class, args.val_per_class = [0, 1], 30, 30, 10
         args.epochs, args.down_epochs, args.erf_images, args.taus = 1, 1, 20, [0.9]
+        args.test_per_class, args.gammas = 20, [0.6]
         args.estimators = ['attention']
         args.work = str(Path(args.work).with_name('fmnist-quick'))
     tag = 'fmnist_quick' if args.quick else 'fmnist_study'
-    work = Path(args.work) / f'tr{args.train_per_class}_dn{args.down_per_class}_va{args.val_per_class}'
+    work = Path(args.work) / (f'tr{args.train_per_class}_dn{args.down_per_class}_va{args.val_per_class}'
+                              f'_te{args.test_per_class}_ep{args.epochs}-{args.down_epochs}_lr{args.lr}')
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     data = make_data(work, args)
@@ -343,29 +349,45 @@ def main(argv: Optional[List[str]] = None) -> int:
     classes10 = CLASS_DIRS
     classes6 = [CLASS_DIRS[c] for c in UP]
 
-    # a. ViT baseline
-    vit = [run_training('vit', work, data['all10'], glob, s, args) for s in args.seeds]
-    # b. measure on the seed-0 ViT, select on validation
-    sel = measure_and_select(work, 'all10', Path(vit[0]['export']), data['all10'], classes10, args)
-    measured = Path(sel['chosen_path'])
+    # Seeds in the outer loop, so that an interrupted study already has every arm for the first seeds;
+    # results are rewritten after each seed.
+    vit, win, uni, up, down_vit, down_win = [], [], [], [], [], []
+    sel = sel6 = None
     uni_path = work / 'specs' / 'all10_uniform_like.yaml'
-    if not uni_path.is_file():
-        uniform_like(WindowSpec.load(measured)).save(uni_path)
-    # c. WinfT measured and uniform, same budget
-    win = [run_training('winft_measured', work, data['all10'], measured, s, args) for s in args.seeds]
-    uni = [run_training('winft_uniform', work, data['all10'], uni_path, s, args) for s in args.seeds]
-    # d. downstream: upstream ViT on six classes, spec measured on it, fine-tune on the four confusable ones
-    up = [run_training('up6_vit', work, data['up6'], glob, s, args) for s in args.seeds]
-    sel6 = measure_and_select(work, 'up6', Path(up[0]['export']), data['up6'], classes6, args)
-    measured6 = Path(sel6['chosen_path'])
-    down_vit, down_win = [], []
-    for s, u in zip(args.seeds, up):
-        src = f'local-dir:{u["export"]}'
-        down_vit.append(run_training('down4_vit', work, data['down4'], glob, s, args, model=src, pretrained=True,
-                                     epochs=args.down_epochs))
-        down_win.append(run_training('down4_winft', work, data['down4'], measured6, s, args, model=src,
-                                     pretrained=True, epochs=args.down_epochs))
+    for seed in args.seeds:
+        if args.part in ('all', 'all10'):
+            # a. ViT baseline
+            vit.append(run_training('vit', work, data['all10'], glob, seed, args))
+            # b. measure on the first seed's ViT, select on validation
+            if sel is None:
+                sel = measure_and_select(work, 'all10', Path(vit[0]['export']), data['all10'], classes10, args)
+                if not uni_path.is_file():
+                    uniform_like(WindowSpec.load(sel['chosen_path'])).save(uni_path)
+            # c. WinfT measured and uniform, same budget
+            win.append(run_training('winft_measured', work, data['all10'], Path(sel['chosen_path']), seed, args))
+            uni.append(run_training('winft_uniform', work, data['all10'], uni_path, seed, args))
+        if args.part in ('all', 'down'):
+            # d. downstream: upstream ViT on six classes, spec measured on it, fine-tune on the four
+            # confusable ones
+            up.append(run_training('up6_vit', work, data['up6'], glob, seed, args))
+            if sel6 is None:
+                sel6 = measure_and_select(work, 'up6', Path(up[0]['export']), data['up6'], classes6, args)
+            src = f'local-dir:{up[-1]["export"]}'
+            down_vit.append(run_training('down4_vit', work, data['down4'], glob, seed, args, model=src,
+                                         pretrained=True, epochs=args.down_epochs))
+            down_win.append(run_training('down4_winft', work, data['down4'], Path(sel6['chosen_path']), seed, args,
+                                         model=src, pretrained=True, epochs=args.down_epochs))
+        if args.part == 'all':
+            report(args, argv, sel, sel6, uni_path, vit, win, uni, up, down_vit, down_win, t_start, tag)
+    if args.part != 'all':
+        return 0
+    if args.ship and not args.quick:
+        ship(work, sel, vit[0], win[0])
+    return 0
 
+
+def report(args, argv, sel, sel6, uni_path, vit, win, uni, up, down_vit, down_win, t_start, tag) -> None:
+    measured6 = Path(sel6['chosen_path'])
     arms = {
         'ViT (all global)': (vit, 'global'),
         'WinfT measured': (win, Path(sel['chosen_path']).stem),
@@ -387,10 +409,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         'wall_s_this_invocation': time.perf_counter() - t_start,
     }
     write_results(ROOT / 'benchmarks' / 'results', results, tag)
-    log(f'wrote benchmarks/results/{tag}.json and .md')
-    if args.ship and not args.quick:
-        ship(work, sel, vit[0], win[0])
-    return 0
+    log(f'wrote benchmarks/results/{tag}.json and .md ({len(vit)} seed(s) so far)')
 
 
 if __name__ == '__main__':

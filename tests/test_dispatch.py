@@ -2,7 +2,6 @@
 model's crossovers, and that the chosen backend is visible afterwards."""
 import numpy as np
 import pytest
-import timm
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

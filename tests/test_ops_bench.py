@@ -1,7 +1,6 @@
 """The measuring helpers behind ``vitfree bench`` and benchmarks/ (behaviour only, no timings)."""
 import json
 
-import pytest
 import torch
 
 from vitfree.cli import main

@@ -157,12 +157,19 @@ def test_strided_inputs_like_timm():
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_batch_chunks_match(monkeypatch):
+@pytest.mark.parametrize('per_head,budget', [(False, 500), (True, 500), (True, 5000), (False, 20000)])
+def test_chunks_match(monkeypatch, per_head, budget):
+    """Chunks over the batch and the heads (small logit budgets) give the same result."""
     import vitfree.ops.tiled as tiled
-    monkeypatch.setattr(tiled, '_CHUNK_ELEMS', 500)  # many small chunks
-    windows = LayerWindows(np.random.default_rng(2).integers(0, 3, size=(7, 6, 4)), (7, 6))
-    assert len(tiled._chunks(plan_tiles(windows, 1), 5, 2)) > 1
-    _compare(windows, 1, b=5, heads=2)
+    monkeypatch.setattr(tiled, '_CHUNK_ELEMS', budget)
+    shape = ((3,) if per_head else ()) + (7, 6, 4)
+    windows = LayerWindows(np.random.default_rng(2).integers(0, 3, size=shape), (7, 6))
+    chunks = tiled._chunks(plan_tiles(windows, 1), 5, 3)
+    covered = sorted((b, h) for bs, hs in chunks for b in range(5)[bs] for h in range(3)[hs])
+    assert covered == [(b, h) for b in range(5) for h in range(3)]
+    if budget == 500:
+        assert len(chunks) == 15  # one (image, head) per chunk
+    _compare(windows, 1, b=5, heads=3)
 
 
 def test_dropout_runs_and_backpropagates():

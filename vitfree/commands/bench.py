@@ -23,7 +23,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 __all__ = [
     'set_threads', 'clock', 'interleaved', 'peak_memory', 'matmul_peak', 'count_flops', 'machine_info',

@@ -64,10 +64,15 @@ class WinfT(VisionTransformer):
         spec.check_compatible(len(self.blocks), grid, num_heads)
         self._window_spec = spec
         self.attn_backend = attn_backend
+        shared: Dict[Any, Any] = {}  # blocks with identical windows share one LayerWindows (and its caches)
         for i, blk in enumerate(self.blocks):
             if not isinstance(blk.attn, WindowAttention):
                 raise TypeError(f'blocks[{i}].attn is {type(blk.attn).__name__}, not WindowAttention')
-            blk.attn.set_windows(spec.layer(i), num_prefix_tokens=self.num_prefix_tokens)
+            ext = spec.blocks[i]
+            key = None if ext is None else (ext.shape, ext.tobytes())
+            if key not in shared:
+                shared[key] = spec.layer(i)
+            blk.attn.set_windows(shared[key], num_prefix_tokens=self.num_prefix_tokens)
             blk.attn.backend = attn_backend
         # keep a serialisable form for timm's config export (hub)
         self._model_args = dict(getattr(self, '_model_args', {}), windows=spec.to_dict())

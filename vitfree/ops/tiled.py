@@ -19,8 +19,9 @@ prefix tokens and the tile shape; they are built once with NumPy and cached on t
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -163,14 +164,14 @@ class TilePlan:
             self._cache[dtype] = b
         return b
 
-    def keep(self, dtype: torch.dtype) -> torch.Tensor:
-        """The mask as 1 (inside windows) / 0 (outside) in ``dtype``, cached."""
-        key = ('keep', dtype)
-        k = self._cache.get(key)
-        if k is None:
-            k = self.allowed.to(dtype)
-            self._cache[key] = k
-        return k
+    @property
+    def outside(self) -> torch.Tensor:
+        """``~allowed``, cached."""
+        m = self._cache.get('outside')
+        if m is None:
+            m = ~self.allowed
+            self._cache['outside'] = m
+        return m
 
     def to(self, device: torch.device) -> 'TilePlan':
         return TilePlan(self.grid, self.tile, self.halo, self.num_prefix_tokens, self.num_tiles,
@@ -239,11 +240,29 @@ def plan_tiles(windows: LayerWindows, num_prefix_tokens: int = 0, tile: Optional
             raise ValueError(f'tile must be two positive ints (rows, cols), got {tile!r}')
         tile = (min(tile[0], windows.grid[0]), min(tile[1], windows.grid[1]))
     dev = torch.device(device) if device is not None else torch.device('cpu')
-    cpu = windows.cached(('tiled.plan', num_prefix_tokens, tile, 'cpu'),
-                         lambda: _build_plan(windows, num_prefix_tokens, tile))
-    if dev.type == 'cpu':
-        return cpu
-    return windows.cached(('tiled.plan', num_prefix_tokens, tile, str(dev)), lambda: cpu.to(dev))
+    return windows.cached(('tiled.plan', num_prefix_tokens, tile, str(dev)),
+                          lambda: _shared_plan(windows, num_prefix_tokens, tile, dev))
+
+
+# plans are shared between blocks with identical windows (a uniform spec has one plan, not one
+# per block); a small FIFO keeps the most recent ones
+_PLANS: Dict[Any, TilePlan] = {}
+_MAX_PLANS = 48
+
+
+def _shared_plan(windows: LayerWindows, num_prefix_tokens: int, tile: Tile, device: torch.device) -> TilePlan:
+    digest = hashlib.blake2b(windows.extents.tobytes(), digest_size=16).hexdigest()
+    key = (digest, windows.extents.shape, num_prefix_tokens, tile, str(device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if device.type == 'cpu':
+            plan = _build_plan(windows, num_prefix_tokens, tile)
+        else:
+            plan = _shared_plan(windows, num_prefix_tokens, tile, torch.device('cpu')).to(device)
+        while len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+    return plan
 
 
 def tiled_cost(windows: LayerWindows, num_prefix_tokens: int = 0) -> Tuple[float, float, float]:
@@ -287,35 +306,35 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 # exp() of very negative floats takes a slow path on CPU, so logits more than this far below
 # the row maximum are raised to it before exp(); the masked keys are then set to exactly zero
-# (multiplying by a 0/1 mask) so no tiny weights reach the matmuls, where subnormal numbers
+# (a masked fill) so no tiny weights reach the matmuls, where subnormal numbers
 # would slow them down by orders of magnitude.  Keys inside a window lose nothing visible:
 # e^-60 < 1e-26 of the largest weight.
 _LOGIT_FLOOR = -60.0
 
-
-def _logits(qs: torch.Tensor, kt: torch.Tensor, plan: TilePlan, b: int, h: int) -> torch.Tensor:
-    """Masked logits of scaled query tiles in fp32 (fp64 for fp64): ``(B*heads*nt, Qt, Kt)``."""
-    s = torch.bmm(qs, kt.transpose(1, 2))
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    if s.dtype != acc:
-        s = s.to(acc)
-    s.view(b, h, plan.num_tiles, plan.tile_queries, plan.tile_keys).add_(plan.bias(acc))
-    return s
+# batch entries (and heads) per chunk are chosen so one chunk's logits stay near this many
+# elements: small enough to stay in cache between the matmul, the softmax and the second
+# matmul, and to bound the backward pass's scratch memory
+_CHUNK_ELEMS = 1 << 18
 
 
-# batch entries per chunk are chosen so one chunk's logits stay near this many elements: small
-# enough to stay in cache between the matmul, the softmax and the second matmul
-_CHUNK_ELEMS = 1 << 20
+def _chunks(plan: TilePlan, b: int, h: int) -> List[Tuple[slice, slice]]:
+    """(batch slice, head slice) pieces covering ``b x h``, each near ``_CHUNK_ELEMS`` logits."""
+    per_head = plan.num_tiles * plan.tile_queries * plan.tile_keys
+    hc = min(h, max(1, _CHUNK_ELEMS // max(per_head, 1)))
+    bc = max(1, _CHUNK_ELEMS // max(per_head * h, 1)) if hc == h else 1
+    return [(slice(i, min(i + bc, b)), slice(j, min(j + hc, h))) for i in range(0, b, bc) for j in range(0, h, hc)]
 
 
-def _chunks(plan: TilePlan, b: int, h: int):
-    per_item = h * plan.num_tiles * plan.tile_queries * plan.tile_keys
-    step = max(1, _CHUNK_ELEMS // max(per_item, 1))
-    return [(i, min(i + step, b)) for i in range(0, b, step)]
+def _masks(plan: TilePlan, acc: torch.dtype, heads: slice):
+    """The additive bias and the outside-window mask for the heads of a chunk."""
+    bias, outside = plan.bias(acc), plan.outside
+    if bias.dim() == 4:  # per-head windows
+        bias, outside = bias[heads], outside[heads]
+    return bias, outside
 
 
-def _forward(q, k, v, plan: TilePlan, scale: float):
-    """One batch chunk: patch outputs ``(b, h, N, dv)`` and the log-sum-exp per tile row."""
+def _forward(q, k, v, plan: TilePlan, scale: float, heads: slice):
+    """One chunk: patch outputs ``(b, h, N, dv)`` and the log-sum-exp of every tile row."""
     b, h, t, d = q.shape
     dv = v.shape[-1]
     nt, nq, nk = plan.num_tiles, plan.tile_queries, plan.tile_keys
@@ -323,10 +342,15 @@ def _forward(q, k, v, plan: TilePlan, scale: float):
     qs = _rows(q).index_select(0, iq).view(b * h * nt, nq, d).mul_(scale)
     kt = _rows(k).index_select(0, ik).view(b * h * nt, nk, d)
     vt = _rows(v).index_select(0, ik).view(b * h * nt, nk, dv)
-    s = _logits(qs, kt, plan, b, h)
+    s = torch.bmm(qs, kt.transpose(1, 2))
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    s = s.to(acc)
+    bias, outside = _masks(plan, acc, heads)
+    s5 = s.view(b, h, nt, nq, nk)
+    s5.add_(bias)
     m = s.amax(-1, keepdim=True)
     e = s.sub_(m).clamp_min_(_LOGIT_FLOOR).exp_()  # unnormalised probabilities
-    _zero_masked(e, plan, b, h)
+    s5.masked_fill_(outside, 0.0)
     denom = e.sum(-1, keepdim=True)
     o = torch.bmm(e.to(v.dtype), vt)  # (b*h*nt, Qt, dv)
     o = o.div_(denom) if o.dtype == denom.dtype else (o / denom).to(v.dtype)
@@ -334,8 +358,8 @@ def _forward(q, k, v, plan: TilePlan, scale: float):
     return out, m.add_(denom.log_())
 
 
-def _backward(q, k, v, out, lse, grad_out, plan: TilePlan, scale: float):
-    """One batch chunk of the backward pass: ``dq, dk, dv`` with the shapes of q, k, v."""
+def _backward(q, k, v, out, lse, grad_out, plan: TilePlan, scale: float, heads: slice):
+    """One chunk of the backward pass: ``dq, dk, dv`` with the shapes of q, k, v."""
     b, h, t, d = q.shape
     dv = v.shape[-1]
     nt, nq, nk, p = plan.num_tiles, plan.tile_queries, plan.tile_keys, plan.num_prefix_tokens
@@ -343,9 +367,14 @@ def _backward(q, k, v, out, lse, grad_out, plan: TilePlan, scale: float):
     qs = _rows(q).index_select(0, iq).view(b * h * nt, nq, d).mul_(scale)
     kt = _rows(k).index_select(0, ik).view(b * h * nt, nk, d)
     vt = _rows(v).index_select(0, ik).view(b * h * nt, nk, dv)
-    prob = _logits(qs, kt, plan, b, h).sub_(lse).clamp_min_(_LOGIT_FLOOR).exp_()  # (b*h*nt, Qt, Kt)
-    _zero_masked(prob, plan, b, h)
-    acc = prob.dtype
+    prob = torch.bmm(qs, kt.transpose(1, 2))
+    acc = torch.float64 if prob.dtype == torch.float64 else torch.float32
+    prob = prob.to(acc)
+    bias, outside = _masks(plan, acc, heads)
+    p5 = prob.view(b, h, nt, nq, nk)
+    p5.add_(bias)
+    prob.sub_(lse).clamp_min_(_LOGIT_FLOOR).exp_()
+    p5.masked_fill_(outside, 0.0)  # (b*h*nt, Qt, Kt), exact zeros outside the windows
     # grad_out and rowsum(grad_out * out) in the tile layout; padding rows stay zero
     go = grad_out.new_zeros(b * h * nt * nq, dv).index_copy_(0, io, _rows(grad_out))
     delta = (grad_out.to(acc) * out.to(acc)).sum(-1).reshape(-1)
@@ -364,40 +393,41 @@ def _backward(q, k, v, out, lse, grad_out, plan: TilePlan, scale: float):
     return dq, dk, dvv
 
 
-def _zero_masked(e: torch.Tensor, plan: TilePlan, b: int, h: int) -> None:
-    e.view(b, h, plan.num_tiles, plan.tile_queries, plan.tile_keys).mul_(plan.keep(e.dtype))
-
-
 class _TiledAttention(torch.autograd.Function):
     """Patch-query rows of windowed attention; returns ``(B, heads, N, dv)``.
 
-    Runs in batch chunks sized to stay in cache.  The backward pass recomputes the
+    Runs in (batch, head) chunks sized to stay in cache.  The backward pass recomputes the
     probabilities tile by tile from the saved log-sum-exp instead of storing them."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan: TilePlan, scale: float):
-        chunks = _chunks(plan, q.shape[0], q.shape[1])
+        b, h = q.shape[:2]
+        chunks = _chunks(plan, b, h)
         if len(chunks) == 1:
-            out, lse = _forward(q, k, v, plan, scale)
+            out, lse = _forward(q, k, v, plan, scale, slice(None))
+            lses = [lse]
         else:
-            parts = [_forward(q[i:j], k[i:j], v[i:j], plan, scale) for i, j in chunks]
-            out = torch.cat([o for o, _ in parts])
-            lse = [l for _, l in parts]
-        ctx.save_for_backward(q, k, v, out, *(lse if isinstance(lse, list) else [lse]))
+            out = v.new_empty(b, h, plan.grid[0] * plan.grid[1], v.shape[-1])
+            lses = []
+            for bs, hs in chunks:
+                out[bs, hs], lse = _forward(q[bs, hs], k[bs, hs], v[bs, hs], plan, scale, hs)
+                lses.append(lse)
+        ctx.save_for_backward(q, k, v, out, *lses)
         ctx.plan, ctx.scale, ctx.chunks = plan, scale, chunks
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, *lse = ctx.saved_tensors
+        q, k, v, out, *lses = ctx.saved_tensors
         plan, scale, chunks = ctx.plan, ctx.scale, ctx.chunks
         if len(chunks) == 1:
-            dq, dk, dv = _backward(q, k, v, out, lse[0], grad_out, plan, scale)
+            dq, dk, dv = _backward(q, k, v, out, lses[0], grad_out, plan, scale, slice(None))
         else:
-            parts = [_backward(q[i:j], k[i:j], v[i:j], out[i:j], l, grad_out[i:j], plan, scale)
-                     for (i, j), l in zip(chunks, lse)]
-            dq, dk, dv = (torch.cat(g) for g in zip(*parts))
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            for (bs, hs), lse in zip(chunks, lses):
+                dq[bs, hs], dk[bs, hs], dv[bs, hs] = _backward(
+                    q[bs, hs], k[bs, hs], v[bs, hs], out[bs, hs], lse, grad_out[bs, hs], plan, scale, hs)
         return dq, dk, dv, None, None
 
 
@@ -462,15 +492,7 @@ def tiled_window_attention(
             patches = _TiledAttention.apply(q, k, v, plan, scale)
     if p == 0:
         return patches
-    return torch.cat([_prefix_attention(q[:, :, :p], k, v, scale, dropout_p), patches], dim=2)
-
-
-def _prefix_attention(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      dropout_p: float) -> torch.Tensor:
-    """Prefix-token queries attend to every token: a few rows, so a plain softmax beats a fused
-    kernel's setup cost."""
-    s = torch.matmul(qp * scale, k.transpose(-1, -2))
-    prob = s.softmax(-1, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
-    if dropout_p > 0.0:
-        prob = F.dropout(prob, p=dropout_p)
-    return torch.matmul(prob.to(v.dtype), v)
+    # prefix queries see every token: a few rows of plain SDPA (which keeps views, not copies,
+    # of the strided k and v for its backward pass)
+    prefix = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p, scale=scale)
+    return torch.cat([prefix, patches], dim=2)

@@ -1,0 +1,66 @@
+"""The checkpoints and measured spec this project trained (benchmarks/fmnist_study.py) and ships."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import vitfree
+from vitfree.hub import load_manifest, verify_weights
+from vitfree.windows import get_spec
+
+DATA = Path(__file__).parent / 'data' / 'fashion_mnist_test_first1000.npz'
+SHIPPED = ['vit_micro_patch2_28.fmnist', 'winft_micro_patch2_28.fmnist']
+
+
+def _accuracy(model, images: np.ndarray, labels: np.ndarray) -> float:
+    from vitfree.demo import grey_to_model_input
+    with torch.inference_mode():
+        pred = torch.cat([model(grey_to_model_input(images[i:i + 250], model)).argmax(-1)
+                          for i in range(0, len(images), 250)])
+    return float((pred.numpy() == labels).mean() * 100)
+
+
+@pytest.mark.parametrize('name', SHIPPED)
+def test_shipped_weights_reproduce_recorded_accuracy(name):
+    entry = load_manifest()[name]
+    model = timm.create_model(name, pretrained=True).eval()  # offline: weights/ through timm's file path
+    with np.load(DATA) as d:
+        acc = _accuracy(model, d['images'], d['labels'].astype(np.int64))
+    assert abs(acc - entry['test_top1_first1000']) <= 0.5, (acc, entry)
+    assert acc > 60.0  # a trained model, not chance (10 %)
+
+
+def test_shipped_files_are_checked_against_the_manifest(tmp_path):
+    entries = load_manifest()
+    for name in SHIPPED:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert verify_weights(cfg.file, required=True) == name
+    # a corrupted copy of a shipped file is refused with a clear message
+    src = Path(timm.models.get_pretrained_cfg(SHIPPED[1]).file)
+    bad = tmp_path / src.name
+    data = bytearray(src.read_bytes())
+    data[-1] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(vitfree.hub.WeightsIntegrityError, match='SHA-256'):
+        verify_weights(bad, name=SHIPPED[1])
+    assert entries[SHIPPED[1]]['windows'] == 'winft_micro_fmnist'
+
+
+def test_shipped_spec_matches_its_provenance():
+    spec = get_spec('winft_micro_fmnist')
+    prov = spec.provenance
+    assert prov['kind'] == 'measured'
+    assert prov['estimator'] in ('attention', 'attribution', 'ablation')
+    assert 0 < prov['tau'] <= 1 and 0 < prov['gamma'] <= 1
+    assert 'Fashion-MNIST' in prov['data'] and prov['num_images'] > 0
+    assert spec.grid == (14, 14) and spec.depth == 6
+    # the gamma rule of the provenance holds for every block that stayed local
+    n = 14 * 14
+    for i in range(spec.depth):
+        if not spec.is_global(i):
+            assert spec.areas(i).mean() < prov['gamma'] * n
+    # and the registered model uses it
+    model = timm.create_model('winft_micro_patch2_28')
+    assert model.window_spec == spec
