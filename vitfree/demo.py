@@ -104,8 +104,8 @@ def _demo_trained(out: Path, log) -> Dict[str, object]:
             f'(trained here, see weights/manifest.json)')
     winft, x, pred = models['winft_micro_patch2_28.fmnist']
     spec = winft.window_spec
-    log(f'WinfT windows: {spec.provenance.get("kind")} spec measured on {spec.provenance.get("model", "?")} '
-        f'(estimator {spec.provenance.get("estimator")}, tau {spec.provenance.get("tau")}); backends per block: '
+    log(f'WinfT windows: {spec.provenance.get("kind")} spec (measured on the trained micro ViT, '
+        f'estimator {spec.provenance.get("estimator")}, tau {spec.provenance.get("tau")}); backends per block: '
         + ' '.join(winft.attn_backends()))
     from .commands.specs import format_summary
     log(format_summary(spec))

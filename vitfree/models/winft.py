@@ -223,7 +223,7 @@ def winft_base_patch16_384(pretrained: bool = False, **kwargs) -> WinfT:
 
 @register_model
 def winft_micro_patch2_28(pretrained: bool = False, **kwargs) -> WinfT:
-    model_args = dict(MICRO_ARGS, windows='winft_prior_d6_g14')
+    model_args = dict(MICRO_ARGS, windows='winft_micro_fmnist')
     return _create_winft('winft_micro_patch2_28', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
