@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from vitfree.commands.bench import interleaved, machine_info, peak_memory, set_threads  # noqa: E402
+from vitfree.commands.bench import write_results, interleaved, machine_info, peak_memory, set_threads  # noqa: E402
 from vitfree.ops import choose_backend, tiled_window_attention, window_attention  # noqa: E402
 from vitfree.windows import LayerWindows  # noqa: E402
 
@@ -207,13 +207,7 @@ def main(argv=None) -> int:
         calibrate(args)
         return 0
     res = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'attention.json'), 'w') as f:
-        json.dump(res, f, indent=1)
-    md = to_markdown(res)
-    with open(os.path.join(args.out, 'attention.md'), 'w') as f:
-        f.write(md)
-    print(md)
+    write_results(args.out, 'attention', res, to_markdown(res))
     return 0
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import timm  # noqa: E402
 
 import vitfree  # noqa: E402
-from vitfree.commands.bench import interleaved, machine_info, matmul_peak, peak_memory, set_threads  # noqa: E402
+from vitfree.commands.bench import write_results, interleaved, machine_info, matmul_peak, peak_memory, set_threads  # noqa: E402
 from vitfree.ops.tiled import tiled_cost  # noqa: E402
 from vitfree.windows import WindowSpec  # noqa: E402
 
@@ -208,13 +208,7 @@ def main(argv=None) -> int:
     p.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results'))
     args = p.parse_args(argv)
     res = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'models.json'), 'w') as f:
-        json.dump(res, f, indent=1)
-    md = to_markdown(res)
-    with open(os.path.join(args.out, 'models.md'), 'w') as f:
-        f.write(md)
-    print(md)
+    write_results(args.out, 'models', res, to_markdown(res))
     return 0
 
 

@@ -16,12 +16,7 @@ from vitfree.ops import (
 from vitfree.windows import LayerWindows, WindowSpec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture

@@ -9,13 +9,7 @@ from vitfree.ops import dense_window_attention, plan_tiles, tiled_window_attenti
 from vitfree.ops.tiled import choose_tile, window_bounds
 from vitfree.windows import LayerWindows, window_areas
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids waiting on a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

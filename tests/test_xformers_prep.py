@@ -13,12 +13,7 @@ from vitfree.ops import dense_window_attention, window_bias, xformers_inputs, xf
 from vitfree.windows import LayerWindows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _windows(per_head=False, grid=(5, 7), heads=3, seed=0):

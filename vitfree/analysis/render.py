@@ -208,7 +208,6 @@ def plot_interaction(
 def plot_interaction_matrices(maps: Any, path: Union[str, Path], blocks: Optional[Sequence[int]] = None,
                               title: Optional[str] = None) -> Path:
     """The full ``N x N`` map per block (queries are rows), on a square-root colour scale."""
-    plt = _plt()
     m = _maps_dict(maps)
     blocks = pick_blocks(sorted(m) if blocks is None else list(blocks), 12)
     fig, axes, panels = _grid_panels(len(blocks))
@@ -283,7 +282,6 @@ def plot_tendency_arrows(result, path: Union[str, Path], blocks: Optional[Sequen
     lattice otherwise) over the ERF area of each patch as a grey background.  One scale for all
     blocks: the longest arrow spans 0.9 lattice steps and its length in patches is printed.
     Per-head results: mean over heads unless ``head`` is given."""
-    plt = _plt()
     grid = result.grid
     h, w = grid
     n = h * w
@@ -325,7 +323,6 @@ def plot_tendency_flow(result, path: Union[str, Path], blocks: Optional[Sequence
                        head: Optional[int] = None, title: Optional[str] = None) -> Path:
     """Tendency as a colour image per block (hue = direction, saturation = square root of the
     length, one scale for all blocks, white = no tendency), with the colour wheel as the key."""
-    plt = _plt()
     grid = result.grid
     h, w = grid
     blocks = pick_blocks(range(len(result.blocks)) if blocks is None else list(blocks), 12)

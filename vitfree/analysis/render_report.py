@@ -11,28 +11,12 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .render import pick_blocks
+from .render import _plt, _save, pick_blocks
 
 __all__ = ['plot_head_importance', 'plot_entropy_by_layer', 'plot_hop_profiles', 'plot_pattern_map',
            'plot_pattern_clusters', 'plot_sift_keypoints', 'plot_semantic_lifts', 'plot_images']
 
 PathLike = Union[str, Path]
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use('Agg', force=False)
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: PathLike, dpi: int = 110) -> Path:
-    plt = _plt()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
 
 
 def _grid_lines(ax, grid: Sequence[int]) -> None:

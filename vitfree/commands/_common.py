@@ -28,3 +28,20 @@ def load_state_dict_file(model, path: str) -> None:
         sd = torch.load(str(p), map_location='cpu', weights_only=True)
         sd = sd.get('state_dict', sd.get('model', sd)) if isinstance(sd, dict) else sd
     model.load_state_dict(sd, strict=True)
+
+
+def create_model(args):
+    """The model named by ``args.model`` (seeded with ``args.seed``, extra ``args.model_kwargs``,
+    ``args.pretrained``), with ``args.checkpoint`` loaded when given; errors exit with a message."""
+    import timm
+    import torch
+
+    import vitfree  # noqa: F401  (registers the winft_* models)
+    torch.manual_seed(args.seed)
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, **dict(args.model_kwargs))
+    except RuntimeError as e:  # timm raises RuntimeError for unknown names
+        raise SystemExit(f'error: cannot create model {args.model!r}: {e}') from None
+    if args.checkpoint:
+        load_state_dict_file(model, args.checkpoint)
+    return model

@@ -8,9 +8,8 @@ opened offline; ``DIR/results.json`` holds the numbers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
 
-from ._common import key_value, load_state_dict_file
+from ._common import create_model, key_value
 
 PARTS = ('erf', 'profiles', 'heads', 'patterns', 'sift', 'removal')  # same as vitfree.analysis.report.PARTS
 
@@ -59,10 +58,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import timm
-    import torch
-
-    import vitfree  # noqa: F401  (registers the winft_* models)
     from ..analysis.report import analyze
 
     parts = [p for p in (args.parts or PARTS) if p not in set(args.skip)]
@@ -71,14 +66,8 @@ def run(args) -> int:
     for name in ('max_images', 'head_images', 'batch_size', 'k', 'epochs'):
         if getattr(args, name) < 1:
             raise SystemExit(f'error: --{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
-    kwargs: Dict[str, Any] = dict(args.model_kwargs)
-    torch.manual_seed(args.seed)
-    try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    except RuntimeError as e:  # timm raises RuntimeError for unknown names
-        raise SystemExit(f'error: cannot create model {args.model!r}: {e}') from None
+    model = create_model(args)
     if args.checkpoint:
-        load_state_dict_file(model, args.checkpoint)
         weights = f'checkpoint {Path(args.checkpoint).resolve()}'
     elif args.pretrained:
         weights = 'pretrained (timm)'

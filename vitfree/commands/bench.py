@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 __all__ = [
+    'write_results',
     'set_threads', 'clock', 'interleaved', 'peak_memory', 'matmul_peak', 'count_flops', 'machine_info',
     'add_parser', 'run',
 ]
@@ -166,6 +167,18 @@ def machine_info() -> Dict[str, Any]:
 
 
 # ---- the command ------------------------------------------------------------------------------
+def write_results(out_dir: str, stem: str, results: Dict[str, Any], markdown: str) -> None:
+    """``out_dir/stem.json`` (every number) and ``out_dir/stem.md`` (the table), then print the table."""
+    import json
+    import os
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f'{stem}.json'), 'w') as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, f'{stem}.md'), 'w') as f:
+        f.write(markdown)
+    print(markdown)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser('bench', help="a WinfT against timm's ViT of the same shape: images/s, memory, backends",
                        description=__doc__.split('\n\n')[0])

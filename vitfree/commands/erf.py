@@ -8,9 +8,9 @@ see :mod:`vitfree.data`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, List
 
-from ._common import key_value, load_state_dict_file
+from ._common import create_model, key_value
 
 
 def add_parser(sub) -> None:
@@ -67,10 +67,6 @@ def _load_data(data: str, split: str):
 
 
 def run(args) -> int:
-    import timm
-    import torch
-
-    import vitfree  # noqa: F401  (registers the winft_* models)
     from ..analysis.erf import checkpoint_hint, measure_erf
     from .specs import format_summary
 
@@ -80,14 +76,8 @@ def run(args) -> int:
     if args.images < 1:
         raise SystemExit(f'error: --images must be >= 1, got {args.images}')
     target: Any = int(args.target) if args.target.lstrip('-').isdigit() else args.target
-    kwargs: Dict[str, Any] = dict(args.model_kwargs)
-    torch.manual_seed(args.seed)
-    try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    except RuntimeError as e:  # timm raises RuntimeError for unknown names
-        raise SystemExit(f'error: cannot create model {args.model!r}: {e}') from None
+    model = create_model(args)
     if args.checkpoint:
-        load_state_dict_file(model, args.checkpoint)
         checkpoint = str(Path(args.checkpoint).resolve())
     elif args.pretrained:
         checkpoint = checkpoint_hint(model) or args.model
