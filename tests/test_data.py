@@ -41,7 +41,8 @@ def test_fashion_mnist_missing_says_how_to_install(tmp_path, monkeypatch):
                     reason='Debian package dataset-fashion-mnist not installed')
 def test_fashion_mnist_from_debian_package():
     val, test = build_dataset('fashion_mnist', 'val'), build_dataset('fashion_mnist', 'test')
-    assert (len(val), len(test)) == (10000, 10000)
+    train = build_dataset('fashion_mnist', 'train')
+    assert (len(train), len(val), len(test)) == (55000, 5000, 10000)
     img, label = test[0]
     assert img.size == (28, 28) and img.mode == 'RGB' and test.classes[label] == 'Ankle boot'
 

@@ -7,7 +7,7 @@ import torch
 import vitfree
 from vitfree.analysis import attention_override
 from vitfree.analysis.recorder import Recorder, RecordingTooLarge
-from vitfree.ops import current_backend, eager_attention_probs
+from vitfree.ops import current_backend
 
 TINY = dict(img_size=64, depth=2, embed_dim=64, num_heads=2, num_classes=5)
 
@@ -40,6 +40,17 @@ def capture_attn_inputs(model):
     return store, handles
 
 
+def explicit_probs(attn, x, mask):
+    """softmax(q k^T * scale) written out from the layer's weights, disallowed keys removed."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float('-inf'))
+    return logits.softmax(dim=-1)
+
+
 def test_winft_recording_equals_eager_probabilities():
     model = tiny_winft(reg_tokens=2)
     x = torch.randn(3, 3, 64, 64)
@@ -54,10 +65,8 @@ def test_winft_recording_equals_eager_probabilities():
     assert rec.num_prefix_tokens == 3 and rec.grid == (4, 4)
     for i, blk in enumerate(model.blocks):
         attn = blk.attn
-        q, k, _ = attn.qkv_heads(store[i])
         win = attn.windows_for(16)
-        mask = None if win is None else win.mask(3)
-        expected = eager_attention_probs(q, k, mask, attn.scale)
+        expected = explicit_probs(attn, store[i], None if win is None else win.mask(3))
         assert rec.attention[i].shape == (3, 2, 19, 19)
         torch.testing.assert_close(rec.attention[i], expected, rtol=1e-6, atol=1e-6)
     # block 0 is windowed: exact zeros outside the windows, rows still sum to one

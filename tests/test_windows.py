@@ -120,7 +120,7 @@ def test_resize_per_head_keeps_heads():
 
 
 @pytest.mark.parametrize('bad, match', [
-    (dict(grid=(3, 3), blocks=[np.full((3, 3, 4), -1)]), r'extents must be >= 0, got -1'),
+    (dict(grid=(3, 3), blocks=[np.full((3, 3, 4), -1)]), r'extents must be integers in \[0, 2\*\*31\), got -1'),
     (dict(grid=(3, 3), blocks=[np.zeros((3, 4, 4), int)]), r'shape \(H, W, 4\) = \(3, 3, 4\).*got \(3, 4, 4\)'),
     (dict(grid=(3, 3), blocks=['local']), r"expected 'global' or extents, got 'local'"),
     (dict(grid=(3, 3), blocks=[np.zeros((3, 3, 4)) + 0.5]), r'must be integers'),
@@ -145,7 +145,7 @@ def test_bad_files_name_the_problem(tmp_path):
          r'blocks\[0\]\.up: expected 4 rows'),
         (dict(good, blocks=[{'up': ['1 1 1'] * 4, 'down': ['1 1 1 1'] * 4, 'left': ['1 1 1 1'] * 4,
                              'right': ['1 1 1 1'] * 4}]), r'blocks\[0\]\.up\[0\]: expected 4 values'),
-        (dict(good, blocks=[[1, 1, -2, 1]]), r'extents must be >= 0, got -2'),
+        (dict(good, blocks=[[1, 1, -2, 1]]), r'extents must be integers in \[0, 2\*\*31\), got -2'),
     ]
     for i, (d, match) in enumerate(cases):
         p = tmp_path / f'bad{i}.json'

@@ -7,8 +7,8 @@
   ``image_size`` (default 28); split per class into train/val/test (70/15/15) with a fixed
   seed, so the split never changes.
 * ``fashion_mnist``: Zalando's Fashion-MNIST (28x28, 10 classes) from Debian's
-  ``dataset-fashion-mnist`` package; ``train`` is the first 50,000 training images, ``val``
-  the last 10,000, ``test`` the official 10,000 test images.
+  ``dataset-fashion-mnist`` package; ``train`` is the first 55,000 training images, ``val``
+  the last 5,000 (a fixed validation split), ``test`` the official 10,000 test images.
 * a folder ``DATA/`` with ``DATA/train/<class>/*.jpg`` and ``DATA/val/<class>/*`` (``test``
   optional); class names are the sub-folder names, sorted.
 
@@ -48,6 +48,7 @@ FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_INSTALL = 'sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist'
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
                          'Bag', 'Ankle boot')
+FASHION_MNIST_TRAIN = 55000  # the last 5,000 training images are the fixed validation split
 _SPLIT_SEED = 20240601  # fixed: the digits split must never change between versions
 
 
@@ -159,7 +160,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def load_fashion_mnist(split: str = 'train', image_size: Optional[int] = None, transform: Optional[Callable] = None,
                        ) -> ArrayImageDataset:
-    """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (train 50k / val 10k / test 10k)."""
+    """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (train 55k / val 5k / test 10k)."""
     _check_split(split)
     root = fashion_mnist_dir()
     prefix = 't10k' if split == 'test' else 'train'
@@ -173,7 +174,7 @@ def load_fashion_mnist(split: str = 'train', image_size: Optional[int] = None, t
     if images.ndim != 3 or len(images) != len(labels):
         raise DataError(f'{img_file}: expected (N, 28, 28) images matching {len(labels)} labels, got {images.shape}')
     if split != 'test':
-        sl = slice(0, 50000) if split == 'train' else slice(50000, None)
+        sl = slice(0, FASHION_MNIST_TRAIN) if split == 'train' else slice(FASHION_MNIST_TRAIN, None)
         images, labels = images[sl], labels[sl]
     return ArrayImageDataset(images, labels, list(FASHION_MNIST_CLASSES), image_size, transform,
                              name=f'fashion_mnist/{split}')

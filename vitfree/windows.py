@@ -9,24 +9,28 @@ and it always holds the query patch itself, so no attention row can be empty.
 Prefix tokens (class token, register tokens) are never constrained: they see every token and
 every token sees them.  A block may also be ``global``: then it is an unmodified ViT block.
 
-This module holds plain data (NumPy arrays) and builds boolean masks with torch; it has no
+This module holds plain data (NumPy arrays), builds masks with torch and keeps, per
+:class:`LayerWindows`, the one cache of everything derived from its windows; it has no
 ``torch.nn`` in it.  The file format is documented in :meth:`WindowSpec.to_dict`.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     'WindowSpec', 'LayerWindows', 'WindowSpecError', 'SPEC_FORMAT', 'SPEC_VERSION',
-    'resize_extents', 'window_mask', 'to_grid', 'list_specs', 'get_spec', 'resolve_spec',
+    'resize_extents', 'window_mask', 'extents_mask', 'to_grid', 'RESIZE_MODES', 'list_specs', 'get_spec', 'resolve_spec',
 ]
 
 SPEC_FORMAT = 'vitfree.window_spec'
@@ -54,12 +58,29 @@ def to_grid(grid: Union[int, Sequence[int]], name: str = 'grid') -> Grid:
     return h, w
 
 
+EXTENT_LIMIT = 2 ** 31  # extents are stored as int32; anything at or beyond the grid is clipped anyway
+
+
 def _as_extents(value: ExtentLike, grid: Grid, where: str) -> np.ndarray:
-    """Turn a radius, a 4-tuple or an array into a validated int32 extents array."""
+    """Turn a radius, a 4-tuple or an array into a validated, clipped int32 extents array.
+
+    Every value must be an integer in ``[0, 2**31)``; it is checked as given, before any cast.
+    An extent that reaches past the grid means "the whole axis" and is stored clipped to it
+    (``H - 1`` up and down, ``W - 1`` left and right), which selects exactly the same patches."""
     h, w = grid
     arr = np.asarray(value)
+    if arr.dtype == object:  # Python ints too large for int64, or mixed types
+        for v in arr.reshape(-1):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise WindowSpecError(f'{where}: extents must be integers, got {v!r:.80}')
+            if not 0 <= v < EXTENT_LIMIT:
+                raise WindowSpecError(f'{where}: extents must be integers in [0, 2**31), got {v!r}')
+        arr = arr.astype(np.int64)
     if arr.dtype.kind not in 'iu':
         if arr.dtype.kind == 'f' and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            if arr.size and (arr.min() < 0 or arr.max() >= EXTENT_LIMIT):
+                v = arr.reshape(-1)[np.argmax((arr.reshape(-1) < 0) | (arr.reshape(-1) >= EXTENT_LIMIT))]
+                raise WindowSpecError(f'{where}: extents must be integers in [0, 2**31), got {v!r}')
             arr = arr.astype(np.int64)
         else:
             raise WindowSpecError(f'{where}: extents must be integers, got dtype {arr.dtype} ({value!r:.80})')
@@ -73,23 +94,33 @@ def _as_extents(value: ExtentLike, grid: Grid, where: str) -> np.ndarray:
             f'got {tuple(arr.shape)}')
     if arr.ndim == 4 and arr.shape[0] < 1:
         raise WindowSpecError(f'{where}: per-head extents need at least one head, got shape {arr.shape}')
-    if arr.size and int(arr.min()) < 0:
-        idx = tuple(int(i) for i in np.argwhere(arr < 0)[0])
-        raise WindowSpecError(
-            f'{where}: extents must be >= 0, got {int(arr[idx])} at index {idx} '
-            f'(side {SIDES[idx[-1]]!r})')
-    arr = np.ascontiguousarray(arr, dtype=np.int32)
+    if arr.size:
+        out_of_range = (arr < 0) | (arr >= EXTENT_LIMIT) if arr.dtype.kind == 'i' else arr >= EXTENT_LIMIT
+        if out_of_range.any():
+            idx = tuple(int(i) for i in np.argwhere(out_of_range)[0])
+            raise WindowSpecError(
+                f'{where}: extents must be integers in [0, 2**31), got {arr[idx].item()!r} at index {idx} '
+                f'(side {SIDES[idx[-1]]!r})')
+    limit = np.array([h - 1, h - 1, w - 1, w - 1], dtype=np.int64)
+    arr = np.ascontiguousarray(np.minimum(arr.astype(np.int64), limit), dtype=np.int32)
     arr.setflags(write=False)
     return arr
 
 
-def resize_extents(extents: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
+RESIZE_MODES = ('scale', 'keep')
+
+
+def resize_extents(extents: np.ndarray, src: Grid, dst: Grid, mode: str = 'scale') -> np.ndarray:
     """Resize one block's extents from grid ``src`` to grid ``dst``.
 
-    Vertical extents scale by ``H_dst / H_src`` and horizontal ones by ``W_dst / W_src``,
-    rounded up (exact integer arithmetic); the per-patch map is resampled by nearest
-    neighbour (patch centres).  ``src == dst`` returns the array unchanged.
+    The per-patch map is resampled by nearest neighbour (patch centres).  ``mode='scale'``
+    (default): vertical extents scale by ``H_dst / H_src`` and horizontal ones by
+    ``W_dst / W_src``, rounded up (exact integer arithmetic), so a window keeps its share of
+    the image; an extent that covers its whole axis keeps covering it.  ``mode='keep'``: extents
+    stay in patches (clipped to the new grid), so windows keep their size in patches and the
+    cost stays linear at any resolution.  ``src == dst`` returns the array unchanged.
     """
+    mode = check_resize_mode(mode)
     src, dst = to_grid(src), to_grid(dst)
     if src == dst:
         return extents
@@ -98,14 +129,23 @@ def resize_extents(extents: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
     ys = np.minimum(((2 * np.arange(hd) + 1) * hs) // (2 * hd), hs - 1)
     xs = np.minimum(((2 * np.arange(wd) + 1) * ws) // (2 * wd), ws - 1)
     out = extents[..., ys, :, :][..., :, xs, :].astype(np.int64)
-    out[..., 0:2] = (out[..., 0:2] * hd + hs - 1) // hs  # ceil(e * hd / hs)
-    out[..., 2:4] = (out[..., 2:4] * wd + ws - 1) // ws
+    if mode == 'scale':
+        whole = out >= np.array([hs - 1, hs - 1, ws - 1, ws - 1])
+        out[..., 0:2] = (out[..., 0:2] * hd + hs - 1) // hs  # ceil(e * hd / hs)
+        out[..., 2:4] = (out[..., 2:4] * wd + ws - 1) // ws
+        out[whole] = np.broadcast_to(np.array([hd - 1, hd - 1, wd - 1, wd - 1]), out.shape)[whole]
+    out = np.minimum(out, np.array([hd - 1, hd - 1, wd - 1, wd - 1]))
     out = np.ascontiguousarray(out, dtype=np.int32)
     out.setflags(write=False)
     return out
 
 
-@torch.compiler.disable
+def check_resize_mode(mode: str) -> str:
+    if mode not in RESIZE_MODES:
+        raise WindowSpecError(f'window resize mode must be one of {RESIZE_MODES}, got {mode!r}')
+    return mode
+
+
 def window_mask(
         extents: Union[np.ndarray, torch.Tensor],
         num_prefix_tokens: int = 0,
@@ -116,104 +156,118 @@ def window_mask(
 
     Queries are rows.  Prefix rows and columns are all ``True``.
     """
-    if torch.is_tensor(extents):
-        ext = extents.to(device=device, dtype=torch.int64)
-    else:
-        ext = torch.from_numpy(np.array(extents, dtype=np.int64)).to(device)
-    h, w = ext.shape[-3], ext.shape[-2]
-    n = h * w
-    ys = torch.arange(h, device=ext.device).repeat_interleave(w)
-    xs = torch.arange(w, device=ext.device).repeat(h)
-    dy = ys.view(1, n) - ys.view(n, 1)  # y_j - y_i, rows are queries i
-    dx = xs.view(1, n) - xs.view(n, 1)
-    e = ext.reshape(*ext.shape[:-3], n, 4)
-    up, down, left, right = (e[..., s].unsqueeze(-1) for s in range(4))
-    patch = (dy >= -up) & (dy <= down) & (dx >= -left) & (dx <= right)
     if num_prefix_tokens < 0:
         raise WindowSpecError(f'num_prefix_tokens must be >= 0, got {num_prefix_tokens}')
-    if num_prefix_tokens == 0:
+    if torch.is_tensor(extents):
+        ext = extents.to(device=device)
+    else:
+        ext = torch.from_numpy(np.array(extents, dtype=np.int64)).to(device)
+    return extents_mask(ext, num_prefix_tokens)
+
+
+def extents_mask(extents: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """:func:`window_mask` of an extents tensor in plain tensor operations (no NumPy, no Python
+    branch on a value), so TorchScript, FX, ``torch.export`` and ONNX export can trace it."""
+    h, w = extents.shape[-3], extents.shape[-2]
+    n = h * w
+    ys = torch.arange(h, device=extents.device).repeat_interleave(w)
+    xs = torch.arange(w, device=extents.device).repeat(h)
+    dy = ys.view(1, n) - ys.view(n, 1)  # y_j - y_i, rows are queries i
+    dx = xs.view(1, n) - xs.view(n, 1)
+    e = extents.flatten(-3, -2).to(torch.int64).unsqueeze(-2)  # (..., n, 1, 4)
+    patch = (dy >= -e[..., 0]) & (dy <= e[..., 1]) & (dx >= -e[..., 2]) & (dx <= e[..., 3])
+    p = num_prefix_tokens
+    if p == 0:
         return patch
-    t = num_prefix_tokens + n
-    full = torch.ones(*patch.shape[:-2], t, t, dtype=torch.bool, device=ext.device)
-    full[..., num_prefix_tokens:, num_prefix_tokens:] = patch
-    return full
+    return F.pad(patch.to(torch.uint8), [p, 0, p, 0], value=1.0).to(torch.bool)
 
 
 class LayerWindows:
-    """The windows of one (non-global) block at one grid size, with cached masks.
+    """The windows of one (non-global) block at one grid size, and everything derived from them.
 
     ``extents`` is an int32 array ``(H, W, 4)`` or ``(heads, H, W, 4)``.  Instances are
-    immutable; masks and device copies are cached per ``(num_prefix_tokens, device)``.
+    immutable.  Every object derived from the windows (device tensors, masks, additive biases,
+    resized windows, the backends' tile plans and block masks, the dispatcher's backend choice
+    per shape, device and dtype) lives in one cache on the instance, filled by :meth:`cached`.
+    Blocks with identical windows share one instance, so they share the cache too.
     """
+
+    _next_uid = itertools.count()
+    _live: 'weakref.WeakValueDictionary[int, LayerWindows]' = weakref.WeakValueDictionary()
 
     def __init__(self, extents: np.ndarray, grid: Grid):
         self.grid = to_grid(grid)
         self.extents = _as_extents(extents, self.grid, 'LayerWindows')
-        self._cache: Dict[Any, torch.Tensor] = {}
+        # plain Python facts, so that code traced by torch.compile never reads the NumPy array
+        self.per_head: bool = self.extents.ndim == 4
+        self.num_heads: Optional[int] = int(self.extents.shape[0]) if self.per_head else None
+        self.num_patches: int = self.grid[0] * self.grid[1]
+        self._cache: Dict[Any, Any] = {}
+        self.uid = next(LayerWindows._next_uid)
+        LayerWindows._live[self.uid] = self
 
-    @property
-    def per_head(self) -> bool:
-        return self.extents.ndim == 4
+    @classmethod
+    def by_uid(cls, uid: int) -> 'LayerWindows':
+        """The live instance with this :attr:`uid` (how compiled code reaches it by a constant)."""
+        return cls._live[uid]
 
-    @property
-    def num_heads(self) -> Optional[int]:
-        return self.extents.shape[0] if self.per_head else None
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
 
     def max_extents(self) -> Tuple[int, int, int, int]:
-        """Largest (up, down, left, right) over all patches (and heads), clipped to the grid."""
+        """Largest (up, down, left, right) over all patches (and heads); extents are stored
+        clipped to the grid."""
         m = self.extents.reshape(-1, 4).max(axis=0)
-        h, w = self.grid
-        return (min(int(m[0]), h - 1), min(int(m[1]), h - 1), min(int(m[2]), w - 1), min(int(m[3]), w - 1))
+        return int(m[0]), int(m[1]), int(m[2]), int(m[3])
 
     def mean_area(self) -> float:
         """Mean number of patches per window after clipping to the grid."""
         return float(window_areas(self.extents, self.grid).mean())
 
-    def mask(self, num_prefix_tokens: int = 0, device: Union[str, torch.device, None] = None) -> torch.Tensor:
-        dev = torch.device(device) if device is not None else torch.device('cpu')
-        key = ('mask', num_prefix_tokens, str(dev))
-        m = self._cache.get(key)
-        if m is None:
-            m = window_mask(self.extents, num_prefix_tokens, device=dev)
-            self._cache[key] = m
-        return m
-
-    def extents_tensor(self, device: Union[str, torch.device, None] = None) -> torch.Tensor:
-        dev = torch.device(device) if device is not None else torch.device('cpu')
-        key = ('ext', str(dev))
-        t = self._cache.get(key)
-        if t is None:
-            t = _to_tensor(self.extents, dev)
-            self._cache[key] = t
-        return t
-
-    def cached(self, key: Any, make) -> Any:
-        """Memoise a derived object (used by backends for their own precomputations)."""
+    def cached(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The cached value for ``key``, made by ``make()`` on first use."""
         val = self._cache.get(key)
         if val is None:
-            val = torch.compiler.disable(make)()  # numpy/index work stays outside compiled graphs
+            val = make()
             self._cache[key] = val
         return val
 
-    @torch.compiler.disable
-    def resize(self, grid: Union[int, Sequence[int]]) -> 'LayerWindows':
+    def extents_tensor(self, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+        """The extents as an int32 tensor on ``device``."""
+        dev = _device(device)
+        return self.cached(('extents', str(dev)), lambda: torch.from_numpy(np.array(self.extents)).to(dev))
+
+    def mask(self, num_prefix_tokens: int = 0, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+        """Boolean ``(T, T)`` (or ``(heads, T, T)``) mask, ``True`` = may attend."""
+        dev = _device(device)
+        if num_prefix_tokens < 0:
+            raise WindowSpecError(f'num_prefix_tokens must be >= 0, got {num_prefix_tokens}')
+        return self.cached(('mask', num_prefix_tokens, str(dev)),
+                           lambda: extents_mask(self.extents_tensor(dev), num_prefix_tokens))
+
+    def bias(self, num_prefix_tokens: int = 0, device: Union[str, torch.device, None] = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The mask as an additive bias in ``dtype``: 0 where attention is allowed, -inf elsewhere."""
+        dev = _device(device)
+
+        def make() -> torch.Tensor:
+            allowed = self.mask(num_prefix_tokens, dev)
+            return torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float('-inf'))
+        return self.cached(('bias', num_prefix_tokens, str(dev), dtype), make)
+
+    def resize(self, grid: Union[int, Sequence[int]], mode: str = 'scale') -> 'LayerWindows':
+        """These windows on another grid (see :func:`resize_extents`); cached; same grid -> ``self``."""
         grid = to_grid(grid)
         if grid == self.grid:
             return self
-        return LayerWindows(resize_extents(self.extents, self.grid, grid), grid)
+        return self.cached(('resized', grid, check_resize_mode(mode)),
+                           lambda: LayerWindows(resize_extents(self.extents, self.grid, grid, mode), grid))
 
     def __repr__(self) -> str:
         shape = 'x'.join(str(s) for s in self.extents.shape)
         return f'LayerWindows(grid={self.grid}, extents={shape}, max={self.max_extents()})'
 
 
-@torch.compiler.disable
-def _to_tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(a.astype(np.int64)).to(device)
+def _device(device: Union[str, torch.device, None]) -> torch.device:
+    return torch.device(device) if device is not None else torch.device('cpu')
 
 
 def window_areas(extents: np.ndarray, grid: Grid) -> np.ndarray:
@@ -360,14 +414,21 @@ class WindowSpec:
         return int(block) % self.depth
 
     # ---- transforms ---------------------------------------------------------------------
-    def resize(self, grid: Union[int, Sequence[int]]) -> 'WindowSpec':
-        """The spec for another patch grid (see :func:`resize_extents`); same grid -> ``self``."""
+    def resize(self, grid: Union[int, Sequence[int]], mode: str = 'scale') -> 'WindowSpec':
+        """The spec for another patch grid (see :func:`resize_extents`); same grid -> ``self``.
+
+        ``mode='scale'`` (default) keeps each window's share of the image; ``mode='keep'`` keeps
+        its size in patches (ViTDet-style locality, cost linear in the number of patches)."""
         grid = to_grid(grid)
+        check_resize_mode(mode)
         if grid == self.grid:
             return self
         prov = copy.deepcopy(self.provenance)
         prov['resized_from'] = list(prov.get('resized_from', self.grid))
-        return WindowSpec(grid, [None if b is None else resize_extents(b, self.grid, grid) for b in self.blocks], prov)
+        if mode != 'scale':
+            prov['resize_mode'] = mode
+        return WindowSpec(grid, [None if b is None else resize_extents(b, self.grid, grid, mode)
+                                 for b in self.blocks], prov)
 
     def check_compatible(self, depth: int, grid: Union[int, Sequence[int]], num_heads: Optional[int] = None,
                          what: str = 'model') -> None:

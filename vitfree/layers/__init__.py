@@ -1,3 +1,3 @@
-from .window_attention import WindowAttention
+from .window_attention import WindowAttention, graph_window_bias, is_fx_tracing
 
-__all__ = ['WindowAttention']
+__all__ = ['WindowAttention', 'graph_window_bias', 'is_fx_tracing']

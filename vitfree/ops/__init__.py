@@ -2,37 +2,36 @@
 dispatcher (:mod:`vitfree.ops.dispatch`).
 
 Backends: ``tiled`` (linear in the number of patches, any device), ``dense`` (SDPA with the full
-mask, the reference), ``global`` (unmasked SDPA, only for windows that cover the whole grid),
-``xformers`` (CUDA, when xformers is installed and has a kernel) and ``eager`` (explicit
-softmax, for analysis; never chosen automatically).
+mask, the reference), ``global`` (unmasked SDPA, only for windows that cover the whole grid) and
+``xformers`` (CUDA, when xformers is installed and has a kernel).  ``eager`` is not a kernel here:
+it names the attention layers' own explicit-softmax path, whose probabilities hooks can read
+(:class:`vitfree.layers.WindowAttention`).
 """
-from .dense import dense_window_attention
+from .dense import dense_prepare, dense_window_attention
 from .dispatch import (
-    Backend, BackendError, CostModel, available_backends, choose_backend, current_backend, dense_cost,
-    estimate_costs, explain_choice, fused_cost, list_backends, register_backend, resolve_backend,
-    tiled_cost_seconds, use_backend, window_attention, xformers_cost,
+    Backend, BackendError, CostModel, QuerySpec, available_backends, choose_backend, current_backend, dense_cost,
+    estimate_costs, explain_choice, fused_cost, layer_backend, list_backends, prepare_backend, register_backend,
+    resolve_backend, run_backend, tiled_cost_seconds, use_backend, window_attention, xformers_cost,
 )
-from .eager import eager_attention_probs, eager_window_attention
 from .full import covers_grid, full_attention, full_supports
-from .tiled import TilePlan, choose_tile, plan_tiles, tiled_window_attention
-from .xformers_attn import window_bias, xformers_inputs, xformers_supports, xformers_window_attention
+from .tiled import TilePlan, choose_tile, plan_tiles, tiled_prepare, tiled_window_attention
+from .xformers_attn import window_bias, xformers_inputs, xformers_prepare, xformers_supports, xformers_window_attention
 
-register_backend('dense', dense_window_attention, cost=dense_cost,
-                 description='PyTorch SDPA with a dense boolean mask; O(T^2); the reference')
-register_backend('eager', eager_window_attention, auto=False,
-                 description='explicit softmax; exposes the probabilities; O(T^2) memory')
-register_backend('tiled', tiled_window_attention, cost=tiled_cost_seconds,
+register_backend('dense', dense_window_attention, cost=dense_cost, prepare=dense_prepare,
+                 description='PyTorch SDPA with the dense window mask as a cached bias; O(T^2); the reference')
+register_backend('tiled', tiled_window_attention, cost=tiled_cost_seconds, prepare=tiled_prepare,
                  description='tiles of queries against their halo of keys; O(T * window); any device')
 register_backend('global', full_attention, supports=full_supports, cost=fused_cost,
                  description='unmasked SDPA; only for windows that cover the whole grid')
 register_backend('xformers', xformers_window_attention, supports=xformers_supports, cost=xformers_cost,
+                 prepare=xformers_prepare,
                  description='xformers memory-efficient attention with an additive bias; CUDA only')
 
 __all__ = [
-    'window_attention', 'dense_window_attention', 'eager_window_attention', 'eager_attention_probs',
+    'window_attention', 'dense_window_attention',
     'tiled_window_attention', 'xformers_window_attention', 'full_attention',
     'plan_tiles', 'choose_tile', 'TilePlan', 'covers_grid', 'window_bias', 'xformers_inputs', 'xformers_supports',
     'use_backend', 'current_backend', 'resolve_backend', 'choose_backend', 'available_backends',
     'list_backends', 'register_backend', 'Backend', 'BackendError', 'CostModel', 'estimate_costs',
-    'explain_choice',
+    'explain_choice', 'layer_backend', 'prepare_backend', 'run_backend', 'QuerySpec',
 ]

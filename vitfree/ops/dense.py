@@ -1,8 +1,8 @@
 """Reference backend: PyTorch SDPA with the dense window mask.
 
 Cost and memory are O(T^2) per head whatever the windows are; every faster backend is tested
-against this one.  The mask is handed to SDPA as an additive bias (0 inside windows, -inf
-outside) in the query's dtype, built once per (prefix, device, dtype) and cached: a boolean
+against this one.  The mask goes to SDPA as an additive bias (0 inside windows, -inf outside)
+in the query's dtype, built once per (prefix, device, dtype) in the windows' cache: a boolean
 mask would be converted to a new float T x T tensor on every call and kept for the backward.
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..windows import LayerWindows
+
+__all__ = ['dense_window_attention', 'dense_prepare']
 
 
 def dense_window_attention(
@@ -25,14 +27,14 @@ def dense_window_attention(
         dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Windowed attention on ``(B, heads, T, head_dim)`` tensors; returns the same shape."""
-    bias = additive_mask(windows, num_prefix_tokens, q.device, q.dtype)
+    bias = windows.bias(num_prefix_tokens, q.device, _sdpa_dtype(q))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
 
-def additive_mask(windows: LayerWindows, num_prefix_tokens: int, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """The window mask as a cached additive bias: 0 where attention is allowed, -inf elsewhere."""
-    def make() -> torch.Tensor:
-        allowed = windows.mask(num_prefix_tokens, device)
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float('-inf'))
-    return windows.cached(('dense.bias', num_prefix_tokens, str(device), dtype), make)
+def _sdpa_dtype(q: torch.Tensor) -> torch.dtype:
+    dev = q.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+
+
+def dense_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
+    windows.bias(num_prefix_tokens, device, dtype)

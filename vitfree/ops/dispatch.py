@@ -28,7 +28,7 @@ import contextlib
 import contextvars
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 
@@ -38,12 +38,14 @@ __all__ = [
     'Backend', 'register_backend', 'available_backends', 'list_backends', 'use_backend',
     'current_backend', 'resolve_backend', 'choose_backend', 'window_attention', 'run_backend',
     'BackendError', 'CostModel', 'COST_MODELS', 'cost_model', 'estimate_costs', 'explain_choice',
+    'layer_backend', 'prepare_backend', 'QuerySpec',
 ]
 
 ENV_VAR = 'VITFREE_BACKEND'
 
 SupportsFn = Callable[[torch.Tensor, LayerWindows], Optional[str]]
 CostFn = Callable[[torch.Tensor, LayerWindows, int], float]
+PrepareFn = Callable[[LayerWindows, int, torch.device, torch.dtype], None]
 
 
 class BackendError(ValueError):
@@ -58,9 +60,11 @@ class Backend:
     description: str = ''
     cost: Optional[CostFn] = None
     auto: bool = True  # may the automatic choice pick it?
+    prepare: Optional[PrepareFn] = None  # builds what the kernel needs (plans, biases) ahead of a call
 
 
 _BACKENDS: Dict[str, Backend] = {}
+_REGISTRY_VERSION = [0]  # bumped by register_backend: cached choices made before are stale
 _override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar('vitfree_backend', default=None)
 
 
@@ -72,22 +76,27 @@ def register_backend(name: str, fn: Callable[..., torch.Tensor],
                      supports: SupportsFn = _always,
                      description: str = '',
                      cost: Optional[CostFn] = None,
-                     auto: bool = True) -> None:
+                     auto: bool = True,
+                     prepare: Optional[PrepareFn] = None) -> None:
     """Add (or replace) a backend under ``name``.
 
     ``cost`` (or a ``cost`` attribute on ``fn``) estimates seconds for given inputs; a backend
     without one is costed like ``dense``.  ``auto=False`` keeps it out of the automatic choice
-    (it still runs when named)."""
-    if name == 'auto':
-        raise BackendError("'auto' is reserved for the dispatcher's own choice")
+    (it still runs when named).  ``prepare(windows, num_prefix_tokens, device, dtype)`` builds
+    the kernel's cached data ahead of the first call (so compiled graphs only look it up)."""
+    if name in ('auto', 'eager'):
+        raise BackendError(f"{name!r} is reserved ('auto': the dispatcher's choice; 'eager': the layers' own "
+                           f"explicit-softmax path)")
     if cost is None:
         cost = getattr(fn, 'cost', None)
-    _BACKENDS[name] = Backend(name, fn, supports, description, cost, auto)
+    _BACKENDS[name] = Backend(name, fn, supports, description, cost, auto, prepare)
+    _REGISTRY_VERSION[0] += 1
 
 
 def list_backends() -> List[str]:
-    """All registered backend names (plus ``auto``), whether or not they can run here."""
-    return ['auto'] + sorted(_BACKENDS)
+    """All backend names: ``auto``, ``eager`` (the layers' explicit-softmax path, whose
+    probabilities pass the hook point) and every registered kernel, whether or not it can run here."""
+    return ['auto', 'eager'] + sorted(_BACKENDS)
 
 
 def available_backends(q: Optional[torch.Tensor] = None, windows: Optional[LayerWindows] = None) -> List[str]:
@@ -99,7 +108,7 @@ def available_backends(q: Optional[torch.Tensor] = None, windows: Optional[Layer
 
 def _check_name(name: str, where: str) -> str:
     name = str(name).strip().lower()
-    if name != 'auto' and name not in _BACKENDS:
+    if name not in ('auto', 'eager') and name not in _BACKENDS:
         raise BackendError(f'unknown attention backend {name!r} ({where}); choose one of {list_backends()}')
     return name
 
@@ -255,9 +264,37 @@ def explain_choice(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: in
     return '\n'.join(lines)
 
 
+@dataclass(frozen=True)
+class QuerySpec:
+    """What the dispatcher reads of a query tensor (shape, dtype, device, grad flag), without the
+    tensor: lets the choice be made for a kind of input before one exists."""
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool = False
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def _effective_dtype(q: torch.Tensor) -> torch.dtype:
+    dev = q.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+
+
 def choose_backend(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> str:
     """The automatic choice: the supported backend with the lowest estimated cost (ties go to
-    the name that sorts first, so the choice is deterministic)."""
+    the name that sorts first, so the choice is deterministic).
+
+    The choice is made once per (batch, heads, head size, device, dtype, training) and kept in
+    the windows' cache; later calls with the same kind of input only look it up."""
+    training = torch.is_grad_enabled() and q.requires_grad
+    key = ('choice', num_prefix_tokens, tuple(q.shape[:2]), q.shape[-1], str(q.device), _effective_dtype(q),
+           training, _REGISTRY_VERSION[0])
+    return windows.cached(key, lambda: _choose(q, windows, num_prefix_tokens))
+
+
+def _choose(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int) -> str:
     best, best_cost = None, None
     for name, b in sorted(_BACKENDS.items()):
         if not b.auto or b.supports(q, windows) is not None:
@@ -273,14 +310,50 @@ def choose_backend(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: in
 
 def resolve_backend(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0,
                     backend: Optional[str] = None) -> str:
-    """Name of the backend that will run these inputs, after precedence and checks."""
+    """Name of the backend that will run these inputs, after precedence and checks.  May be
+    ``'eager'`` (only layers can run it: it is their explicit-softmax path)."""
     name = current_backend(backend)
     if name == 'auto':
         return choose_backend(q, windows, num_prefix_tokens)
+    if name == 'eager':
+        return name
     reason = _BACKENDS[name].supports(q, windows)
     if reason is not None:
         raise BackendError(f'attention backend {name!r} cannot run here: {reason}; '
                            f'backends that can: {available_backends(q, windows)}')
+    return name
+
+
+def prepare_backend(name: str, windows: LayerWindows, num_prefix_tokens: int, device: torch.device,
+                    dtype: torch.dtype) -> None:
+    """Build what backend ``name`` needs for these windows ahead of its first call."""
+    b = _BACKENDS.get(name)
+    if b is not None and b.prepare is not None:
+        b.prepare(windows, num_prefix_tokens, device, dtype)
+
+
+@torch.compiler.assume_constant_result
+def layer_backend(uid: int, grid_h: int, grid_w: int, mode: str, num_prefix_tokens: int, batch: int, heads: int,
+                  head_dim: int, dtype: torch.dtype, device_type: str, device_index: int, requires_grad: bool,
+                  module_backend: str, force: str = '') -> str:
+    """Resolve an attention layer's backend and build everything it will read, from constants.
+
+    ``uid`` names the layer's :class:`LayerWindows` (at its native grid), ``grid_h x grid_w`` is
+    the grid of the input (the windows are resized to it with ``mode``), ``batch`` 0 means
+    unknown; ``force`` names the path the layer must take whatever the choice (``'eager'`` or
+    ``'dense'``).  Inside ``torch.compile`` this runs once, eagerly, while the graph is traced,
+    and its result is a constant of the graph: the traced code only reads caches that already
+    hold what it needs, so nothing is built, hashed or converted from NumPy inside a compiled
+    graph and nothing breaks it (``fullgraph=True`` works).  Elsewhere it is an ordinary call,
+    answered from the windows' cache after the first one."""
+    windows = LayerWindows.by_uid(uid).resize((grid_h, grid_w), mode)
+    device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
+    q = QuerySpec(torch.Size((batch if batch > 0 else 8, heads, num_prefix_tokens + windows.num_patches, head_dim)),
+                  dtype, device, requires_grad)
+    name = force or resolve_backend(q, windows, num_prefix_tokens, module_backend or None)
+    prepare_backend('dense' if name == 'eager' else name, windows, num_prefix_tokens, device, dtype)
+    if name != 'eager' and torch.is_autocast_enabled(device_type):
+        prepare_backend(name, windows, num_prefix_tokens, device, torch.get_autocast_dtype(device_type))
     return name
 
 
@@ -307,6 +380,10 @@ def window_attention(
 def run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: LayerWindows,
                 num_prefix_tokens: int = 0, scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Run backend ``name`` (already resolved) after checking the input shapes."""
+    if name == 'eager':
+        raise BackendError("'eager' is the attention layers' own explicit-softmax path (the one whose "
+                           "probabilities hooks can read), not a functional kernel; use 'dense' for the "
+                           "reference result, or run a WindowAttention layer under use_backend('eager')")
     _check_inputs(q, k, v, windows, num_prefix_tokens)
     return _BACKENDS[name].fn(q, k, v, windows, num_prefix_tokens, scale, dropout_p)
 

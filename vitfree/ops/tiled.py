@@ -19,7 +19,6 @@ prefix tokens and the tile shape; they are built once with NumPy and cached on t
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -139,7 +138,7 @@ class TilePlan:
     key_index: torch.Tensor
     out_index: torch.Tensor
     allowed: torch.Tensor
-    _cache: Dict[Any, Any] = field(default_factory=dict, repr=False)
+    outside: torch.Tensor  # ~allowed
 
     @property
     def tile_queries(self) -> int:
@@ -155,28 +154,10 @@ class TilePlan:
         t = self.num_prefix_tokens + self.grid[0] * self.grid[1]
         return self.num_tiles * self.tile_queries * self.tile_keys + self.num_prefix_tokens * t
 
-    def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask (0 inside windows, -inf outside) in ``dtype``, cached."""
-        b = self._cache.get(dtype)
-        if b is None:
-            b = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
-            b.masked_fill_(~self.allowed, float('-inf'))
-            self._cache[dtype] = b
-        return b
-
-    @property
-    def outside(self) -> torch.Tensor:
-        """``~allowed``, cached."""
-        m = self._cache.get('outside')
-        if m is None:
-            m = ~self.allowed
-            self._cache['outside'] = m
-        return m
-
     def to(self, device: torch.device) -> 'TilePlan':
         return TilePlan(self.grid, self.tile, self.halo, self.num_prefix_tokens, self.num_tiles,
                         self.query_index.to(device), self.grad_index.to(device), self.key_index.to(device),
-                        self.out_index.to(device), self.allowed.to(device))
+                        self.out_index.to(device), self.allowed.to(device), self.outside.to(device))
 
 
 def _build_plan(windows: LayerWindows, num_prefix_tokens: int, tile: Tile) -> TilePlan:
@@ -222,8 +203,9 @@ def _build_plan(windows: LayerWindows, num_prefix_tokens: int, tile: Tile) -> Ti
     allowed = np.concatenate([np.ones((*lead, nt, th * tw, p), dtype=bool), ok], axis=-1)
 
     as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    allowed = torch.from_numpy(np.ascontiguousarray(allowed))
     return TilePlan((h, w), (th, tw), (hh, hw), p, nt, as_long(query_index), as_long(grad_index),
-                    as_long(key_index), as_long(out_index), torch.from_numpy(np.ascontiguousarray(allowed)))
+                    as_long(key_index), as_long(out_index), allowed, ~allowed)
 
 
 def plan_tiles(windows: LayerWindows, num_prefix_tokens: int = 0, tile: Optional[Sequence[int]] = None,
@@ -240,29 +222,26 @@ def plan_tiles(windows: LayerWindows, num_prefix_tokens: int = 0, tile: Optional
             raise ValueError(f'tile must be two positive ints (rows, cols), got {tile!r}')
         tile = (min(tile[0], windows.grid[0]), min(tile[1], windows.grid[1]))
     dev = torch.device(device) if device is not None else torch.device('cpu')
-    return windows.cached(('tiled.plan', num_prefix_tokens, tile, str(dev)),
-                          lambda: _shared_plan(windows, num_prefix_tokens, tile, dev))
+
+    def make() -> TilePlan:
+        if dev.type == 'cpu':
+            return _build_plan(windows, num_prefix_tokens, tile)
+        return plan_tiles(windows, num_prefix_tokens, tile, 'cpu').to(dev)
+    return windows.cached(('tiled.plan', num_prefix_tokens, tile, str(dev)), make)
 
 
-# plans are shared between blocks with identical windows (a uniform spec has one plan, not one
-# per block); a small FIFO keeps the most recent ones
-_PLANS: Dict[Any, TilePlan] = {}
-_MAX_PLANS = 48
+def plan_bias(windows: LayerWindows, plan: TilePlan, dtype: torch.dtype) -> torch.Tensor:
+    """The plan's additive mask (0 inside windows, -inf outside) in ``dtype``, cached on ``windows``."""
+    def make() -> torch.Tensor:
+        return torch.zeros(plan.allowed.shape, dtype=dtype, device=plan.allowed.device).masked_fill_(
+            plan.outside, float('-inf'))
+    return windows.cached(('tiled.bias', plan.num_prefix_tokens, plan.tile, str(plan.allowed.device), dtype), make)
 
 
-def _shared_plan(windows: LayerWindows, num_prefix_tokens: int, tile: Tile, device: torch.device) -> TilePlan:
-    digest = hashlib.blake2b(windows.extents.tobytes(), digest_size=16).hexdigest()
-    key = (digest, windows.extents.shape, num_prefix_tokens, tile, str(device))
-    plan = _PLANS.get(key)
-    if plan is None:
-        if device.type == 'cpu':
-            plan = _build_plan(windows, num_prefix_tokens, tile)
-        else:
-            plan = _shared_plan(windows, num_prefix_tokens, tile, torch.device('cpu')).to(device)
-        while len(_PLANS) >= _MAX_PLANS:
-            _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = plan
-    return plan
+def tiled_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Build the tile plan and its fp32 (fp64 for fp64 inputs) mask ahead of the first call."""
+    plan = plan_tiles(windows, num_prefix_tokens, None, device)
+    plan_bias(windows, plan, torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def tiled_cost(windows: LayerWindows, num_prefix_tokens: int = 0) -> Tuple[float, float, float]:
@@ -284,19 +263,13 @@ def tiled_cost(windows: LayerWindows, num_prefix_tokens: int = 0) -> Tuple[float
 # ---- the kernel ------------------------------------------------------------------------------
 def _flat_indices(plan: TilePlan, bh: int, t: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row indices into ``(bh*T, d)`` / ``(bh*nt*Qt, d)`` views for ``bh = batch*heads`` slices:
-    query rows, key rows and patch output rows.  Cached per ``bh`` on the plan."""
-    key = ('flat', bh)
-    idx = plan._cache.get(key)
-    if idx is None:
-        dev = plan.key_index.device
-        qt_rows = plan.num_tiles * plan.tile_queries
-        base_t = torch.arange(bh, device=dev).unsqueeze(1) * t
-        base_o = torch.arange(bh, device=dev).unsqueeze(1) * qt_rows
-        idx = ((base_t + plan.query_index).reshape(-1), (base_t + plan.key_index).reshape(-1),
-               (base_o + plan.out_index).reshape(-1))
-        if len(plan._cache) < 64:  # a few batch sizes; do not grow without bound
-            plan._cache[key] = idx
-    return idx
+    query rows, key rows and patch output rows."""
+    dev = plan.key_index.device
+    qt_rows = plan.num_tiles * plan.tile_queries
+    base_t = torch.arange(bh, device=dev).unsqueeze(1) * t
+    base_o = torch.arange(bh, device=dev).unsqueeze(1) * qt_rows
+    return ((base_t + plan.query_index).reshape(-1), (base_t + plan.key_index).reshape(-1),
+            (base_o + plan.out_index).reshape(-1))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -325,15 +298,15 @@ def _chunks(plan: TilePlan, b: int, h: int) -> List[Tuple[slice, slice]]:
     return [(slice(i, min(i + bc, b)), slice(j, min(j + hc, h))) for i in range(0, b, bc) for j in range(0, h, hc)]
 
 
-def _masks(plan: TilePlan, acc: torch.dtype, heads: slice):
+def _masks(plan: TilePlan, bias: torch.Tensor, heads: slice):
     """The additive bias and the outside-window mask for the heads of a chunk."""
-    bias, outside = plan.bias(acc), plan.outside
+    outside = plan.outside
     if bias.dim() == 4:  # per-head windows
         bias, outside = bias[heads], outside[heads]
     return bias, outside
 
 
-def _forward(q, k, v, plan: TilePlan, scale: float, heads: slice):
+def _forward(q, k, v, plan: TilePlan, plan_bias: torch.Tensor, scale: float, heads: slice):
     """One chunk: patch outputs ``(b, h, N, dv)`` and the log-sum-exp of every tile row."""
     b, h, t, d = q.shape
     dv = v.shape[-1]
@@ -345,7 +318,7 @@ def _forward(q, k, v, plan: TilePlan, scale: float, heads: slice):
     s = torch.bmm(qs, kt.transpose(1, 2))
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     s = s.to(acc)
-    bias, outside = _masks(plan, acc, heads)
+    bias, outside = _masks(plan, plan_bias, heads)
     s5 = s.view(b, h, nt, nq, nk)
     s5.add_(bias)
     m = s.amax(-1, keepdim=True)
@@ -358,7 +331,7 @@ def _forward(q, k, v, plan: TilePlan, scale: float, heads: slice):
     return out, m.add_(denom.log_())
 
 
-def _backward(q, k, v, out, lse, grad_out, plan: TilePlan, scale: float, heads: slice):
+def _backward(q, k, v, out, lse, grad_out, plan: TilePlan, plan_bias: torch.Tensor, scale: float, heads: slice):
     """One chunk of the backward pass: ``dq, dk, dv`` with the shapes of q, k, v."""
     b, h, t, d = q.shape
     dv = v.shape[-1]
@@ -370,7 +343,7 @@ def _backward(q, k, v, out, lse, grad_out, plan: TilePlan, scale: float, heads: 
     prob = torch.bmm(qs, kt.transpose(1, 2))
     acc = torch.float64 if prob.dtype == torch.float64 else torch.float32
     prob = prob.to(acc)
-    bias, outside = _masks(plan, acc, heads)
+    bias, outside = _masks(plan, plan_bias, heads)
     p5 = prob.view(b, h, nt, nq, nk)
     p5.add_(bias)
     prob.sub_(lse).clamp_min_(_LOGIT_FLOOR).exp_()
@@ -400,38 +373,38 @@ class _TiledAttention(torch.autograd.Function):
     probabilities tile by tile from the saved log-sum-exp instead of storing them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: TilePlan, scale: float):
+    def forward(ctx, q, k, v, plan: TilePlan, plan_bias: torch.Tensor, scale: float):
         b, h = q.shape[:2]
         chunks = _chunks(plan, b, h)
         if len(chunks) == 1:
-            out, lse = _forward(q, k, v, plan, scale, slice(None))
+            out, lse = _forward(q, k, v, plan, plan_bias, scale, slice(None))
             lses = [lse]
         else:
             out = v.new_empty(b, h, plan.grid[0] * plan.grid[1], v.shape[-1])
             lses = []
             for bs, hs in chunks:
-                out[bs, hs], lse = _forward(q[bs, hs], k[bs, hs], v[bs, hs], plan, scale, hs)
+                out[bs, hs], lse = _forward(q[bs, hs], k[bs, hs], v[bs, hs], plan, plan_bias, scale, hs)
                 lses.append(lse)
         ctx.save_for_backward(q, k, v, out, *lses)
-        ctx.plan, ctx.scale, ctx.chunks = plan, scale, chunks
+        ctx.plan, ctx.plan_bias, ctx.scale, ctx.chunks = plan, plan_bias, scale, chunks
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, *lses = ctx.saved_tensors
-        plan, scale, chunks = ctx.plan, ctx.scale, ctx.chunks
+        plan, plan_bias, scale, chunks = ctx.plan, ctx.plan_bias, ctx.scale, ctx.chunks
         if len(chunks) == 1:
-            dq, dk, dv = _backward(q, k, v, out, lses[0], grad_out, plan, scale, slice(None))
+            dq, dk, dv = _backward(q, k, v, out, lses[0], grad_out, plan, plan_bias, scale, slice(None))
         else:
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
             for (bs, hs), lse in zip(chunks, lses):
                 dq[bs, hs], dk[bs, hs], dv[bs, hs] = _backward(
-                    q[bs, hs], k[bs, hs], v[bs, hs], out[bs, hs], lse, grad_out[bs, hs], plan, scale, hs)
-        return dq, dk, dv, None, None
+                    q[bs, hs], k[bs, hs], v[bs, hs], out[bs, hs], lse, grad_out[bs, hs], plan, plan_bias, scale, hs)
+        return dq, dk, dv, None, None, None
 
 
-def _tiled_with_dropout(q, k, v, plan: TilePlan, scale: float, dropout_p: float) -> torch.Tensor:
+def _tiled_with_dropout(q, k, v, plan: TilePlan, plan_bias: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
     """Plain-autograd version (keeps the probabilities) for attention dropout."""
     b, h, t, d = q.shape
     dv = v.shape[-1]
@@ -442,7 +415,7 @@ def _tiled_with_dropout(q, k, v, plan: TilePlan, scale: float, dropout_p: float)
     vt = _rows(v).index_select(0, ik).view(b * h * nt, nk, dv)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.bmm(qs, kt.transpose(1, 2)).to(acc)
-    s = (s.view(b, h, nt, nq, nk) + plan.bias(acc)).view(b * h * nt, nq, nk)
+    s = (s.view(b, h, nt, nq, nk) + plan_bias).view(b * h * nt, nq, nk)
     prob = F.dropout(s.softmax(-1), p=dropout_p).to(v.dtype)
     o = torch.bmm(prob, vt)
     return o.view(-1, dv).index_select(0, io).view(b, h, -1, dv)
@@ -485,11 +458,12 @@ def tiled_window_attention(
         raise ValueError(f'q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     plan = plan_tiles(windows, p, tile, q.device)
+    bias = plan_bias(windows, plan, torch.float64 if q.dtype == torch.float64 else torch.float32)
     with torch.autocast(dev, enabled=False):
         if dropout_p > 0.0:
-            patches = _tiled_with_dropout(q, k, v, plan, scale, dropout_p)
+            patches = _tiled_with_dropout(q, k, v, plan, bias, scale, dropout_p)
         else:
-            patches = _TiledAttention.apply(q, k, v, plan, scale)
+            patches = _TiledAttention.apply(q, k, v, plan, bias, scale)
     if p == 0:
         return patches
     # prefix queries see every token: a few rows of plain SDPA (which keeps views, not copies,

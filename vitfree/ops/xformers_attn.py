@@ -25,7 +25,7 @@ import torch
 from ..windows import LayerWindows
 
 __all__ = [
-    'BIAS_ALIGN', 'window_bias', 'xformers_inputs', 'xformers_window_attention', 'xformers_supports',
+    'BIAS_ALIGN', 'window_bias', 'xformers_inputs', 'xformers_window_attention', 'xformers_supports', 'xformers_prepare',
     'import_xformers',
 ]
 
@@ -74,20 +74,28 @@ def window_bias(
     if windows.per_head and windows.num_heads != num_heads:
         raise ValueError(f'windows are per head for {windows.num_heads} heads, got num_heads={num_heads}')
 
-    def make() -> torch.Tensor:
-        allowed = windows.mask(num_prefix_tokens, dev)  # (T, T) or (heads, T, T)
-        t = allowed.shape[-1]
-        t_pad = -(-t // BIAS_ALIGN) * BIAS_ALIGN
-        store = torch.full((*allowed.shape[:-1], t_pad), float('-inf'), dtype=dtype, device=dev)
-        store[..., :t].masked_fill_(allowed, 0.0)
-        return store
-
-    store = windows.cached(('xformers.bias', num_prefix_tokens, dtype, str(dev)), make)
+    store = _bias_storage(windows, num_prefix_tokens, dtype, dev)
     t = store.shape[-2]
     bias = store[..., :t]
     if bias.dim() == 2:
         bias = bias.unsqueeze(0)
     return bias.unsqueeze(0).expand(batch, num_heads, t, t)
+
+
+def _bias_storage(windows: LayerWindows, num_prefix_tokens: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    def make() -> torch.Tensor:
+        allowed = windows.mask(num_prefix_tokens, device)  # (T, T) or (heads, T, T)
+        t = allowed.shape[-1]
+        t_pad = -(-t // BIAS_ALIGN) * BIAS_ALIGN
+        store = torch.full((*allowed.shape[:-1], t_pad), float('-inf'), dtype=dtype, device=device)
+        store[..., :t].masked_fill_(allowed, 0.0)
+        return store
+    return windows.cached(('xformers.bias', num_prefix_tokens, dtype, str(device)), make)
+
+
+def xformers_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
+    _bias_storage(windows, num_prefix_tokens, dtype, device)
 
 
 def xformers_inputs(
