@@ -1,8 +1,9 @@
-"""Attention op benchmark: one 7x7 window for every patch, four ways, side by side.
+"""Attention op benchmark: one 7x7 window for every patch, five ways, side by side.
 
   sdpa       F.scaled_dot_product_attention without a mask (what timm's ViT runs; all pairs)
   sdpa_mask  SDPA with the dense boolean window mask (vitfree's ``dense`` backend)
-  tiled      vitfree's ``tiled`` backend
+  tiled      vitfree's ``tiled`` backend (pure PyTorch)
+  native     vitfree's ``native`` backend (compiled C++/OpenMP, exact window work)
   natten     NATTEN's ``na2d`` with kernel_size 7 (optional: ``pip install 'vitfree[bench]'``;
              timed in its own rounds, since it is 10-100x slower and flushes the caches)
   auto       what vitfree's dispatcher picks (for checking its cost model)
@@ -14,6 +15,7 @@ NATTEN shifts windows at the border where vitfree clips them; the work is the sa
 
   python benchmarks/bench_attention.py [--quick] [--threads 1] [--out benchmarks/results]
   python benchmarks/bench_attention.py --calibrate     # refit the tiled kernel's tile costs
+  python benchmarks/bench_attention.py --fit-native    # refit the dispatcher's native-kernel costs
 """
 from __future__ import annotations
 
@@ -28,13 +30,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from vitfree.commands.bench import write_results, interleaved, machine_info, peak_memory, set_threads  # noqa: E402
-from vitfree.ops import choose_backend, tiled_window_attention, window_attention  # noqa: E402
+from vitfree.benchmark import interleaved, machine_info, peak_memory, set_threads, write_results  # noqa: E402
+from vitfree.ops import choose_backend, native_window_attention, tiled_window_attention, window_attention  # noqa: E402
 from vitfree.windows import LayerWindows  # noqa: E402
 
 GRIDS = (14, 28, 48, 64)
 HEADS, DIM, RADIUS = 6, 64, 3
-METHODS = ('sdpa', 'sdpa_mask', 'tiled', 'natten', 'auto')
+METHODS = ('sdpa', 'sdpa_mask', 'tiled', 'native', 'natten', 'auto')
 
 
 def _natten():
@@ -69,6 +71,7 @@ def make_call(method: str, g: int, backward: bool, dtype=torch.float32):
             'sdpa': lambda: F.scaled_dot_product_attention(q, k, v),
             'sdpa_mask': lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
             'tiled': lambda: tiled_window_attention(q, k, v, windows, 0),
+            'native': lambda: native_window_attention(q, k, v, windows, 0),
             'auto': lambda: window_attention(q, k, v, windows, 0),
         }[method]
         leaves = (q, k, v)
@@ -147,17 +150,18 @@ def to_markdown(res: dict) -> str:
         f'{res["config"]["reps"]} interleaved rounds ({"CPU time" if m["threads"] == 1 else "wall time"}). '
         'Peak: resident-memory growth of a fresh process during one call.',
         '',
-        '| N | mode | ' + ' | '.join(f'{x} ms' for x in methods) + ' | tiled vs sdpa | tiled vs sdpa_mask | '
-        + ('tiled vs natten | ' if 'natten' in methods else '') + 'auto picks | '
+        '| N | mode | ' + ' | '.join(f'{x} ms' for x in methods) + ' | native vs sdpa | native vs sdpa_mask | '
+        + 'native vs tiled | ' + ('native vs natten | ' if 'natten' in methods else '') + 'auto picks | '
         + ' | '.join(f'{x} MiB' for x in methods) + ' |',
-        '|' + '---|' * (2 + len(methods) + 3 + ('natten' in methods) + len(methods)),
+        '|' + '---|' * (2 + len(methods) + 4 + ('natten' in methods) + len(methods)),
     ]
     for r in res['rows']:
         t = r['time_s']
         cells = [str(r['N']), r['mode']] + [f'{1e3 * t[x]:.1f}' if t[x] else 'n/a' for x in methods]
-        cells += [f'{t["sdpa"] / t["tiled"]:.1f}x', f'{t["sdpa_mask"] / t["tiled"]:.1f}x']
+        cells += [f'{t["sdpa"] / t["native"]:.1f}x', f'{t["sdpa_mask"] / t["native"]:.1f}x',
+                  f'{t["tiled"] / t["native"]:.1f}x']
         if 'natten' in methods:
-            cells.append(f'{t["natten"] / t["tiled"]:.0f}x' if t['natten'] else 'n/a')
+            cells.append(f'{t["natten"] / t["native"]:.0f}x' if t['natten'] else 'n/a')
         cells.append(r['auto_picks'])
         pk = r.get('peak_mb', {})
         cells += [f'{pk[x]:.0f}' if isinstance(pk.get(x), (int, float)) else '-' for x in methods]
@@ -194,6 +198,38 @@ def calibrate(args) -> None:
           f'per tile {coef[2]:.3e}; _ROW_COST = {coef[1] / coef[0]:.1f}, _TILE_COST = {coef[2] / coef[0]:.0f}')
 
 
+def fit_native(args) -> None:
+    """Time the native kernel over grids, windows and batches; fit seconds = pairs-channels *
+    NATIVE_PAIR + query-rows * NATIVE_QUERY + NATIVE_CALL (relative least squares), and print
+    the measured dense/native ratio next to the model's, so the crossover can be checked."""
+    import numpy as np
+
+    from vitfree.ops.dispatch import _window_pairs
+    set_threads(args.threads)
+    feats, ys, rows = [], [], []
+    for g in (8, 14, 24, 32, 48, 64):
+        for r in (1, 3, 7):
+            w = LayerWindows(r, (g, g))
+            b = max(1, 2048 // (g * g))
+            for p in (0, 1):
+                t = p + g * g
+                q, k, v = (torch.randn(b, HEADS, t, DIM) for _ in range(3))
+                calls = {'native': lambda: native_window_attention(q, k, v, w, p),
+                         'dense': lambda: window_attention(q, k, v, w, p, backend='dense')}
+                with torch.no_grad():
+                    times = interleaved(calls, reps=3)
+                bh = b * HEADS
+                feats.append([bh * _window_pairs(w, p) * DIM, bh * t, 1.0])
+                ys.append(times['native']['median'])
+                rows.append((g, r, b, p, times['dense']['median'] / times['native']['median']))
+    x, y = np.array(feats), np.array(ys)
+    coef, *_ = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)
+    print(f'NATIVE_PAIR, NATIVE_QUERY, NATIVE_CALL = {coef[0]:.2e}, {coef[1]:.2e}, {max(coef[2], 1e-6):.2e}')
+    for (g, r, b, p, ratio), f, yy in zip(rows, feats, ys):
+        print(f'grid {g:3d} radius {r} batch {b:3d} prefix {p}: measured dense/native {ratio:5.2f}, '
+              f'fit error {100 * (float(np.dot(coef, f)) / yy - 1):+.0f} %')
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--quick', action='store_true', help='only N = 196 and 784')
@@ -201,10 +237,14 @@ def main(argv=None) -> int:
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
     p.add_argument('--calibrate', action='store_true', help="refit the tiled kernel's tile-choice constants")
+    p.add_argument('--fit-native', action='store_true', help="refit the dispatcher's native-kernel costs")
     p.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results'))
     args = p.parse_args(argv)
     if args.calibrate:
         calibrate(args)
+        return 0
+    if args.fit_native:
+        fit_native(args)
         return 0
     res = run(args)
     write_results(args.out, 'attention', res, to_markdown(res))

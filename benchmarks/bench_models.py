@@ -1,214 +1,180 @@
-"""Whole-model benchmark: timm's ViT against the WinfT of the same shape, side by side.
+"""Whole model on the CPU: timm's ViT-S against WinfT-S, and against the free-attention limits.
 
-For vit_tiny_patch16_224 and vit_small_patch16_224 at 224, 448, 768 and 1024 px (random
-weights; the windows, not the weights, decide the cost) it measures
+For ``vit_small_patch16_224`` at img_size 224, 512, 768 and 1024 px (random weights: the
+windows, not the weights, decide the cost), with 1 and 2 threads, it times, interleaved in one
+run (median of ``--reps`` rounds):
 
-  * inference images/s (``torch.no_grad``),
-  * one training step (forward, backward, SGD step) in seconds,
-  * the training step's peak memory (growth of a fresh process's resident set),
-  * the share of this machine's matmul peak the model reaches (executed FLOPs / time / peak),
+  * ``vit``: timm's ViT-S (its attention runs on PyTorch's fused SDPA kernel);
+  * ``winft``: the WinfT of the same shape with a uniform 7x7 window (radius 3) in every
+    block, ``auto`` backend;
+  * ``limit``: the ViT with every attention module replaced by an identity: what any model of
+    this shape costs if attention, including its qkv and output projections, were free
+    (the issue's definition);
+  * ``free_op``: the ViT whose attention modules keep their qkv and output projections but
+    return v instead of attending: what WinfT costs if the attention op itself were free.
 
-for three models: timm's ViT, the WinfT with a uniform 7x7 window (radius 3) in every block,
-and the WinfT with the shipped spec ``winft_prior_d12_g14`` (resized to the grid: extents
-scale with it, and its last four blocks are global).  Then the same under bf16 autocast for
-ViT-S at 224 and 1024 px.  Compared models run interleaved; medians are reported.
+Inference: batch 8 at 224 px, batch 1 above.  Training step: forward, backward and an AdamW
+step, same batches.  Results: ``benchmarks/results/models.{json,md}``; ``--profile`` adds a
+per-operator profile of one WinfT forward at 1024 px (where the remaining time goes).
 
-  python benchmarks/bench_models.py [--quick] [--threads 1] [--out benchmarks/results]
+  python benchmarks/bench_models.py [--reps 4] [--threads 1 2] [--sizes 224 512 768 1024] [--profile]
+
+Stop other work first (a background job sharing the two cores skews every figure; pause it
+with ``kill -STOP`` / ``kill -CONT``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import textwrap
 import time
+import warnings
+from typing import Dict
 
 import torch
+import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import timm  # noqa: E402
 
 import vitfree  # noqa: E402
-from vitfree.commands.bench import write_results, interleaved, machine_info, matmul_peak, peak_memory, set_threads  # noqa: E402
-from vitfree.ops.tiled import tiled_cost  # noqa: E402
+from vitfree.benchmark import interleaved, machine_info, set_threads, write_results  # noqa: E402
 from vitfree.windows import WindowSpec  # noqa: E402
 
-MODELS = ('vit_tiny_patch16_224', 'vit_small_patch16_224')
-SIZES = (224, 448, 768, 1024)
-SHIPPED = 'winft_prior_d12_g14'
-BATCH = {224: 8, 448: 2, 768: 1, 1024: 1}
-VARIANTS = ('vit', 'winft_uniform7', 'winft_shipped')
+BASE = 'vit_small_patch16_224'
+VARIANTS = ('vit', 'winft', 'limit', 'free_op')
+BATCH = {224: 8}
 
 
-def build(base: str, img: int, variant: str) -> torch.nn.Module:
-    if variant == 'vit':
-        return timm.create_model(base, img_size=img)
-    grid = (img // 16, img // 16)
-    windows = WindowSpec.uniform(12, grid, 3) if variant == 'winft_uniform7' else SHIPPED
-    return vitfree.create_winft(base, windows=windows, img_size=img)
+class NoAttention(nn.Module):
+    """An attention module that is an identity (the ``limit`` model)."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return x
 
 
-def executed_flops(model: torch.nn.Module, img: int, batch: int) -> float:
-    """Forward FLOPs actually computed: the matmuls of every block plus the attention pairs of
-    the backend each block ran (T^2 for SDPA, the tiles' pairs for ``tiled``)."""
-    d = model.embed_dim
-    heads = model.blocks[0].attn.num_heads
-    hd = d // heads
-    t = model.patch_embed.num_patches + model.num_prefix_tokens
-    grid = tuple(model.patch_embed.grid_size)
-    flops = 2 * 3 * 16 * 16 * d * model.patch_embed.num_patches  # patch embedding
-    backends = model.attn_backends() if hasattr(model, 'attn_backends') else ['global'] * len(model.blocks)
-    for blk, backend in zip(model.blocks, backends):
-        flops += 24 * d * d * t  # qkv, proj, 2-layer MLP with ratio 4
-        windows = getattr(blk.attn, 'windows_for', None)
-        if backend == 'tiled':
-            pairs = tiled_cost(blk.attn.windows_for(grid[0] * grid[1]), model.num_prefix_tokens)[0]
-        else:
-            pairs = t * t
-        flops += 4 * pairs * hd * heads
-        del windows
-    return float(flops * batch)
+class ProjectionsOnly(nn.Module):
+    """Keeps an attention module's qkv and output projections, skips the attention op (``free_op``)."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.heads, self.dim = attn.qkv, attn.proj, attn.num_heads, attn.head_dim
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        b, n, c = x.shape
+        v = self.qkv(x).reshape(b, n, 3, self.heads, self.dim)[:, :, 2]
+        return self.proj(v.reshape(b, n, self.heads * self.dim))
 
 
-def _train_step(model, x, opt, amp):
-    with amp():
-        loss = model(x).float().logsumexp(-1).mean()
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def build(img: int, variant: str) -> nn.Module:
+    if variant == 'winft':
+        g = img // 16
+        return vitfree.create_winft(BASE, windows=WindowSpec.uniform(12, (g, g), 3), img_size=img)
+    model = timm.create_model(BASE, img_size=img)
+    for blk in model.blocks:
+        if variant == 'limit':
+            blk.attn = NoAttention()
+        elif variant == 'free_op':
+            blk.attn = ProjectionsOnly(blk.attn)
+    return model
 
 
-def _memory_setup(base: str, img: int, variant: str, batch: int) -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return textwrap.dedent(f'''
-        sys.path.insert(0, {here!r})
-        from bench_models import build
-        m = build({base!r}, {img}, {variant!r}).train()
-        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
-        x = torch.randn({batch}, 3, {img}, {img})
-
-        def step():
-            loss = m(x).logsumexp(-1).mean()
-            loss.backward()
-            opt.step()
-    ''')
-
-
-def bench_size(base: str, img: int, reps: int, threads: int, memory: bool, peak: dict,
-               dtype: str = 'float32') -> dict:
-    batch = BATCH[img]
-    models = {v: build(base, img, v) for v in VARIANTS}
+def bench_size(img: int, reps: int) -> Dict:
+    batch = BATCH.get(img, 1)
+    models = {v: build(img, v) for v in VARIANTS}
     x = torch.randn(batch, 3, img, img)
-    bf16 = dtype == 'bfloat16'
-    amp = lambda: torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    opts = {v: torch.optim.AdamW(m.parameters(), lr=1e-4) for v, m in models.items()}
 
     def infer(m):
         m.eval()
-        with torch.no_grad(), amp():
+        with torch.no_grad():
             m(x)
-    opts = {v: torch.optim.SGD(m.parameters(), lr=1e-3) for v, m in models.items()}
 
     def train(v):
-        models[v].train()
-        _train_step(models[v], x, opts[v], amp)
+        m = models[v].train()
+        loss = m(x).logsumexp(-1).mean()
+        loss.backward()
+        opts[v].step()
+        opts[v].zero_grad(set_to_none=True)
 
-    row = {'model': base, 'img_size': img, 'batch': batch, 'dtype': dtype}
     t0 = time.perf_counter()
     inf = interleaved({v: (lambda m=m: infer(m)) for v, m in models.items()}, reps=reps)
-    row['backends'] = {v: sorted(set(m.attn_backends())) for v, m in models.items() if v != 'vit'}
-    row['infer_img_s'] = {v: batch / inf[v]['median'] for v in VARIANTS}
-    flops = {v: executed_flops(models[v], img, batch) for v in VARIANTS}
-    row['infer_gflop'] = {v: flops[v] / 1e9 for v in VARIANTS}
-    row['infer_peak_fraction'] = {v: flops[v] / inf[v]['median'] / 1e9 / peak[dtype] for v in VARIANTS}
-    tr = interleaved({v: (lambda v=v: train(v)) for v in VARIANTS}, reps=max(2, reps - 1))
-    row['train_step_s'] = {v: tr[v]['median'] for v in VARIANTS}
-    row['train_peak_fraction'] = {v: 3 * flops[v] / tr[v]['median'] / 1e9 / peak[dtype] for v in VARIANTS}
-    if memory:
-        row['train_peak_mb'] = {v: peak_memory(_memory_setup(base, img, v, batch), threads).get('peak_mb')
-                                for v in VARIANTS}
-    for v in VARIANTS[1:]:
-        row[f'{v}_infer_speedup'] = row['infer_img_s'][v] / row['infer_img_s']['vit']
-        row[f'{v}_train_speedup'] = row['train_step_s']['vit'] / row['train_step_s'][v]
-        if memory and row['train_peak_mb'].get(v) and row['train_peak_mb'].get('vit'):
-            row[f'{v}_train_memory_ratio'] = row['train_peak_mb'][v] / row['train_peak_mb']['vit']
+    backends = sorted(set(models['winft'].attn_backends()))
+    tr = interleaved({v: (lambda v=v: train(v)) for v in VARIANTS}, reps=reps)
+    row = {'img_size': img, 'batch': batch, 'threads': torch.get_num_threads(), 'backends': backends,
+           'infer_ms': {v: 1e3 * inf[v]['median'] for v in VARIANTS},
+           'train_ms': {v: 1e3 * tr[v]['median'] for v in VARIANTS}}
+    for kind in ('infer', 'train'):
+        ms = row[f'{kind}_ms']
+        row[f'{kind}_speedup'] = ms['vit'] / ms['winft']
+        row[f'{kind}_limit_speedup'] = ms['vit'] / ms['limit']
+        row[f'{kind}_share_of_limit'] = ms['limit'] / ms['winft']
+        row[f'{kind}_share_of_free_op'] = ms['free_op'] / ms['winft']
     row['wall_s'] = time.perf_counter() - t0
-    keys = ('model', 'img_size', 'dtype')
-    print(json.dumps({k: v for k, v in row.items() if 'speedup' in k or 'ratio' in k or k in keys}), flush=True)
+    print(f'{img} px, {row["threads"]} thread(s): infer {row["infer_speedup"]:.2f}x ViT '
+          f'({100 * row["infer_share_of_limit"]:.0f} % of limit, {100 * row["infer_share_of_free_op"]:.0f} % of free op); '
+          f'train {row["train_speedup"]:.2f}x ({100 * row["train_share_of_limit"]:.0f} % / '
+          f'{100 * row["train_share_of_free_op"]:.0f} %); backends {backends}', flush=True)
     return row
 
 
-def run(args) -> dict:
-    threads = set_threads(args.threads)
-    peak = {'float32': matmul_peak('float32'), 'bfloat16': matmul_peak('bfloat16')}
-    res = {'machine': machine_info(), 'matmul_peak_gflops': peak, 'shipped_spec': SHIPPED,
-           'reps': args.reps, 'rows': [], 'bf16_rows': []}
-    sizes = (224, 448) if args.quick else SIZES
-    for base in MODELS:
-        for img in sizes:
-            res['rows'].append(bench_size(base, img, args.reps, threads, not args.no_memory, peak))
-    for img in ((224,) if args.quick else (224, 1024)):
-        res['bf16_rows'].append(bench_size('vit_small_patch16_224', img, args.reps, threads, False, peak, 'bfloat16'))
-    res['machine']['load_avg_end'] = machine_info()['load_avg_1_5_15']
-    return res
+def profile_forward(img: int = 1024, top: int = 15) -> str:
+    from torch.profiler import ProfilerActivity, profile
+    g = img // 16
+    m = vitfree.create_winft(BASE, windows=WindowSpec.uniform(12, (g, g), 3), img_size=img).eval()
+    x = torch.randn(1, 3, img, img)
+    with torch.no_grad():
+        m(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            m(x)
+    return prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=top)
 
 
-def to_markdown(res: dict) -> str:
+def to_markdown(res: Dict) -> str:
     m = res['machine']
-    pk = res['matmul_peak_gflops']
-    out = [
-        '# Whole model: timm ViT vs WinfT',
-        '',
-        f'{m["cpu"]}, {m["cores"]} cores, torch {m["torch"]}, {m["threads"]} thread(s) '
-        f'({"CPU-time clock" if m["threads"] == 1 else "wall clock"}); '
-        f'load average at start {m["load_avg_1_5_15"]}, '
-        f'at end {m.get("load_avg_end")}: the machine was shared with other jobs, so models ran interleaved and '
-        f'medians of {res["reps"]} rounds are shown. Matmul peak with these threads: {pk["float32"]:.0f} GFLOP/s fp32, '
-        f'{pk["bfloat16"]:.0f} GFLOP/s bf16. uniform7 = 7x7 window in every block; shipped = `{res["shipped_spec"]}` '
-        'resized to the grid (last 4 blocks global). Random weights. Train step = forward + backward + SGD step. '
-        'Peak = resident-memory growth of a fresh process during one training step.',
-        '',
-        '| model | px | batch | ViT img/s | uniform7 img/s | shipped img/s | uniform7 vs ViT | shipped vs ViT | '
-        'train: uniform7 vs ViT | train: shipped vs ViT | train peak MiB ViT / u7 / shipped | '
-        'u7 / ViT memory | % fp32 peak ViT / u7 / shipped | backends u7; shipped |',
-        '|' + '---|' * 14,
-    ]
-    for r in res['rows']:
-        ii, mem, frac = r['infer_img_s'], r.get('train_peak_mb', {}), r['infer_peak_fraction']
-        fmt_mem = ' / '.join(f'{mem[v]:.0f}' if isinstance(mem.get(v), (int, float)) else '-' for v in VARIANTS)
-        ratio = r.get('winft_uniform7_train_memory_ratio')
-        out.append(
-            f'| {r["model"].replace("_patch16_224", "")} | {r["img_size"]} | {r["batch"]} | {ii["vit"]:.2f} | '
-            f'{ii["winft_uniform7"]:.2f} | {ii["winft_shipped"]:.2f} | **{r["winft_uniform7_infer_speedup"]:.2f}x** | '
-            f'{r["winft_shipped_infer_speedup"]:.2f}x | {r["winft_uniform7_train_speedup"]:.2f}x | '
-            f'{r["winft_shipped_train_speedup"]:.2f}x | {fmt_mem} | {f"{ratio:.2f}x" if ratio else "-"} | '
-            + ' / '.join(f'{100 * frac[v]:.0f}' for v in VARIANTS) + ' | '
-            + f'{",".join(r["backends"]["winft_uniform7"])}; {",".join(r["backends"]["winft_shipped"])} |')
-    if res['bf16_rows']:
-        out += ['', '## bf16 autocast (CPU)', '',
-                '| model | px | batch | ViT img/s | uniform7 img/s | shipped img/s | uniform7 vs ViT | '
-                'shipped vs ViT | train: uniform7 vs ViT | % bf16 peak ViT / u7 / shipped |',
-                '|' + '---|' * 10]
-        for r in res['bf16_rows']:
-            ii, frac = r['infer_img_s'], r['infer_peak_fraction']
-            out.append(
-                f'| {r["model"].replace("_patch16_224", "")} | {r["img_size"]} | {r["batch"]} | {ii["vit"]:.2f} | '
-                f'{ii["winft_uniform7"]:.2f} | {ii["winft_shipped"]:.2f} | {r["winft_uniform7_infer_speedup"]:.2f}x | '
-                f'{r["winft_shipped_infer_speedup"]:.2f}x | {r["winft_uniform7_train_speedup"]:.2f}x | '
-                + ' / '.join(f'{100 * frac[v]:.0f}' for v in VARIANTS) + ' |')
-    return '\n'.join(out) + '\n'
+    out = ['# Whole model on the CPU: ViT-S, WinfT-S and the free-attention limits', '',
+           f'{m["cpu"]}, {m["cores"]} cores, torch {m["torch"]}; load average at start {m["load_avg_1_5_15"]}. '
+           f'All four models ran interleaved in one run; medians of {res["reps"]} rounds (wall clock). '
+           'WinfT: uniform 7x7 window in every block, `auto` backend. limit: every attention module an identity '
+           '(qkv and output projections gone too). free op: qkv and output projections kept, attention op skipped. '
+           'Inference batch 8 at 224 px, 1 above; training step = forward + backward + AdamW.', '']
+    for kind, title in (('infer', 'Inference'), ('train', 'Training step')):
+        out += [f'## {title}', '',
+                '| threads | px | ViT-S ms | WinfT-S ms | limit ms | free-op ms | WinfT speed-up | limit speed-up | '
+                'share of limit | share of free-op limit | backends |', '|' + '---|' * 11]
+        for r in res['rows']:
+            ms = r[f'{kind}_ms']
+            out.append(f'| {r["threads"]} | {r["img_size"]} | {ms["vit"]:.0f} | {ms["winft"]:.0f} | {ms["limit"]:.0f} | '
+                       f'{ms["free_op"]:.0f} | {r[f"{kind}_speedup"]:.2f}x | {r[f"{kind}_limit_speedup"]:.2f}x | '
+                       f'{100 * r[f"{kind}_share_of_limit"]:.0f} % | {100 * r[f"{kind}_share_of_free_op"]:.0f} % | '
+                       f'{", ".join(r["backends"])} |')
+        out.append('')
+    if res.get('profile'):
+        out += ['## Where a WinfT-S forward at 1024 px spends its time (2 threads, torch.profiler)', '', '```',
+                res['profile'], '```', '']
+    return '\n'.join(out)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--quick', action='store_true', help='224 and 448 px only')
-    p.add_argument('--reps', type=int, default=3)
-    p.add_argument('--threads', type=int, default=1)
-    p.add_argument('--no-memory', action='store_true')
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--reps', type=int, default=4)
+    p.add_argument('--threads', type=int, nargs='+', default=[1, 2])
+    p.add_argument('--sizes', type=int, nargs='+', default=[224, 512, 768, 1024])
+    p.add_argument('--profile', action='store_true', help='add an operator profile of WinfT-S at 1024 px')
     p.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results'))
+    p.add_argument('--stem', default='models')
     args = p.parse_args(argv)
-    res = run(args)
-    write_results(args.out, 'models', res, to_markdown(res))
+    warnings.simplefilter('ignore')
+    res = {'machine': machine_info(), 'reps': args.reps, 'base': BASE, 'rows': []}
+    for threads in args.threads:
+        set_threads(threads)
+        for img in args.sizes:
+            res['rows'].append(bench_size(img, args.reps))
+    if args.profile:
+        set_threads(max(args.threads))
+        res['profile'] = profile_forward()
+    res['machine']['load_avg_end'] = machine_info()['load_avg_1_5_15']
+    write_results(args.out, args.stem, res, to_markdown(res))
     return 0
 
 

@@ -44,14 +44,24 @@ def test_all_backends_registered():
 
 
 @pytest.mark.parametrize('grid,radius,batch,expect', [
-    ((64, 64), 3, 1, 'tiled'),     # 1024 px, 7x7 windows
-    ((48, 48), 3, 2, 'tiled'),
-    ((14, 14), 1, 16, 'dense'),    # 224 px: the masked fused kernel beats tiles
+    ((64, 64), 3, 1, 'native'),    # 1024 px, 7x7 windows: measured 17x faster than dense
+    ((48, 48), 3, 2, 'native'),
+    ((14, 14), 1, 16, 'native'),   # 224 px, 3x3 windows: measured ~3x faster than dense
+    ((14, 14), 7, 10, 'dense'),    # 15x15 windows on a 14x14 grid: native measured 2x slower than dense
     ((14, 14), 20, 16, 'global'),  # windows cover the grid
     ((64, 64), 63, 1, 'global'),
 ])
 def test_cpu_choice_at_the_measured_crossovers(grid, radius, batch, expect):
     assert choose_backend(_q(batch, 6, grid), LayerWindows(radius, grid), 1) == expect
+
+
+@pytest.mark.parametrize('grid,radius,batch,expect', [((64, 64), 3, 1, 'tiled'), ((48, 48), 3, 2, 'tiled')])
+def test_without_the_native_kernel_tiled_takes_over(monkeypatch, grid, radius, batch, expect):
+    import vitfree.ops.native as native
+    monkeypatch.setattr(native, 'native_library', lambda: (None, 'no compiler (test)'))
+    q, w = _q(batch, 6, grid), LayerWindows(radius, grid)
+    assert choose_backend(q, w, 1) == expect
+    assert 'no compiler (test)' in estimate_costs(q, w, 1)['native']
 
 
 def test_never_xformers_on_cpu():
@@ -161,7 +171,7 @@ def test_custom_backend_costs_and_auto_flag(restore_registry):
 
 def test_explain_choice_names_the_pick():
     text = explain_choice(_q(1, 6, (64, 64)), LayerWindows(3, (64, 64)), 1)
-    assert "auto picks 'tiled'" in text and '* tiled' in text and 'xformers' in text
+    assert "auto picks 'native'" in text and '* native' in text and 'xformers' in text and 'tiled' in text
 
 
 def test_model_reports_what_ran_and_backends_agree(monkeypatch):

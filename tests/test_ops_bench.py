@@ -1,10 +1,10 @@
-"""The measuring helpers behind ``vitfree bench`` and benchmarks/ (behaviour only, no timings)."""
+"""The measuring helpers (vitfree.benchmark) behind ``vitfree bench`` and benchmarks/ (behaviour only, no timings)."""
 import json
 
 import torch
 
 from vitfree.cli import main
-from vitfree.commands import bench
+from vitfree import benchmark as bench
 
 
 def test_interleaved_runs_round_robin():

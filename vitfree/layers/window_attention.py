@@ -20,11 +20,12 @@ built, once while the graph is traced (see :func:`vitfree.ops.dispatch.layer_bac
 from typing import Optional, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
-from ..ops.dispatch import layer_backend, run_backend
+from ..ops.dispatch import layer_backend, qkv_entry, run_backend
 from ..windows import LayerWindows, WindowSpecError, check_resize_mode, extents_mask, to_grid
 
 __all__ = ['WindowAttention', 'graph_window_bias', 'is_fx_tracing']
@@ -152,27 +153,28 @@ class WindowAttention(Attention):
     ) -> torch.Tensor:
         B, N, C = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         dropout_p = self.attn_drop.p if self.training else 0.0
 
-        if not self.windowed:
-            if self.fused_attn:
-                x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                   is_causal=is_causal)
-            else:
-                x = self.softmax_attention(q, k, v, None, attn_mask, is_causal)
-        elif torch.jit.is_scripting() or _graph_mode():
-            bias = graph_window_bias(self.window_extents, self.num_prefix_tokens, q, attn_mask, is_causal)
-            if self.fused_attn:
-                x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scale)
-            else:
-                x = self.softmax_attention(q, k, v, bias)
+        if self.windowed and not (torch.jit.is_scripting() or _graph_mode()):
+            x = self._dispatched(qkv, attn_mask, is_causal, dropout_p)
         else:
-            x = self._dispatched(q, k, v, attn_mask, is_causal, dropout_p)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if not self.windowed:
+                if self.fused_attn:
+                    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                       is_causal=is_causal)
+                else:
+                    x = self.softmax_attention(q, k, v, None, attn_mask, is_causal)
+            else:
+                bias = graph_window_bias(self.window_extents, self.num_prefix_tokens, q, attn_mask, is_causal)
+                if self.fused_attn:
+                    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scale)
+                else:
+                    x = self.softmax_attention(q, k, v, bias)
+            x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
 
-        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
             x = x * gate
@@ -189,35 +191,49 @@ class WindowAttention(Attention):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        """The explicit-softmax path; the probabilities pass through ``attn_drop``, the hook point."""
-        q = q * self.scale
-        attn = q @ k.transpose(-2, -1)
+        """The explicit-softmax path; the probabilities pass through ``attn_drop``, the hook point.
+
+        Logits and softmax are computed in fp32 (fp64 for fp64 inputs), whatever the input dtype,
+        so the probabilities that hooks read are never rounded to half precision."""
+        wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q = q.to(wide) * self.scale
+        attn = q @ k.to(wide).transpose(-2, -1)
         attn = maybe_add_mask(attn, window_bias)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
         attn = attn.softmax(dim=-1)
         attn = self.attn_drop(attn)
-        return attn @ v
+        return (attn @ v.to(wide)).to(v.dtype)
 
     @torch.jit.unused
-    def _dispatched(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                    is_causal: bool, dropout_p: float) -> torch.Tensor:
-        """Windowed attention outside traced graphs: the dispatcher's kernel, or the softmax path."""
+    def _dispatched(self, qkv: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                    dropout_p: float) -> torch.Tensor:
+        """Windowed attention outside traced graphs: the dispatcher's kernel, or the softmax path.
+        ``qkv`` is the ``(B, N, 3, heads, head_dim)`` projection; returns ``(B, N, attn_dim)``."""
+        B, N = qkv.shape[:2]
         p = self.num_prefix_tokens
-        grid = self._grid_for(q.shape[-2] - p)
+        grid = self._grid_for(N - p)
         force = 'eager' if not self.fused_attn else 'dense' if attn_mask is not None or is_causal else ''
         name = layer_backend(self._windows.uid, grid[0], grid[1], self.resize_mode, p,
-                             0 if torch.compiler.is_compiling() else q.shape[0], self.num_heads, self.head_dim,
-                             q.dtype, q.device.type, -1 if q.device.index is None else q.device.index,
-                             torch.is_grad_enabled() and q.requires_grad, self.backend or '', force)
+                             0 if torch.compiler.is_compiling() else B, self.num_heads, self.head_dim,
+                             qkv.dtype, qkv.device.type, -1 if qkv.device.index is None else qkv.device.index,
+                             torch.is_grad_enabled() and qkv.requires_grad, self.backend or '', force)
         windows = self._windows.resize(grid, self.resize_mode)
         self.last_backend = name
+        fused = qkv_entry(name)
+        if (fused is not None and dropout_p == 0.0 and isinstance(self.q_norm, nn.Identity)
+                and isinstance(self.k_norm, nn.Identity)):
+            return fused(qkv, windows, p, self.scale).reshape(B, N, self.attn_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
         if name == 'eager':
-            return self.softmax_attention(q, k, v, windows.bias(p, q.device, q.dtype), attn_mask, is_causal)
-        if name == 'dense' and (attn_mask is not None or is_causal):  # the caller's mask on top of the windows
+            x = self.softmax_attention(q, k, v, windows.bias(p, q.device, q.dtype), attn_mask, is_causal)
+        elif name == 'dense' and (attn_mask is not None or is_causal):  # the caller's mask on top of the windows
             bias = maybe_add_mask(windows.bias(p, q.device, q.dtype),
                                   resolve_self_attn_mask(q.shape[-2], q, attn_mask, is_causal))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scale)
-        return run_backend(name, q, k, v, windows, p, self.scale, dropout_p)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scale)
+        else:
+            x = run_backend(name, q, k, v, windows, p, self.scale, dropout_p)
+        return x.transpose(1, 2).reshape(B, N, self.attn_dim)
 
     def extra_repr(self) -> str:
         w = 'global' if self._windows is None else repr(self._windows)

@@ -38,7 +38,7 @@ __all__ = [
     'Backend', 'register_backend', 'available_backends', 'list_backends', 'use_backend',
     'current_backend', 'resolve_backend', 'choose_backend', 'window_attention', 'run_backend',
     'BackendError', 'CostModel', 'COST_MODELS', 'cost_model', 'estimate_costs', 'explain_choice',
-    'layer_backend', 'prepare_backend', 'QuerySpec',
+    'layer_backend', 'prepare_backend', 'QuerySpec', 'qkv_entry',
 ]
 
 ENV_VAR = 'VITFREE_BACKEND'
@@ -61,6 +61,7 @@ class Backend:
     cost: Optional[CostFn] = None
     auto: bool = True  # may the automatic choice pick it?
     prepare: Optional[PrepareFn] = None  # builds what the kernel needs (plans, biases) ahead of a call
+    fn_qkv: Optional[Callable[..., torch.Tensor]] = None  # (qkv (B,T,3,H,D), windows, P, scale) -> (B,T,H,D)
 
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -77,19 +78,23 @@ def register_backend(name: str, fn: Callable[..., torch.Tensor],
                      description: str = '',
                      cost: Optional[CostFn] = None,
                      auto: bool = True,
-                     prepare: Optional[PrepareFn] = None) -> None:
+                     prepare: Optional[PrepareFn] = None,
+                     fn_qkv: Optional[Callable[..., torch.Tensor]] = None) -> None:
     """Add (or replace) a backend under ``name``.
 
     ``cost`` (or a ``cost`` attribute on ``fn``) estimates seconds for given inputs; a backend
     without one is costed like ``dense``.  ``auto=False`` keeps it out of the automatic choice
     (it still runs when named).  ``prepare(windows, num_prefix_tokens, device, dtype)`` builds
-    the kernel's cached data ahead of the first call (so compiled graphs only look it up)."""
+    the kernel's cached data ahead of the first call (so compiled graphs only look it up).
+    ``fn_qkv(qkv, windows, num_prefix_tokens, scale)``, when given, runs the same attention
+    straight from a ``(B, T, 3, heads, head_dim)`` qkv projection and returns ``(B, T, heads,
+    head_dim)``: layers use it to skip the layout changes around the kernel."""
     if name in ('auto', 'eager'):
         raise BackendError(f"{name!r} is reserved ('auto': the dispatcher's choice; 'eager': the layers' own "
                            f"explicit-softmax path)")
     if cost is None:
         cost = getattr(fn, 'cost', None)
-    _BACKENDS[name] = Backend(name, fn, supports, description, cost, auto, prepare)
+    _BACKENDS[name] = Backend(name, fn, supports, description, cost, auto, prepare, fn_qkv)
     _REGISTRY_VERSION[0] += 1
 
 
@@ -138,6 +143,9 @@ def current_backend(module_backend: Optional[str] = None) -> str:
 
 
 # ---- cost model -----------------------------------------------------------------------------
+_INF = float('inf')
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Seconds per unit of work for one kind of device and precision.
@@ -161,9 +169,12 @@ class CostModel:
     xformers_call: float
     backward: float = 4.2
     tiled_backward: float = 3.4
+    native_pair: float = _INF   # the native CPU kernel, per window pair and channel
+    native_query: float = _INF  # per query row and head (index and softmax work)
+    native_call: float = _INF
+    native_backward: float = 3.5
 
 
-_INF = float('inf')
 # CPU: fitted on the development machine (2-core Xeon with AVX-512 and AMX, one thread, CPU
 # time) from sweeps of grids 7..64, radius 1..7, 6..24 batch-heads, head_dim 64
 # (benchmarks/bench_attention.py --calibrate refits the tile-choice constants).  CUDA: not measured (no GPU
@@ -171,13 +182,20 @@ _INF = float('inf')
 # pairs, since small batched matmuls reach a much smaller share of a GPU's peak than fused
 # attention kernels do, and so that xformers (cached bias, no per-call mask conversion) is
 # preferred to SDPA with a boolean mask when it can run.
+# the native kernel (fp32 inside; bf16/fp16 inputs are widened first): per pair-channel, per
+# query row and head, per call; one thread, fitted on the development CPU
+# (benchmarks/bench_attention.py --fit-native: within 20 % on grids 8..64, windows 3..15, 0-1 prefix)
+NATIVE_PAIR, NATIVE_QUERY, NATIVE_CALL = 1.1e-10, 1.9e-7, 1.0e-5
+
 COST_MODELS: Dict[str, CostModel] = {
     'cpu': CostModel(fused_pair=3.2e-11, masked_pair=4.2e-11, masked_elem=1.0e-9, tiled_pair=7.9e-11,
                      row=1.3e-9, tile=1.3e-6, xformers_pair=_INF, fused_call=2e-5, masked_call=4e-5,
-                     tiled_call=1.5e-4, xformers_call=_INF),
+                     tiled_call=1.5e-4, xformers_call=_INF, native_pair=NATIVE_PAIR, native_query=NATIVE_QUERY,
+                     native_call=NATIVE_CALL),
     'cpu-lowp': CostModel(fused_pair=1.1e-11, masked_pair=1.8e-11, masked_elem=1.0e-9, tiled_pair=4.5e-11,
                           row=1.0e-9, tile=1.3e-6, xformers_pair=_INF, fused_call=2e-5, masked_call=4e-5,
-                          tiled_call=1.5e-4, xformers_call=_INF),
+                          tiled_call=1.5e-4, xformers_call=_INF, native_pair=NATIVE_PAIR, native_query=NATIVE_QUERY,
+                          native_call=NATIVE_CALL + 1e-9),
     'cuda': CostModel(fused_pair=2.0e-14, masked_pair=4.0e-14, masked_elem=2.0e-12, tiled_pair=1.2e-13,
                       row=4.0e-13, tile=2.0e-8, xformers_pair=3.0e-14, fused_call=1e-5, masked_call=2e-5,
                       tiled_call=2.0e-4, xformers_call=2e-5),
@@ -234,6 +252,23 @@ def xformers_cost(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int
     m, (bh, d, training) = cost_model(q), _work(q)
     t = q.shape[-2]
     return (bh * t * t * d * m.xformers_pair + m.xformers_call) * _train_factor(m, training)
+
+
+def native_cost(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
+    """The native kernel: every query's prefix and window pairs, exactly."""
+    m, (bh, d, training) = cost_model(q), _work(q)
+    t = q.shape[-2]
+    pairs = windows.cached(('native.pairs', num_prefix_tokens), lambda: _window_pairs(windows, num_prefix_tokens))
+    sec = bh * (pairs * d * m.native_pair + t * m.native_query) + m.native_call
+    return sec * (m.native_backward if training else 1.0)
+
+
+def _window_pairs(windows: LayerWindows, num_prefix_tokens: int) -> float:
+    """Query-key pairs of one (batch, head): patches see prefix + window, prefix tokens see all."""
+    from ..windows import window_areas
+    n = windows.num_patches
+    area = float(window_areas(windows.extents, windows.grid).sum()) / (windows.num_heads or 1)
+    return area + n * num_prefix_tokens + num_prefix_tokens * (num_prefix_tokens + n)
 
 
 def estimate_costs(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> Dict[str, Union[float, str]]:
@@ -386,6 +421,12 @@ def run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
                            "reference result, or run a WindowAttention layer under use_backend('eager')")
     _check_inputs(q, k, v, windows, num_prefix_tokens)
     return _BACKENDS[name].fn(q, k, v, windows, num_prefix_tokens, scale, dropout_p)
+
+
+def qkv_entry(name: str) -> Optional[Callable[..., torch.Tensor]]:
+    """The fused-qkv entry of backend ``name``, if it has one (see :func:`register_backend`)."""
+    b = _BACKENDS.get(name)
+    return None if b is None else b.fn_qkv
 
 
 def _check_inputs(q, k, v, windows, num_prefix_tokens) -> None:

@@ -435,7 +435,9 @@ def tiled_window_attention(
     by tile (see the module docstring); same result as the dense reference.
 
     ``tile=(th, tw)`` overrides the automatic tile shape.  Under ``torch.autocast`` the inputs
-    are cast to the autocast dtype first, as SDPA would be; logits and softmax run in fp32.
+    are cast to the autocast dtype first, as SDPA would be.  bf16/fp16 inputs are widened to
+    fp32 for the whole computation (logits, softmax and the weighted sum run in fp32; the output
+    is rounded once, to the input dtype), so no logit is rounded to half precision first.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f'q, k, v must be (B, heads, T, head_dim), got shapes {tuple(q.shape)}, '
@@ -457,6 +459,9 @@ def tiled_window_attention(
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f'q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out_dtype = q.dtype
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
     plan = plan_tiles(windows, p, tile, q.device)
     bias = plan_bias(windows, plan, torch.float64 if q.dtype == torch.float64 else torch.float32)
     with torch.autocast(dev, enabled=False):
@@ -464,9 +469,9 @@ def tiled_window_attention(
             patches = _tiled_with_dropout(q, k, v, plan, bias, scale, dropout_p)
         else:
             patches = _TiledAttention.apply(q, k, v, plan, bias, scale)
-    if p == 0:
-        return patches
-    # prefix queries see every token: a few rows of plain SDPA (which keeps views, not copies,
-    # of the strided k and v for its backward pass)
-    prefix = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p, scale=scale)
-    return torch.cat([prefix, patches], dim=2)
+        if p > 0:
+            # prefix queries see every token: a few rows of plain SDPA (which keeps views, not
+            # copies, of the strided k and v for its backward pass)
+            prefix = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p, scale=scale)
+            patches = torch.cat([prefix, patches], dim=2)
+    return patches.to(out_dtype)

@@ -1,0 +1,298 @@
+"""The ``native`` backend: a compiled C++/OpenMP kernel for windowed attention on the CPU.
+
+Every query visits its prefix tokens and the keys inside its own window rectangle, nothing
+else, so the work is exactly the window area (the ``tiled`` backend computes whole halos and
+masks most of them away), and q, k, v are read in place through their strides: the layer
+hands over views of its qkv projection and gets the output back in the layout its output
+projection reads.  Logits, softmax and accumulation are fp32 (bf16/fp16 inputs are widened
+first).  The backward pass recomputes the probabilities from the saved log-sum-exp.
+
+The kernel (``csrc/window_attention.cpp``) is compiled the first time it is needed with the
+system C++ compiler (``$CXX`` or ``g++``; flags ``-O3 -march=native -fopenmp``) into a cache
+folder (``$VITFREE_CACHE`` or ``~/.cache/vitfree``), keyed by the source, compiler, flags and
+CPU, and loaded with ctypes; OpenMP threads follow ``torch.set_num_threads``.  Without a
+compiler (or with ``VITFREE_NATIVE=0``) the backend reports why it cannot run and the
+dispatcher uses the pure-PyTorch ``tiled`` backend instead.  To torch.compile the kernel is
+one opaque operator (``torch.ops.vitfree.window_attention``), so graphs do not break.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..windows import LayerWindows
+
+__all__ = ['native_window_attention', 'native_qkv_attention', 'native_supports', 'native_prepare', 'native_library',
+           'window_bounds_tensor']
+
+_logger = logging.getLogger(__name__)
+SOURCE = Path(__file__).resolve().parent / 'csrc' / 'window_attention.cpp'
+FLAGS = ['-O3', '-march=native', '-mprefer-vector-width=512', '-fopenmp', '-fno-math-errno', '-std=c++17',
+         '-shared', '-fPIC']
+
+_lib: Optional[ctypes.CDLL] = None
+_error: Optional[str] = None
+_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get('VITFREE_CACHE') or Path.home() / '.cache' / 'vitfree') / 'kernels'
+
+
+def _cpu_id() -> str:
+    """The CPU the library is built for (-march=native): model name and feature flags."""
+    try:
+        lines = [ln for ln in Path('/proc/cpuinfo').read_text().splitlines() if ln.startswith(('model name', 'flags'))]
+    except OSError:
+        lines = [platform.processor()]
+    return hashlib.sha256('\n'.join(sorted(set(lines))).encode()).hexdigest()[:16]
+
+
+def _build() -> ctypes.CDLL:
+    cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+    if not cxx:
+        raise RuntimeError('no C++ compiler found (set CXX, or install g++)')
+    version = subprocess.run([cxx, '--version'], capture_output=True, text=True, timeout=60).stdout.splitlines()[:1]
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((version, FLAGS, _cpu_id(), platform.machine())).encode())
+    target = _cache_dir() / f'window_attention-{key.hexdigest()[:16]}.so'
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            res = subprocess.run([cxx, *FLAGS, str(SOURCE), '-o', str(out)], capture_output=True, text=True,
+                                 timeout=600)
+            if res.returncode != 0:
+                raise RuntimeError(f'{cxx} failed: {res.stderr.strip()[-600:]}')
+            os.replace(out, target)
+    lib = ctypes.CDLL(str(target))
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.vitfree_window_attention_forward.argtypes = (
+        [ptr] * 3 + [i64] * 6 + [ptr] * 4 + [i64, f32, ptr, ptr, ctypes.c_int])
+    lib.vitfree_window_attention_backward.argtypes = (
+        [ptr] * 6 + [i64] * 6 + [ptr] * 4 + [i64, f32] + [ptr] * 6 + [ctypes.c_int])
+    return lib
+
+
+def native_library() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
+    """``(library, None)``, or ``(None, why it is unavailable)``; builds it on first use."""
+    global _lib, _error
+    if _lib is None and _error is None:
+        with _lock:
+            if _lib is None and _error is None:
+                if os.environ.get('VITFREE_NATIVE', '1') == '0':
+                    _error = 'the native kernel is switched off (VITFREE_NATIVE=0)'
+                else:
+                    try:
+                        _lib = _build()
+                    except Exception as e:  # no compiler, failed build, unloadable library
+                        _error = f'the native CPU kernel is unavailable: {type(e).__name__}: {e}'
+                        _logger.warning(_error + '; using the pure-PyTorch tiled backend instead')
+    return _lib, _error
+
+
+def native_supports(q: torch.Tensor, windows: LayerWindows) -> Optional[str]:
+    if q.device.type != 'cpu':
+        return f'the native kernel runs on the CPU; q is on {q.device.type}'
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f'the native kernel takes float32, bfloat16 or float16 inputs, got {q.dtype}'
+    return native_library()[1]
+
+
+def window_bounds_tensor(windows: LayerWindows, num_prefix_tokens: int) -> torch.Tensor:
+    """``(heads or 1, P + N, 4)`` int32: first/last row and column of every token's window
+    (prefix tokens: the whole grid); cached on ``windows``."""
+    def make() -> torch.Tensor:
+        h, w = windows.grid
+        e = windows.extents.astype(np.int64)
+        e = e if e.ndim == 4 else e[None]
+        ys, xs = np.arange(h).reshape(h, 1), np.arange(w).reshape(1, w)
+        b = np.stack([np.maximum(ys - e[..., 0], 0), np.minimum(ys + e[..., 1], h - 1),
+                      np.maximum(xs - e[..., 2], 0), np.minimum(xs + e[..., 3], w - 1)], axis=-1)
+        b = b.reshape(e.shape[0], h * w, 4)
+        prefix = np.broadcast_to(np.array([0, h - 1, 0, w - 1]), (e.shape[0], num_prefix_tokens, 4))
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate([prefix, b], axis=1), dtype=np.int32))
+    return windows.cached(('native.bounds', num_prefix_tokens), make)
+
+
+def native_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
+    window_bounds_tensor(windows, num_prefix_tokens)
+
+
+# ---- the operator (one opaque op for torch.compile) -------------------------------------------
+def _strides(x: torch.Tensor) -> ctypes.Array:
+    return (ctypes.c_int64 * 3)(*x.stride()[:3])
+
+
+def _check(x: torch.Tensor, name: str) -> None:
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        raise ValueError(f'{name} must be float32 with unit stride in the last dimension, got {x.dtype}, '
+                         f'strides {tuple(x.stride())}')
+
+
+def _forward_into(q, k, v, bounds, num_prefix_tokens: int, grid_w: int, scale: float):
+    lib, err = native_library()
+    if lib is None:
+        raise RuntimeError(err)
+    for x, n in ((q, 'q'), (k, 'k'), (v, 'v')):
+        _check(x, n)
+    b, h, t, d = q.shape
+    out = torch.empty(b, t, h, d, dtype=torch.float32)
+    lse = torch.empty(b, h, t, dtype=torch.float32)
+    lib.vitfree_window_attention_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), b, h, t, d, num_prefix_tokens, grid_w,
+        _strides(q), _strides(k), _strides(v), bounds.data_ptr(), bounds.shape[0], scale,
+        out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    return out, lse
+
+
+def _backward_into(q, k, v, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale, dq, dk, dv) -> None:
+    lib, err = native_library()
+    if lib is None:
+        raise RuntimeError(err)
+    b, h, t, d = q.shape
+    grad_out = grad_out.contiguous()
+    lib.vitfree_window_attention_backward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
+        b, h, t, d, num_prefix_tokens, grid_w, _strides(q), _strides(k), _strides(v), bounds.data_ptr(),
+        bounds.shape[0], scale, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _strides(dq), _strides(dk),
+        _strides(dv), torch.get_num_threads())
+
+
+@torch.library.custom_op('vitfree::window_attention', mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, num_prefix_tokens: int,
+               grid_w: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(B, H, T, D)`` fp32 q, k, v (any strides, unit stride in D) -> output ``(B, T, H, D)``
+    and log-sum-exp ``(B, H, T)``."""
+    return _forward_into(q, k, v, bounds, num_prefix_tokens, grid_w, scale)
+
+
+@_attention.register_fake
+def _(q, k, v, bounds, num_prefix_tokens, grid_w, scale):
+    b, h, t, d = q.shape
+    return q.new_empty(b, t, h, d), q.new_empty(b, h, t)
+
+
+@torch.library.custom_op('vitfree::window_attention_backward', mutates_args=())
+def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        grad_out: torch.Tensor, lse: torch.Tensor, bounds: torch.Tensor, num_prefix_tokens: int,
+                        grid_w: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32) for x in (q, k, v))
+    _backward_into(q, k, v, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale, dq, dk, dv)
+    return dq, dk, dv
+
+
+@_attention_backward.register_fake
+def _(q, k, v, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, bounds, p, gw, scale = inputs
+    ctx.save_for_backward(q, k, v, bounds, *output)
+    ctx.meta = (p, gw, scale)
+
+
+def _grad(ctx, grad_out, grad_lse):
+    q, k, v, bounds, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward(q, k, v, out, grad_out, lse, bounds, *ctx.meta)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention.register_autograd(_grad, setup_context=_setup)
+
+
+@torch.library.custom_op('vitfree::window_attention_qkv', mutates_args=())
+def _attention_qkv(qkv: torch.Tensor, bounds: torch.Tensor, num_prefix_tokens: int, grid_w: int,
+                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The same on a ``(B, T, 3, H, D)`` qkv projection read in place; its gradient comes back
+    in that same layout, so nothing is copied on either side of the kernel."""
+    q, k, v = (qkv.select(2, i).transpose(1, 2) for i in range(3))
+    return _forward_into(q, k, v, bounds, num_prefix_tokens, grid_w, scale)
+
+
+@_attention_qkv.register_fake
+def _(qkv, bounds, num_prefix_tokens, grid_w, scale):
+    b, t, _, h, d = qkv.shape
+    return qkv.new_empty(b, t, h, d), qkv.new_empty(b, h, t)
+
+
+@torch.library.custom_op('vitfree::window_attention_qkv_backward', mutates_args=())
+def _attention_qkv_backward(qkv: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor,
+                            bounds: torch.Tensor, num_prefix_tokens: int, grid_w: int, scale: float) -> torch.Tensor:
+    dqkv = torch.zeros(qkv.shape, dtype=torch.float32)
+    q, k, v = (qkv.select(2, i).transpose(1, 2) for i in range(3))
+    dq, dk, dv = (dqkv.select(2, i).transpose(1, 2) for i in range(3))
+    _backward_into(q, k, v, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale, dq, dk, dv)
+    return dqkv
+
+
+@_attention_qkv_backward.register_fake
+def _(qkv, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale):
+    return torch.empty_like(qkv)
+
+
+def _setup_qkv(ctx, inputs, output):
+    qkv, bounds, p, gw, scale = inputs
+    ctx.save_for_backward(qkv, bounds, *output)
+    ctx.meta = (p, gw, scale)
+
+
+def _grad_qkv(ctx, grad_out, grad_lse):
+    qkv, bounds, out, lse = ctx.saved_tensors
+    return _attention_qkv_backward(qkv, out, grad_out, lse, bounds, *ctx.meta), None, None, None, None
+
+
+_attention_qkv.register_autograd(_grad_qkv, setup_context=_setup_qkv)
+
+
+# ---- backend entry points ---------------------------------------------------------------------
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def native_window_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        windows: LayerWindows,
+        num_prefix_tokens: int = 0,
+        scale: Optional[float] = None,
+        dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Windowed attention on ``(B, heads, T, head_dim)`` tensors (same result as ``dense``).
+    Attention dropout is not in the kernel: with ``dropout_p > 0`` the ``tiled`` backend runs."""
+    if dropout_p > 0.0:
+        from .tiled import tiled_window_attention
+        return tiled_window_attention(q, k, v, windows, num_prefix_tokens, scale, dropout_p)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dtype = _out_dtype(q)
+    bounds = window_bounds_tensor(windows, num_prefix_tokens)
+    with torch.autocast('cpu', enabled=False):
+        out, _ = _attention(_widen(q), _widen(k), _widen(v), bounds, num_prefix_tokens, windows.grid[1], scale)
+    return out.transpose(1, 2).to(dtype)
+
+
+def native_qkv_attention(qkv: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int, scale: float) -> torch.Tensor:
+    """Windowed attention straight from a ``(B, T, 3, heads, head_dim)`` qkv projection;
+    returns ``(B, T, heads, head_dim)``, the layout the output projection reads."""
+    dtype = _out_dtype(qkv)
+    bounds = window_bounds_tensor(windows, num_prefix_tokens)
+    with torch.autocast('cpu', enabled=False):
+        out, _ = _attention_qkv(_widen(qkv), bounds, num_prefix_tokens, windows.grid[1], float(scale))
+    return out.to(dtype)
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else x.dtype
