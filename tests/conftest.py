@@ -14,6 +14,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_compile_caches():
+    """Each test compiles from scratch: dynamo's per-process recompile limit (8 graphs per code
+    object) is about one program's distinct models, not about a whole test session's."""
+    yield
+    if 'torch._dynamo' in __import__('sys').modules:
+        torch._dynamo.reset()
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one torch thread avoids waiting on a busy second core."""

@@ -16,7 +16,7 @@ This module holds plain data (NumPy arrays), builds masks with torch and keeps, 
 from __future__ import annotations
 
 import copy
-import itertools
+import hashlib
 import json
 import os
 import weakref
@@ -186,31 +186,51 @@ class LayerWindows:
     """The windows of one (non-global) block at one grid size, and everything derived from them.
 
     ``extents`` is an int32 array ``(H, W, 4)`` or ``(heads, H, W, 4)``.  Instances are
-    immutable.  Every object derived from the windows (device tensors, masks, additive biases,
+    immutable and interned: constructing equal windows twice gives the same object.  Every object derived from the windows (device tensors, masks, additive biases,
     resized windows, the backends' tile plans and block masks, the dispatcher's backend choice
     per shape, device and dtype) lives in one cache on the instance, filled by :meth:`cached`.
     Blocks with identical windows share one instance, so they share the cache too.
     """
 
-    _next_uid = itertools.count()
-    _live: 'weakref.WeakValueDictionary[int, LayerWindows]' = weakref.WeakValueDictionary()
+    _live: 'weakref.WeakValueDictionary[str, LayerWindows]' = weakref.WeakValueDictionary()
 
-    def __init__(self, extents: np.ndarray, grid: Grid):
-        self.grid = to_grid(grid)
-        self.extents = _as_extents(extents, self.grid, 'LayerWindows')
-        # plain Python facts, so that code traced by torch.compile never reads the NumPy array
-        self.per_head: bool = self.extents.ndim == 4
-        self.num_heads: Optional[int] = int(self.extents.shape[0]) if self.per_head else None
-        self.num_patches: int = self.grid[0] * self.grid[1]
-        self._cache: Dict[Any, Any] = {}
-        self.uid = next(LayerWindows._next_uid)
-        LayerWindows._live[self.uid] = self
+    def __new__(cls, extents: np.ndarray, grid: Grid) -> 'LayerWindows':
+        # instances are interned by content: equal windows are one object with one cache, in one
+        # model or many, and compiled graphs see the same constant key for them
+        grid = to_grid(grid)
+        ext = _as_extents(extents, grid, 'LayerWindows')
+        digest = hashlib.blake2b(ext.tobytes(), digest_size=12).hexdigest()
+        key = f'{grid[0]}x{grid[1]}:{"x".join(map(str, ext.shape))}:{digest}'
+        obj = cls._live.get(key)
+        if obj is None:
+            obj = super().__new__(cls)
+            obj.grid = grid
+            obj.extents = ext
+            obj.key = key
+            # plain Python facts, so that code traced by torch.compile never reads the NumPy array
+            obj.per_head = ext.ndim == 4
+            obj.num_heads = int(ext.shape[0]) if obj.per_head else None
+            obj.num_patches = grid[0] * grid[1]
+            obj._cache = {}
+            cls._live[key] = obj
+        return obj
+
+    def __init__(self, extents: np.ndarray, grid: Grid) -> None:
+        """See the class docstring; everything is set up (or found) in ``__new__``."""
+
+    def __reduce__(self):
+        return LayerWindows, (np.array(self.extents), self.grid)
+
+    def __copy__(self) -> 'LayerWindows':
+        return self
+
+    def __deepcopy__(self, memo) -> 'LayerWindows':
+        return self
 
     @classmethod
-    def by_uid(cls, uid: int) -> 'LayerWindows':
-        """The live instance with this :attr:`uid` (how compiled code reaches it by a constant)."""
-        return cls._live[uid]
-
+    def by_key(cls, key: str) -> 'LayerWindows':
+        """The live instance with this :attr:`key` (how compiled code reaches it by a constant)."""
+        return cls._live[key]
 
     def max_extents(self) -> Tuple[int, int, int, int]:
         """Largest (up, down, left, right) over all patches (and heads); extents are stored

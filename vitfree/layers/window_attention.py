@@ -213,7 +213,7 @@ class WindowAttention(Attention):
         p = self.num_prefix_tokens
         grid = self._grid_for(N - p)
         force = 'eager' if not self.fused_attn else 'dense' if attn_mask is not None or is_causal else ''
-        name = layer_backend(self._windows.uid, grid[0], grid[1], self.resize_mode, p,
+        name = layer_backend(self._windows.key, grid[0], grid[1], self.resize_mode, p,
                              0 if torch.compiler.is_compiling() else B, self.num_heads, self.head_dim,
                              qkv.dtype, qkv.device.type, -1 if qkv.device.index is None else qkv.device.index,
                              torch.is_grad_enabled() and qkv.requires_grad, self.backend or '', force)

@@ -342,10 +342,11 @@ def create_winft(
         return timm.create_model(base, pretrained=pretrained, **winft_args, **kwargs)
     with _build_vits_as_winft(**winft_args):
         model = timm.create_model(base, pretrained=pretrained, **kwargs)
-    inner = getattr(model, 'model', model)  # features_only wraps the model
-    if not isinstance(inner, WinfT):
+    if kwargs.get('features_only'):  # a feature wrapper around the WinfT (or an FX graph of it)
+        return model
+    if not isinstance(model, WinfT):
         raise ValueError(f'{base!r} ignores the model class it is given; WinfT cannot replace its attention')
-    inner._model_args = dict(inner._model_args, base=base)
+    model._model_args = dict(model._model_args, base=base)
     return model
 
 

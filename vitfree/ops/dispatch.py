@@ -368,12 +368,12 @@ def prepare_backend(name: str, windows: LayerWindows, num_prefix_tokens: int, de
 
 
 @torch.compiler.assume_constant_result
-def layer_backend(uid: int, grid_h: int, grid_w: int, mode: str, num_prefix_tokens: int, batch: int, heads: int,
+def layer_backend(key: str, grid_h: int, grid_w: int, mode: str, num_prefix_tokens: int, batch: int, heads: int,
                   head_dim: int, dtype: torch.dtype, device_type: str, device_index: int, requires_grad: bool,
                   module_backend: str, force: str = '') -> str:
     """Resolve an attention layer's backend and build everything it will read, from constants.
 
-    ``uid`` names the layer's :class:`LayerWindows` (at its native grid), ``grid_h x grid_w`` is
+    ``key`` names the layer's :class:`LayerWindows` (at its native grid; :attr:`LayerWindows.key`), ``grid_h x grid_w`` is
     the grid of the input (the windows are resized to it with ``mode``), ``batch`` 0 means
     unknown; ``force`` names the path the layer must take whatever the choice (``'eager'`` or
     ``'dense'``).  Inside ``torch.compile`` this runs once, eagerly, while the graph is traced,
@@ -381,7 +381,7 @@ def layer_backend(uid: int, grid_h: int, grid_w: int, mode: str, num_prefix_toke
     hold what it needs, so nothing is built, hashed or converted from NumPy inside a compiled
     graph and nothing breaks it (``fullgraph=True`` works).  Elsewhere it is an ordinary call,
     answered from the windows' cache after the first one."""
-    windows = LayerWindows.by_uid(uid).resize((grid_h, grid_w), mode)
+    windows = LayerWindows.by_key(key).resize((grid_h, grid_w), mode)
     device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
     q = QuerySpec(torch.Size((batch if batch > 0 else 8, heads, num_prefix_tokens + windows.num_patches, head_dim)),
                   dtype, device, requires_grad)
