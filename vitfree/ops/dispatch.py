@@ -347,7 +347,7 @@ def _estimates(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 
         if fit is not None:
             out[name] = (fit.predict(b.work(q, windows, num_prefix_tokens)), 'measured')
         else:
-            out[name] = (guess, 'guess, not measured' if cuda or cal is not None else 'estimate')
+            out[name] = (guess, 'guess, not measured' if cuda else 'estimate')
     if cal is not None and any(label == 'measured' for _, label in out.values()):
         for name, (c, label) in out.items():
             if c is not None and label != 'measured':  # only measured backends compete with measured ones

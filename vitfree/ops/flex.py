@@ -12,12 +12,12 @@ Token layout (FlexAttention allows different query and key lengths):
 
 * queries: the ``N`` patches in tile-major order (prefix-token queries see every token and take
   one small unmasked SDPA call, as in :mod:`vitfree.ops.tiled`);
-* keys: the ``N`` patches in tile-major order, padded with dummy keys to a whole key block, then
-  the ``P`` prefix tokens, so the prefix keys form a block of their own that is full for every
-  query block.  Dummy keys sit far outside the grid, so ``mask_mod`` refuses them.
+* keys: the ``N`` patches in tile-major order, then the ``P`` prefix tokens (so the patch blocks
+  stay aligned with the tiles; the prefix keys share the last block).
 
 The block structure is computed exactly with NumPy (per query block, how many of its queries'
-windows cover each patch: a summed-area table), and the :class:`BlockMask` is assembled with
+windows cover each patch: a summed-area table; blocks that reach past the end of either sequence
+are never full, as in ``create_block_mask``), and the :class:`BlockMask` is assembled with
 ``BlockMask.from_kv_blocks``; it equals what ``create_block_mask`` builds from the same
 ``mask_mod`` (tested), without materialising the ``N x N`` mask.  The mask, the permutations and
 the tables ``mask_mod`` reads are built once per (windows, prefix, device) and cached on the
@@ -48,7 +48,7 @@ __all__ = [
 
 Tile = Tuple[int, int]
 FLEX_BLOCK: Tuple[int, int] = (128, 128)  # (query, key) block of the BlockMask: FlexAttention's default
-_FAR = -(1 << 20)  # coordinate of dummy and prefix keys: outside every window
+_FAR = -(1 << 20)  # coordinate of prefix keys: outside every window (they are allowed by their flag)
 
 
 def _ceil(a: int, b: int) -> int:
@@ -84,15 +84,14 @@ def block_structure(windows: LayerWindows, num_prefix_tokens: int, q_order: np.n
                     block: Tuple[int, int] = FLEX_BLOCK) -> Tuple[np.ndarray, np.ndarray, int]:
     """``(partial, full, kv_len)``: bool ``(heads or 1, q_blocks, kv_blocks)`` maps of the blocks
     that need the mask and of those every pair of which is allowed, in the layout of the module
-    docstring (queries in ``q_order``; keys in ``kv_order``, dummies, prefix)."""
+    docstring (queries in ``q_order``; keys in ``kv_order``, then the prefix)."""
     h, w = windows.grid
     n = h * w
     p = num_prefix_tokens
     bq, bk = block
     ext = _extents(windows)
     ys, xs = np.divmod(np.arange(n), w)
-    npad = _ceil(n, bk) * bk if p else n
-    kv_len = npad + p
+    kv_len = n + p
     nqb, nkb = _ceil(n, bq), _ceil(kv_len, bk)
     rows_per_block = np.minimum(bq, n - np.arange(nqb) * bq)  # (nqb,)
     qblock = np.arange(n) // bq  # block of each query position
@@ -110,11 +109,13 @@ def block_structure(windows: LayerWindows, num_prefix_tokens: int, q_order: np.n
         cover = diff.cumsum(1).cumsum(2)[:, :h, :w].reshape(nqb, n)
         cols = np.zeros((nqb, nkb * bk), dtype=np.int32)  # coverage per key position
         cols[:, :n] = cover[:, kv_order]
-        cols[:, npad:kv_len] = rows_per_block[:, None]  # prefix keys: always allowed
-        inside = np.zeros(nkb * bk, dtype=bool)  # positions past kv_len count as neither
+        cols[:, n:kv_len] = rows_per_block[:, None]  # prefix keys: always allowed
+        inside = np.zeros(nkb * bk, dtype=bool)
         inside[:kv_len] = True
         any_ = ((cols > 0) & inside).reshape(nqb, nkb, bk).any(-1)
-        all_ = ((cols == rows_per_block[:, None]) | ~inside).reshape(nqb, nkb, bk).all(-1)
+        # as create_block_mask does, positions past the sequence ends count as masked, so a block
+        # that reaches past either end is never full (FlexAttention then evaluates mask_mod there)
+        all_ = ((cols == bq) & inside).reshape(nqb, nkb, bk).all(-1)
         full[head] = any_ & all_
         partial[head] = any_ & ~all_
     return partial, full, kv_len
@@ -153,7 +154,7 @@ class FlexPlan:
     Attributes:
         q_tile, kv_tile: tiles of the query and key permutations.
         q_index: ``(N,)`` token of each query position; ``q_inverse`` ``(N,)``: position of each patch.
-        kv_index: ``(kv_len,)`` token of each key position (dummies repeat token 0).
+        kv_index: ``(N + P,)`` token of each key position.
         tables: the int32/bool vectors ``mask_mod`` reads (query coordinates and extents in query
             order, key coordinates and prefix flags in key order).
         block_mask: the BlockMask (batch and, for shared windows, head dimensions of size 1).
@@ -216,9 +217,7 @@ def flex_plan(windows: LayerWindows, num_prefix_tokens: int = 0, device: torch.d
         ky[:n], kx[:n] = ys[kv_order], xs[kv_order]
         kp = np.zeros(kv_len, dtype=bool)
         kp[kv_len - p:] = True
-        kv_index = np.zeros(kv_len, dtype=np.int64)  # dummies read token 0 (refused by mask_mod)
-        kv_index[:n] = p + kv_order
-        kv_index[kv_len - p:] = np.arange(p)
+        kv_index = np.concatenate([p + kv_order, np.arange(p)])
         i32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))  # noqa: E731
         sq = (lambda a: a[0]) if not windows.per_head else (lambda a: a)  # noqa: E731
         tables = {'qy': i32(ys[q_order]), 'qx': i32(xs[q_order]), 'up': i32(sq(ext[..., 0])),
