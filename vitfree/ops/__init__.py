@@ -18,7 +18,7 @@ from .dispatch import (
     Backend, BackendError, CostModel, QuerySpec, available_backends, choose_backend, current_backend, dense_cost,
     dense_work, estimate_costs, explain_choice, flex_cost, flex_work, fused_cost, fused_tiles_cost, fused_tiles_work,
     layer_backend, list_backends, prepare_backend, register_backend, resolve_backend, run_backend, tiled_cost_seconds,
-    tiled_work, use_backend, window_attention, xformers_cost, xformers_dense_cost,
+    tiled_work, use_backend, window_attention, xformers_dense_cost,
 )
 from .flex import flex_plan, flex_prepare, flex_supports, flex_window_attention
 from .full import covers_grid, full_attention, full_supports

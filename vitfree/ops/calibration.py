@@ -360,6 +360,7 @@ def calibrate(
     say(f'calibrating {names} on {cal.device}: {sum(len(s) for _, _, s in runs) * len(modes)} shapes x '
         f'{len(names)} backends')
     gen = torch.Generator(device='cpu').manual_seed(0)
+    windows_of: Dict[Any, LayerWindows] = {}
     p = num_prefix_tokens
     for prec, dtype, shape_list in runs:
         for training in modes:
@@ -369,7 +370,10 @@ def calibrate(
                     continue
                 for name in names:
                     b = dispatch._BACKENDS[name]
-                    windows = LayerWindows(max(grid) if name == 'global' else radius, grid)
+                    r = max(grid) if name == 'global' else radius
+                    if (grid, r) not in windows_of:  # one instance per shape: plans and compiled kernels are reused
+                        windows_of[(grid, r)] = LayerWindows(r, grid)
+                    windows = windows_of[(grid, r)]
                     t = p + windows.num_patches
                     q, k, v = (torch.randn(batch, heads, t, head_dim, generator=gen).to(dev, dtype)
                                .requires_grad_(training) for _ in range(3))
