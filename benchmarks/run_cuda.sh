@@ -48,7 +48,7 @@ for stage in "${stages[@]}"; do
         echo "== calibration (tables into $OUT_DIR)"
         extra=()
         [ -z "${OUT:-}" ] && extra=(--commit)
-        "$PY" -m vitfree.ops.calibration --budget 240 --out "$OUT_DIR" "${extra[@]}" 2>&1 \
+        "$PY" -m vitfree.ops.calibration --budget 180 --out "$OUT_DIR" "${extra[@]}" 2>&1 \
             | tee "$OUT_DIR/calibration.log"
         [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
         ;;

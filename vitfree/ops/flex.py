@@ -278,9 +278,11 @@ def _flex_kernel(device_type: str) -> Callable[..., torch.Tensor]:
         # sizes, trained and evaluated in two dtypes, needs more than dynamo's default 8
         import torch._dynamo
         cfg = torch._dynamo.config
-        for name in ('recompile_limit', 'cache_size_limit'):
-            if getattr(cfg, name, _RECOMPILE_LIMIT) < _RECOMPILE_LIMIT:
-                setattr(cfg, name, _RECOMPILE_LIMIT)
+        for name in ('recompile_limit', 'cache_size_limit'):  # the newer name first; the other is its alias
+            if hasattr(cfg, name):
+                if getattr(cfg, name) < _RECOMPILE_LIMIT:
+                    setattr(cfg, name, _RECOMPILE_LIMIT)
+                break
         _compiled = torch.compile(flex_attention, dynamic=False)
     return _compiled
 
