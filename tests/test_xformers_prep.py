@@ -156,3 +156,140 @@ def test_cpu_users_never_import_xformers():
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     assert 'xformers' not in res.stderr.lower()
+
+
+# ---- the linear path: batched tiles with per-tile biases ----------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from vitfree.ops.fused_tiles import (  # noqa: E402
+    BIAS_ALIGN, choose_fused_tile, fused_tiles_attention, gather_tiles, sdpa_tiles_attention, tile_batch, tile_bias,
+)
+from vitfree.ops.tiled import plan_tiles  # noqa: E402
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize('per_head', [False, True])
+@pytest.mark.parametrize('prefix', [0, 1, 2])
+def test_tile_bias_is_each_patch_window_aligned(dtype, per_head, prefix):
+    windows = _windows(per_head, grid=(7, 9))
+    batch = tile_batch(windows, prefix, 'cpu', (3, 4))
+    bias = tile_bias(windows, prefix, 'cpu', dtype, (3, 4))
+    nt, qt, kt = batch.num_tiles, batch.tile_queries, batch.tile_keys
+    assert bias.shape == (1, nt * (3 if per_head else 1), qt, kt) and bias.dtype == dtype
+    assert _xformers_alignment_problems(bias.expand(5, *bias.shape[1:])) == []
+    assert bias.stride(-2) % BIAS_ALIGN == 0 and bias.stride(-1) == 1
+    # every entry is 0 or -inf, and 0 exactly where the key token is in the query patch's window
+    full = windows.mask(prefix)  # (T, T) or (heads, T, T)
+    if not per_head:
+        full = full.unsqueeze(0)
+    plan = plan_tiles(windows, prefix, (3, 4))
+    q_tok = plan.query_index.view(nt, qt)
+    k_tok = plan.key_index.view(nt, kt)
+    valid = (plan.grad_index < windows.num_patches).view(nt, qt)
+    b = bias.view(nt, -1, qt, kt)  # (nt, heads, Qt, Kt)
+    for head in range(full.shape[0]):
+        want = full[head][q_tok[:, :, None], k_tok[:, None, :]]  # (nt, Qt, Kt)
+        got = b[:, head] == 0
+        assert torch.equal(got[valid], want[valid])
+        assert torch.all(got[~valid])  # padding rows allow everything (they are dropped)
+        assert torch.all(torch.isneginf(b[:, head][~got]))
+
+
+def test_every_window_key_is_in_its_tile_halo():
+    """The tiles lose nothing: the number of allowed (query, key) pairs over all tiles equals the
+    dense mask's count, for every patch."""
+    windows = _windows(True, grid=(13, 11))
+    for tile in [(1, 1), (4, 4), (8, 16), (13, 11)]:
+        plan = plan_tiles(windows, 1, tile)
+        valid = plan.grad_index < windows.num_patches
+        allowed = plan.allowed.flatten(1, 2)[:, valid]  # (heads, N, Kt)
+        dense = windows.mask(1)[:, 1:]  # (heads, N, T)
+        order = plan.grad_index[valid]
+        assert torch.equal(allowed.sum(-1), dense[:, order].sum(-1))
+
+
+def test_gather_is_one_copy_in_the_kernel_layout():
+    windows = _windows(grid=(5, 7))
+    batch = tile_batch(windows, 1, 'cpu', (2, 3))
+    qkv = torch.randn(2, 36, 3, 3, 8)  # timm's (B, N, 3, heads, d) before the permute
+    q = qkv.permute(2, 0, 3, 1, 4)[0]
+    nt, qt = batch.num_tiles, batch.tile_queries
+    shared = gather_tiles(q, batch.q_index, qt, nt, per_head=False)
+    assert shared.shape == (2 * 3, qt, nt, 8) and shared.is_contiguous()
+    per_head = gather_tiles(q, batch.q_index, qt, nt, per_head=True)
+    assert per_head.shape == (2, qt, nt * 3, 8) and per_head.is_contiguous()
+    # row j of tile i holds the token q_index[j*nt + i], head h at tile*heads + h
+    tok = batch.q_index.view(qt, nt)
+    assert torch.equal(shared.view(2, 3, qt, nt, 8)[1, 2, 4, 1], q[1, 2, tok[4, 1]])
+    assert torch.equal(per_head.view(2, qt, nt, 3, 8)[1, 4, 1, 2], q[1, 2, tok[4, 1]])
+
+
+def test_fused_tile_choice_prefers_whole_kernel_blocks():
+    tile = choose_fused_tile(LayerWindows(3, (64, 64)), 1)
+    assert (tile[0] * tile[1]) % 64 == 0
+    assert choose_fused_tile(LayerWindows(3, (14, 14)), 1) == (14, 14)  # one tile: the halo is the grid
+
+
+@st.composite
+def window_cases(draw):
+    h, w = draw(st.integers(1, 11)), draw(st.integers(1, 11))
+    heads = draw(st.integers(1, 3))
+    per_head = draw(st.booleans())
+    seed = draw(st.integers(0, 2 ** 16))
+    hi = draw(st.sampled_from([0, 1, 3, 12]))
+    ext = np.random.default_rng(seed).integers(0, hi + 1, size=((heads,) if per_head else ()) + (h, w, 4))
+    tile = draw(st.one_of(st.none(), st.tuples(st.integers(1, 6), st.integers(1, 6))))
+    return LayerWindows(ext, (h, w)), heads, draw(st.integers(0, 2)), draw(st.integers(1, 2)), tile, seed
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(window_cases())
+def test_batched_tiles_equal_dense_outputs_and_gradients(case):
+    """The tile batching with xformers' documented reference kernel (which also checks the bias
+    shape, dtype and alignment) and with SDPA, against the dense reference, in float64."""
+    windows, heads, prefix, batch, tile, seed = case
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, prefix + windows.num_patches, 8, generator=g, dtype=torch.float64)
+               .requires_grad_() for _ in range(3))
+    ref = dense_window_attention(q, k, v, windows, prefix, scale=0.4)
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    kernel = lambda q_, k_, v_, bias, scale, p: _reference_mea(q_, k_, v_, attn_bias=bias, p=p, scale=scale)  # noqa: E731
+    for kern in (kernel, None):
+        out = fused_tiles_attention(q, k, v, windows, prefix, 0.4, kernel=kern, tile=tile)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        for a, b in zip(torch.autograd.grad(out.square().sum(), (q, k, v)), g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_sdpa_tiles_low_precision_and_autocast(dtype, tol):
+    windows = _windows(True, grid=(7, 9))
+    q, k, v = (torch.randn(2, 3, 64, 16) for _ in range(3))
+    ref = dense_window_attention(q, k, v, windows, 1)
+    out = sdpa_tiles_attention(q.to(dtype), k.to(dtype), v.to(dtype), windows, 1)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        auto = sdpa_tiles_attention(q, k, v, windows, 1)
+    assert auto.dtype == torch.bfloat16
+    torch.testing.assert_close(auto.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_xformers_tiles_and_dense_through_the_fake_kernel(fake_xformers):
+    windows = _windows(grid=(9, 7))
+    q, k, v = (torch.randn(2, 3, 64, 8, dtype=torch.float64) for _ in range(3))
+    ref = dense_window_attention(q, k, v, windows, 1)
+    for fn in (xfa.xformers_window_attention, xfa.xformers_dense_attention):
+        torch.testing.assert_close(fn(q, k, v, windows, 1), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_prepare_builds_what_a_call_reads():
+    """After prepare, a call is a cache hit: the same index and bias tensors come back."""
+    windows = _windows(grid=(9, 7))
+    xfa.xformers_prepare(windows, 1, torch.device('cpu'), torch.float16)
+    before = dict(windows._cache)
+    b = tile_batch(windows, 1, 'cpu')
+    assert b is tile_batch(windows, 1, 'cpu')
+    assert tile_bias(windows, 1, 'cpu', torch.float16).data_ptr() == tile_bias(windows, 1, 'cpu', torch.float16).data_ptr()
+    assert set(windows._cache) == set(before)

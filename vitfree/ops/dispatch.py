@@ -19,13 +19,20 @@ The cost model (:class:`CostModel`) is deliberately small: a time per query-key 
 head size) for each kind of kernel, a time per token row that the tiled kernel gathers, and a
 fixed time per call.  The CPU numbers were fitted to timings on the development machine
 (``benchmarks/bench_attention.py`` reports the backend ``auto`` picks next to the measured
-times, so a wrong crossover shows); the CUDA numbers are relative guesses (see
-:data:`COST_MODELS`).  Only the ratios matter: they decide where the crossovers lie.
+times, so a wrong crossover shows).  Only the ratios matter: they decide where the crossovers lie.
+
+On CUDA the estimates are *measured* when the device has a calibration
+(:mod:`vitfree.ops.calibration`: ``python -m vitfree.ops.calibration`` once per machine, or a table
+shipped with vitfree): each backend's ``work(q, windows, P)`` (its own count of pairs and rows)
+times a fitted time per unit, plus a fitted time per call, per precision and for inference or
+training.  With a calibration only measured backends compete.  Without one the CUDA numbers of
+:data:`COST_MODELS` are guesses, and :func:`explain_choice` says so.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
@@ -33,12 +40,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 import torch
 
 from ..windows import LayerWindows
+from . import calibration as _calibrate
 
 __all__ = [
     'Backend', 'register_backend', 'available_backends', 'list_backends', 'use_backend',
     'current_backend', 'resolve_backend', 'choose_backend', 'window_attention', 'run_backend',
     'BackendError', 'CostModel', 'COST_MODELS', 'cost_model', 'estimate_costs', 'explain_choice',
-    'layer_backend', 'prepare_backend', 'QuerySpec', 'qkv_entry',
+    'layer_backend', 'prepare_backend', 'QuerySpec', 'qkv_entry', 'native_cost', 'xformers_dense_cost',
+    'fused_tiles_cost', 'flex_cost', 'dense_work', 'tiled_work', 'fused_tiles_work', 'flex_work',
 ]
 
 ENV_VAR = 'VITFREE_BACKEND'
@@ -46,6 +55,7 @@ ENV_VAR = 'VITFREE_BACKEND'
 SupportsFn = Callable[[torch.Tensor, LayerWindows], Optional[str]]
 CostFn = Callable[[torch.Tensor, LayerWindows, int], float]
 PrepareFn = Callable[[LayerWindows, int, torch.device, torch.dtype], None]
+WorkFn = Callable[[Any, LayerWindows, int], float]
 
 
 class BackendError(ValueError):
@@ -62,10 +72,18 @@ class Backend:
     auto: bool = True  # may the automatic choice pick it?
     prepare: Optional[PrepareFn] = None  # builds what the kernel needs (plans, biases) ahead of a call
     fn_qkv: Optional[Callable[..., torch.Tensor]] = None  # (qkv (B,T,3,H,D), windows, P, scale) -> (B,T,H,D)
+    work: Optional[WorkFn] = None  # the amount of work of a call, in the units a calibration fits
 
 
 _BACKENDS: Dict[str, Backend] = {}
-_REGISTRY_VERSION = [0]  # bumped by register_backend: cached choices made before are stale
+_REGISTRY_VERSION = [0]  # bumped by register_backend and new calibrations: cached choices are stale
+
+
+def _bump_registry() -> None:
+    _REGISTRY_VERSION[0] += 1
+
+
+_calibrate._listeners.append(_bump_registry)
 _override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar('vitfree_backend', default=None)
 
 
@@ -79,7 +97,8 @@ def register_backend(name: str, fn: Callable[..., torch.Tensor],
                      cost: Optional[CostFn] = None,
                      auto: bool = True,
                      prepare: Optional[PrepareFn] = None,
-                     fn_qkv: Optional[Callable[..., torch.Tensor]] = None) -> None:
+                     fn_qkv: Optional[Callable[..., torch.Tensor]] = None,
+                     work: Optional[WorkFn] = None) -> None:
     """Add (or replace) a backend under ``name``.
 
     ``cost`` (or a ``cost`` attribute on ``fn``) estimates seconds for given inputs; a backend
@@ -88,13 +107,15 @@ def register_backend(name: str, fn: Callable[..., torch.Tensor],
     the kernel's cached data ahead of the first call (so compiled graphs only look it up).
     ``fn_qkv(qkv, windows, num_prefix_tokens, scale)``, when given, runs the same attention
     straight from a ``(B, T, 3, heads, head_dim)`` qkv projection and returns ``(B, T, heads,
-    head_dim)``: layers use it to skip the layout changes around the kernel."""
+    head_dim)``: layers use it to skip the layout changes around the kernel.
+    ``work(q, windows, num_prefix_tokens)`` counts a call's work for measured costs
+    (:mod:`vitfree.ops.calibration`); a backend without one is never costed from a calibration."""
     if name in ('auto', 'eager'):
         raise BackendError(f"{name!r} is reserved ('auto': the dispatcher's choice; 'eager': the layers' own "
                            f"explicit-softmax path)")
     if cost is None:
         cost = getattr(fn, 'cost', None)
-    _BACKENDS[name] = Backend(name, fn, supports, description, cost, auto, prepare, fn_qkv)
+    _BACKENDS[name] = Backend(name, fn, supports, description, cost, auto, prepare, fn_qkv, work)
     _REGISTRY_VERSION[0] += 1
 
 
@@ -173,6 +194,10 @@ class CostModel:
     native_query: float = _INF  # per query row and head (index and softmax work)
     native_call: float = _INF
     native_backward: float = 3.5
+    tiles_pair: float = _INF   # a fused kernel over batched tiles (xformers, sdpa-tiles), per block pair
+    tiles_call: float = _INF
+    flex_pair: float = _INF    # FlexAttention, per pair of the blocks it visits
+    flex_call: float = _INF
 
 
 # CPU: fitted on the development machine (2-core Xeon with AVX-512 and AMX, one thread, CPU
@@ -181,10 +206,12 @@ class CostModel:
 # here); set so that the fused kernels win until the tiled kernel does several times fewer
 # pairs, since small batched matmuls reach a much smaller share of a GPU's peak than fused
 # attention kernels do, and so that xformers (cached bias, no per-call mask conversion) is
-# preferred to SDPA with a boolean mask when it can run.
-# the native kernel (fp32 inside; bf16/fp16 inputs are widened first): per pair-channel, per
+# preferred to SDPA with a boolean mask when it can run.  These CUDA numbers are GUESSES, used
+# only for a device without a calibration (vitfree.ops.calibration), and labelled so; the fused
+# tile kernels and FlexAttention have no CPU numbers, so ``auto`` never picks them on a CPU.
+# The native kernel (fp32 inside; bf16/fp16 inputs are widened first): per pair-channel, per
 # query row and head, per call; one thread, fitted on the development CPU
-# (benchmarks/bench_attention.py --fit-native: within 20 % on grids 8..64, windows 3..15, 0-1 prefix)
+# (benchmarks/bench_attention.py --fit-native: within 20 % on grids 8..64, windows 3..15, 0-1 prefix).
 NATIVE_PAIR, NATIVE_QUERY, NATIVE_CALL = 1.1e-10, 1.9e-7, 1.0e-5
 
 COST_MODELS: Dict[str, CostModel] = {
@@ -198,7 +225,8 @@ COST_MODELS: Dict[str, CostModel] = {
                           native_call=NATIVE_CALL + 1e-9),
     'cuda': CostModel(fused_pair=2.0e-14, masked_pair=4.0e-14, masked_elem=2.0e-12, tiled_pair=1.2e-13,
                       row=4.0e-13, tile=2.0e-8, xformers_pair=3.0e-14, fused_call=1e-5, masked_call=2e-5,
-                      tiled_call=2.0e-4, xformers_call=2e-5),
+                      tiled_call=2.0e-4, xformers_call=2e-5, tiles_pair=4.0e-14, tiles_call=3e-5, flex_pair=2.5e-14,
+                      flex_call=3e-5),
 }
 
 
@@ -247,8 +275,8 @@ def tiled_cost_seconds(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens
     return sec * _train_factor(m, training, tiled=True)
 
 
-def xformers_cost(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
-    """xformers with a tensor bias: all ``T^2`` pairs."""
+def xformers_dense_cost(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
+    """xformers with the whole window mask as a bias: all ``T^2`` pairs."""
     m, (bh, d, training) = cost_model(q), _work(q)
     t = q.shape[-2]
     return (bh * t * t * d * m.xformers_pair + m.xformers_call) * _train_factor(m, training)
@@ -271,31 +299,119 @@ def _window_pairs(windows: LayerWindows, num_prefix_tokens: int) -> float:
     return area + n * num_prefix_tokens + num_prefix_tokens * (num_prefix_tokens + n)
 
 
-def estimate_costs(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> Dict[str, Union[float, str]]:
-    """Every registered backend's estimated seconds for these inputs, or why it is out of the
-    automatic choice (cannot run, or ``auto=False``)."""
-    out: Dict[str, Union[float, str]] = {}
+xformers_cost = xformers_dense_cost  # the name before the tiled xformers backend existed
+
+
+def fused_tiles_cost(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
+    """A fused kernel over batched tiles (``xformers``, ``sdpa-tiles``): whole kernel blocks of
+    every tile plus the gathered rows (:func:`fused_tiles_work`); infinite where the model has no
+    number for it (CPU)."""
+    m, (_, _, training) = cost_model(q), _work(q)
+    if not math.isfinite(m.tiles_pair):
+        return _INF
+    return (fused_tiles_work(q, windows, num_prefix_tokens) * m.tiles_pair + m.tiles_call) * _train_factor(m, training)
+
+
+def flex_cost(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
+    """FlexAttention: the pairs of the blocks its BlockMask visits plus the permuted rows
+    (:func:`flex_work`); infinite where the model has no number for it (CPU)."""
+    m, (_, _, training) = cost_model(q), _work(q)
+    if not math.isfinite(m.flex_pair):
+        return _INF
+    return (flex_work(q, windows, num_prefix_tokens) * m.flex_pair + m.flex_call) * _train_factor(m, training)
+
+
+# ---- work counts: what a calibration's fitted time per unit multiplies --------------------------
+def dense_work(q: Any, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
+    """All ``T^2`` pairs times the head size, per (batch, head)."""
+    bh, d, _ = _work(q)
+    t = q.shape[-2]
+    return float(bh * d * t * t)
+
+
+def tiled_work(q: Any, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
+    """The tiled kernel's pairs, gathered rows (16 pairs each) and tiles (256 pairs each)."""
+    from .tiled import tiled_cost
+    bh, d, _ = _work(q)
+    pairs, rows, tiles = tiled_cost(windows, num_prefix_tokens)
+    return float(bh * (d * (pairs + 16 * rows) + 256 * tiles))
+
+
+def fused_tiles_work(q: Any, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
+    """Pairs of whole kernel blocks of every tile, and gathered rows at ``ROW_PAIRS`` pairs each."""
+    from .fused_tiles import ROW_PAIRS, fused_tiles_counts
+    bh, d, _ = _work(q)
+    pairs, rows = fused_tiles_counts(windows, num_prefix_tokens)
+    return float(bh * d * (pairs + ROW_PAIRS * rows))
+
+
+def flex_work(q: Any, windows: LayerWindows, num_prefix_tokens: int = 0) -> float:
+    """Pairs of the partial blocks, 0.8 of those of the full ones (no mask evaluated), and the
+    permuted rows at ``ROW_PAIRS`` pairs each."""
+    from .flex import flex_counts
+    from .fused_tiles import ROW_PAIRS
+    bh, d, _ = _work(q)
+    partial, full, rows = flex_counts(windows, num_prefix_tokens)
+    return float(bh * d * (partial + 0.8 * full + ROW_PAIRS * rows))
+
+
+def _estimates(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0):
+    """``{name: (seconds or None, label)}``: the label says where a number comes from
+    (``estimate``: the CPU model; ``measured``: a calibration; ``guess``: an uncalibrated device) or,
+    with None, why the backend is out of the automatic choice."""
+    training = torch.is_grad_enabled() and q.requires_grad
+    dtype = _effective_dtype(q)
+    cal = _calibrate.calibration_for(q.device)
+    cuda = q.device.type == 'cuda'
+    out: Dict[str, Any] = {}
     for name, b in sorted(_BACKENDS.items()):
         reason = b.supports(q, windows)
         if reason is not None:
-            out[name] = f'cannot run: {reason}'
-        elif not b.auto:
-            out[name] = 'runs only when named (not part of the automatic choice)'
+            out[name] = (None, f'cannot run: {reason}')
+            continue
+        if not b.auto:
+            out[name] = (None, 'runs only when named (not part of the automatic choice)')
+            continue
+        guess = float((b.cost if b.cost is not None else dense_cost)(q, windows, num_prefix_tokens))
+        if not math.isfinite(guess):
+            out[name] = (None, f'not chosen automatically on {q.device.type} (no cost model there; runs when named)')
+            continue
+        fit = cal.fit(name, dtype, training) if cal is not None and b.work is not None else None
+        if fit is not None:
+            out[name] = (fit.predict(b.work(q, windows, num_prefix_tokens)), 'measured')
         else:
-            cost = b.cost if b.cost is not None else dense_cost
-            out[name] = float(cost(q, windows, num_prefix_tokens))
+            out[name] = (guess, 'guess, not measured' if cuda else 'estimate')
+    if cal is not None and any(label == 'measured' for _, label in out.values()):
+        for name, (c, label) in out.items():
+            if c is not None and label != 'measured':  # only measured backends compete with measured ones
+                out[name] = (None, f'not in the calibration for {cal.device} at this precision and mode '
+                                   f'(run python -m vitfree.ops.calibration)')
     return out
 
 
+def estimate_costs(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> Dict[str, Union[float, str]]:
+    """Every registered backend's estimated seconds for these inputs, or why it is out of the
+    automatic choice (cannot run, ``auto=False``, no cost for this device)."""
+    return {name: (c if c is not None else label)
+            for name, (c, label) in _estimates(q, windows, num_prefix_tokens).items()}
+
+
 def explain_choice(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 0) -> str:
-    """A few lines saying what ``auto`` picks for these inputs and what every backend costs."""
-    costs = estimate_costs(q, windows, num_prefix_tokens)
+    """A few lines saying what ``auto`` picks for these inputs, what every backend costs and
+    where each number comes from (fitted CPU model, a measurement on this device, or a guess)."""
+    est = _estimates(q, windows, num_prefix_tokens)
     pick = choose_backend(q, windows, num_prefix_tokens)
     lines = [f'q {tuple(q.shape)} {q.dtype} on {q.device}, {windows!r}, {num_prefix_tokens} prefix tokens '
              f'-> auto picks {pick!r}']
-    for name, c in costs.items():
+    cal = _calibrate.calibration_for(q.device)
+    if cal is not None:
+        lines.append(f'costs {cal.describe()}')
+    elif q.device.type == 'cuda':
+        lines.append(f'no calibration for {_calibrate.device_name(q.device)}: CUDA costs are GUESSES, not '
+                     f'measurements; run python -m vitfree.ops.calibration once on this machine')
+    for name, (c, label) in est.items():
         mark = '*' if name == pick else ' '
-        lines.append(f' {mark} {name:<9} ' + (f'{c * 1e3:10.3f} ms (estimate)' if isinstance(c, float) else c))
+        lines.append(f' {mark} {name:<14} ' + (f'{c * 1e3:10.3f} ms ({label})' if c is not None else label))
     return '\n'.join(lines)
 
 
@@ -331,10 +447,9 @@ def choose_backend(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: in
 
 def _choose(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int) -> str:
     best, best_cost = None, None
-    for name, b in sorted(_BACKENDS.items()):
-        if not b.auto or b.supports(q, windows) is not None:
+    for name, (cost, _) in _estimates(q, windows, num_prefix_tokens).items():
+        if cost is None:
             continue
-        cost = (b.cost if b.cost is not None else dense_cost)(q, windows, num_prefix_tokens)
         if best_cost is None or cost < best_cost:
             best, best_cost = name, cost
     if best is None:

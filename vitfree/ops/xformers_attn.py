@@ -1,5 +1,10 @@
-"""The ``xformers`` backend: ``xformers.ops.memory_efficient_attention`` on CUDA, with the window
-mask passed as an additive bias tensor (0 inside a window, -inf outside).
+"""The xformers backends: ``xformers.ops.memory_efficient_attention`` on CUDA.
+
+* ``xformers``: linear cost.  The queries are cut into tiles and every tile attends to its halo
+  of keys, all tiles in one call, with a per-tile additive bias that is exactly each patch's
+  window (:mod:`vitfree.ops.fused_tiles` builds the batched tiles and biases).
+* ``xformers-dense``: the whole ``T x T`` window mask as one additive bias (0 inside a window,
+  -inf outside); quadratic, and cheaper only on small grids.  The dispatcher chooses by cost.
 
 xformers is imported lazily, the first time a CUDA tensor asks for this backend, with its
 import-time warnings silenced; CPU users never import it.  Whether xformers can run a given
@@ -7,7 +12,7 @@ CUDA device / dtype / head size is probed once with a tiny call and remembered, 
 dispatcher falls back to SDPA where xformers has no kernel.
 
 Argument preparation is split into pure functions (:func:`window_bias`,
-:func:`xformers_inputs`) that run anywhere, so their shapes, strides and alignment are tested
+:func:`xformers_inputs`, and the tile functions of :mod:`vitfree.ops.fused_tiles`) that run anywhere, so their shapes, strides and alignment are tested
 on CPU.  What xformers asks of a tensor bias: the query's dtype, shape ``(B, heads, Mq, Mk)``
 (broadcast dimensions may have stride 0), unit stride in the last dimension, and every other
 stride a multiple of 16 bytes; we allocate the rows padded to a multiple of 8 elements and
@@ -23,10 +28,11 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..windows import LayerWindows
+from .fused_tiles import fused_tiles_attention, fused_tiles_prepare
 
 __all__ = [
-    'BIAS_ALIGN', 'window_bias', 'xformers_inputs', 'xformers_window_attention', 'xformers_supports', 'xformers_prepare',
-    'import_xformers',
+    'BIAS_ALIGN', 'window_bias', 'xformers_inputs', 'xformers_window_attention', 'xformers_dense_attention',
+    'xformers_supports', 'xformers_prepare', 'xformers_dense_prepare', 'import_xformers',
 ]
 
 BIAS_ALIGN = 8  # elements; 16 bytes for fp16/bf16, 32 for fp32 (xformers needs 16)
@@ -94,8 +100,13 @@ def _bias_storage(windows: LayerWindows, num_prefix_tokens: int, dtype: torch.dt
     return windows.cached(('xformers.bias', num_prefix_tokens, dtype, str(device)), make)
 
 
-def xformers_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
+def xformers_dense_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device,
+                           dtype: torch.dtype) -> None:
     _bias_storage(windows, num_prefix_tokens, dtype, device)
+
+
+def xformers_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
+    fused_tiles_prepare(windows, num_prefix_tokens, device, dtype)
 
 
 def xformers_inputs(
@@ -118,7 +129,7 @@ def xformers_inputs(
     return bmhk(q), bmhk(k), bmhk(v), bias
 
 
-def xformers_window_attention(
+def xformers_dense_attention(
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -127,8 +138,9 @@ def xformers_window_attention(
         scale: Optional[float] = None,
         dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Windowed attention through ``xformers.ops.memory_efficient_attention``; ``(B, heads, T, d)``
-    in and out.  Cost and bias memory are O(T^2); the kernel never forms the probabilities."""
+    """The ``xformers-dense`` backend: ``memory_efficient_attention`` with the whole window mask as
+    one bias; ``(B, heads, T, d)`` in and out.  Cost and bias memory are O(T^2); the kernel never
+    forms the probabilities."""
     xops, reason = import_xformers()
     if xops is None:
         raise RuntimeError(reason)
@@ -139,6 +151,32 @@ def xformers_window_attention(
     qx, kx, vx, bias = xformers_inputs(q, k, v, windows, num_prefix_tokens)
     out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias, p=dropout_p, scale=scale)
     return out.transpose(1, 2)
+
+
+def _xformers_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                     dropout_p: float) -> torch.Tensor:
+    xops, reason = import_xformers()
+    if xops is None:
+        raise RuntimeError(reason)
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout_p, scale=scale)
+
+
+def xformers_window_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        windows: LayerWindows,
+        num_prefix_tokens: int = 0,
+        scale: Optional[float] = None,
+        dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The ``xformers`` backend: tiles of queries against their halo of keys, all tiles in one
+    ``memory_efficient_attention`` call with a per-tile window bias; ``(B, heads, T, d)`` in and
+    out.  Cost and memory are linear in the number of patches (:mod:`vitfree.ops.fused_tiles`)."""
+    xops, reason = import_xformers()
+    if xops is None:
+        raise RuntimeError(reason)
+    return fused_tiles_attention(q, k, v, windows, num_prefix_tokens, scale, dropout_p, kernel=_xformers_kernel)
 
 
 def _probe(device: torch.device, dtype: torch.dtype, head_dim: int, value_dim: int) -> Optional[str]:
