@@ -107,5 +107,6 @@ def test_bad_inputs_are_named(tmp_path):
         analyze(model, torch.randn(1, 3, 32, 32), tmp_path, parts=['hedas'])
     with pytest.raises(FileNotFoundError, match='no_such.jpg'):
         load_images(model, [tmp_path / 'no_such.jpg'])
-    x, names = load_images(model, bundled_images()[0].parent, max_images=1)
-    assert x.shape == (1, 3, 32, 32) and names == [bundled_images()[0].name]
+    loaded = load_images(model, bundled_images()[0].parent, max_images=1)
+    assert loaded.x.shape == (1, 3, 32, 32) and loaded.names == [bundled_images()[0].name]
+    assert loaded.labels is None

@@ -87,7 +87,8 @@ def _demo_trained(out: Path, log) -> Dict[str, object]:
     import timm
 
     from .analysis.erf import measure_erf
-    from .analysis.render import erf_pictures, plot_window_sizes
+    from .analysis.report.plots import erf_pictures, plot_window_sizes
+    from .analysis.tables import format_spec
 
     samples = fashion_mnist_samples()
     labels = torch.from_numpy(samples['labels']).long()
@@ -107,8 +108,7 @@ def _demo_trained(out: Path, log) -> Dict[str, object]:
     log(f'WinfT windows: {spec.provenance.get("kind")} spec (measured on the trained micro ViT, '
         f'estimator {spec.provenance.get("estimator")}, tau {spec.provenance.get("tau")}); backends per block: '
         + ' '.join(winft.attn_backends()))
-    from .commands.specs import format_summary
-    log(format_summary(spec))
+    log(format_spec(spec))
     shown = ', '.join(f'{FMNIST_CLASSES[p]}' + ('' if p == t else f' (true: {FMNIST_CLASSES[t]})')
                       for p, t in zip(pred[:6].tolist(), labels[:6].tolist()))
     log(f'WinfT predictions, first 6 images: {shown}')
@@ -129,8 +129,8 @@ def _demo_untrained(out: Path, model_name: str, image, log) -> Dict[str, object]
     import timm
 
     from .analysis.erf import measure_erf
-    from .analysis.render import erf_pictures, plot_window_sizes
-    from .commands.specs import format_summary
+    from .analysis.report.plots import erf_pictures, plot_window_sizes
+    from .analysis.tables import format_spec
 
     model = timm.create_model(model_name).eval()
     spec = model.window_spec
@@ -146,7 +146,7 @@ def _demo_untrained(out: Path, model_name: str, image, log) -> Dict[str, object]
     log(f'image: {image}')
     log('top-5: ' + ', '.join(f'class {i} ({p:.3f})' for p, i in zip(top.values.tolist(), top.indices.tolist())))
     log('backends per block: ' + ' '.join(model.attn_backends()))
-    log(format_summary(spec))
+    log(format_spec(spec))
     files = {'model_window_sizes': plot_window_sizes(spec, out / 'window_sizes.png',
                                                title=f'{model_name}: window area per patch and block')}
     files['window_spec'] = spec.save(out / 'window_spec.yaml')

@@ -38,7 +38,8 @@ import torch.nn as nn
 
 from ..version import __version__
 from ..windows import WindowSpec, to_grid
-from .interaction import ImagesLike, InteractionResult, interaction
+from .inputs import ImagesLike
+from .interaction import InteractionResult, interaction
 
 __all__ = ['measure_erf', 'erf_from_interaction', 'erf_rectangles', 'tendency_vectors', 'ErfResult', 'BlockErf',
            'checkpoint_hint']
@@ -304,7 +305,7 @@ def measure_erf(
         images: a tensor batch ``(B, C, H, W)`` normalised for the model, a ``(tensor, labels)``
             pair, a DataLoader, a Dataset of ``(image, label)`` items (PIL images are transformed
             with the model's eval transform), a list of images or a folder; see
-            :func:`vitfree.analysis.interaction.iter_images`.
+            :func:`vitfree.analysis.inputs.iter_images`.
         estimator: ``'attention'``, ``'attribution'`` or ``'ablation'`` interaction estimator.
         tau: mass an ERF must hold (``1`` = all of it).
         gamma: a block is global when its mean ERF area is at least ``gamma * N``.
