@@ -26,6 +26,8 @@ p, li { max-width: 80ch; }
 .meta td { padding: 2px 14px 2px 0; vertical-align: top; }
 .meta td:first-child { color: #666; white-space: nowrap; }
 .banner { background: #fff4e5; border-left: 4px solid #f0a020; padding: 8px 14px; margin: 1em 0; }
+.note { background: #eef4fb; border-left: 4px solid #4a7bb7; padding: 8px 14px; margin: 1em 0; }
+.caveat { background: #fff8e6; border-left: 3px solid #e0a800; padding: 6px 12px; margin: 0.8em 0; }
 .error { background: #fdecea; border-left: 4px solid #d93025; padding: 8px 14px; margin: 1em 0; }
 .skip { color: #777; font-style: italic; }
 nav ol { columns: 2; max-width: 640px; padding-left: 1.4em; }
@@ -42,16 +44,22 @@ footer { margin-top: 3em; color: #888; font-size: 0.85em; }
 
 
 def escape(s: Any) -> str:
+    """Text made safe for HTML (quotes included)."""
     return html.escape(str(s), quote=True)
 
 
-def figure(path: Path, alt: str, caption: str = '') -> str:
+def figure(path: Path, alt: str, caption: str) -> str:
+    """A PNG inlined as a data URI, with its caption (HTML): what the picture shows and how its
+    colours, marks and lines are to be read."""
+    if not caption:
+        raise ValueError(f'figure {alt!r} needs a caption that explains its encodings')
     data = base64.b64encode(Path(path).read_bytes()).decode('ascii')
-    cap = f'<figcaption>{caption}</figcaption>' if caption else ''
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{escape(alt)}">{cap}</figure>'
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{escape(alt)}">'
+            f'<figcaption>{caption}</figcaption></figure>')
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: Sequence[int] = (0,)) -> str:
+    """A data table; columns in ``left`` are left-aligned, the others right-aligned."""
     def cell(tag, i, v):
         cls = ' class="l"' if i in left else ''
         return f'<{tag}{cls}>{escape(v)}</{tag}>'
@@ -61,9 +69,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: Sequence[i
 
 
 def write_html(path: Union[str, os.PathLike], title: str, subtitle: str, meta: Sequence[Tuple[str, str]],
-               sections: Sequence[Tuple[str, str, str]], banner: Optional[str] = None, footer: str = '') -> Path:
+               sections: Sequence[Tuple[str, str, str]], banner: Optional[str] = None, footer: str = '',
+               note: Optional[str] = None) -> Path:
     """One self-contained page: ``sections`` are ``(anchor id, heading, body HTML)``; ``meta``
-    rows go in the header table.  Images must already be inlined as data URIs in the bodies."""
+    rows go in the header table, then the ``banner`` (a warning) and the ``note`` (e.g. on
+    sample size).  Images must already be inlined as data URIs in the bodies."""
     toc = ''.join(f'<li><a href="#{escape(a)}">{escape(t)}</a></li>' for a, t, _ in sections)
     meta_html = ''.join(f'<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>' for k, v in meta)
     body = ''.join(f'<section id="{escape(a)}"><h2>{escape(t)}</h2>{b}</section>' for a, t, b in sections)
@@ -73,6 +83,7 @@ def write_html(path: Union[str, os.PathLike], title: str, subtitle: str, meta: S
             f'<h1>{escape(title)}</h1><p class="sub">{escape(subtitle)}</p>'
             f'<table class="meta">{meta_html}</table>'
             + (f'<div class="banner">{banner}</div>' if banner else '')
+            + (f'<div class="note">{note}</div>' if note else '')
             + f'<nav><h3>Contents</h3><ol>{toc}</ol></nav>{body}'
             f'<footer>{footer}</footer></main></body></html>\n')
     path = Path(path)
@@ -82,6 +93,7 @@ def write_html(path: Union[str, os.PathLike], title: str, subtitle: str, meta: S
 
 
 def to_json(obj: Any) -> Any:
+    """Plain JSON values (NumPy arrays and numbers, paths; non-finite floats become null)."""
     if isinstance(obj, dict):
         return {str(k): to_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
