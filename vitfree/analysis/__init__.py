@@ -4,7 +4,9 @@ layer's one hook point (``attn_drop`` on the explicit-softmax path) and through 
 ``attn_mask`` argument; nothing in ``windows``, ``ops``, ``layers`` or ``models`` imports this
 package.
 
-Layout, lowest first (each module imports only modules above it in this list):
+Layout, lowest first (each module imports only modules above it in this list, except that
+``Recorder.save`` draws with ``report.plots``, which itself imports only ``inputs``; a test
+checks that there are no import circles):
 
 ``inputs``       images, data sets, labels, display conversion, progress bars
 ``capture``      the recorder and attention overrides on the hook point, key masks
