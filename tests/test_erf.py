@@ -5,7 +5,7 @@ import timm
 import torch
 
 import vitfree
-from vitfree.analysis.erf import erf_from_interaction, erf_rectangles, tendency_vectors
+from vitfree.analysis.erf import erf_from_interaction, erf_rectangles, tendency_vectors, uniform_tendency
 from vitfree.windows import WindowSpec, window_mask
 
 TINY = dict(img_size=64, depth=2, embed_dim=64, num_heads=2, num_classes=5)
@@ -178,3 +178,86 @@ def test_measure_erf_per_head_and_other_estimators():
     assert winft(x).shape == (2, 5)
     spec = vitfree.measure_erf(vit, x, 'attribution', progress=False)
     assert spec.provenance['estimator'] == 'attribution' and spec.provenance['target'] == 'predicted'
+
+
+# ---- excess tendency (METHODS 3.2): what the model learned, not the geometry -------------------
+def test_uniform_interaction_has_no_excess_tendency():
+    grid = (5, 7)
+    n = 35
+    res = erf_from_interaction({0: torch.full((n, n), 1 / n)}, grid, gamma=2.0)
+    b = res[0]
+    assert np.abs(b.tendency).max() > 1.0  # raw tendency: the border pulls towards the centre
+    np.testing.assert_allclose(b.excess_tendency, 0, atol=1e-6)  # float32 maps
+    # uniform over each patch's window (clipped at the border) against those windows
+    rng = np.random.default_rng(0)
+    ext = rng.integers(0, 3, size=(*grid, 4))
+    mask = window_mask(ext).numpy().astype(np.float64)
+    rows = mask / mask.sum(1, keepdims=True)
+    res = erf_from_interaction({0: rows, 1: rows}, grid, gamma=2.0, windows=[ext, None])
+    np.testing.assert_allclose(res[0].excess_tendency, 0, atol=1e-12)
+    assert np.abs(res[1].excess_tendency).max() > 0.5  # measured against the whole grid it is not zero
+    row = res.summary()[0]
+    assert row['mean_excess_tendency'] == pytest.approx(0, abs=1e-12) and row['mean_tendency'] > 0
+
+
+def test_look_left_interaction_gives_the_expected_excess():
+    """Every patch draws only on its left neighbour (the left column on itself): t = (0, -1) off the
+    left column, 0 on it; u is the pull of the whole 3x4 grid towards its centre (1, 1.5)."""
+    grid = (3, 4)
+    rows = np.zeros((12, 12))
+    for i in range(12):
+        y, x = divmod(i, 4)
+        rows[i, y * 4 + max(x - 1, 0)] = 1.0
+    b = erf_from_interaction({0: rows}, grid, gamma=2.0)[0]
+    ys, xs = np.mgrid[0:3, 0:4]
+    t = np.stack([np.zeros((3, 4)), -(xs > 0).astype(float)], -1)
+    u = np.stack([1.0 - ys, 1.5 - xs], -1)
+    np.testing.assert_allclose(b.tendency, t)
+    np.testing.assert_allclose(b.uniform, u)
+    np.testing.assert_allclose(b.excess_tendency, t - u)
+    np.testing.assert_allclose(b.excess_tendency[1, 1], [0.0, -1.5])  # left of centre: learned pull exceeds geometry
+    # inside 1x3 windows (one patch left and right) the geometry pulls nowhere except at the border
+    ext = np.zeros((3, 4, 4), dtype=int)
+    ext[..., 2:] = 1
+    bw = erf_from_interaction({0: rows}, grid, gamma=2.0, windows=[ext])[0]
+    u_win = np.stack([np.zeros((3, 4)), np.where(xs == 0, 0.5, np.where(xs == 3, -0.5, 0.0))], -1)
+    np.testing.assert_allclose(bw.uniform, u_win)
+    np.testing.assert_allclose(bw.excess_tendency, t - u_win)
+
+
+def test_uniform_tendency_per_head_and_errors():
+    ext = np.zeros((2, 3, 3, 4), dtype=int)
+    ext[1] = 2  # head 1: windows covering the whole 3x3 grid
+    u = uniform_tendency((3, 3), ext)
+    assert u.shape == (2, 3, 3, 2)
+    np.testing.assert_allclose(u[0], 0)
+    np.testing.assert_allclose(u[1], uniform_tendency((3, 3)))
+    with pytest.raises(ValueError, match=r'\(\.\.\., 3, 3, 4\)'):
+        uniform_tendency((3, 3), np.zeros((2, 2, 4)))
+
+
+def test_measure_erf_uses_the_models_windows_for_the_baseline():
+    spec = WindowSpec((4, 4), [np.full((4, 4, 4), 1), None], {'kind': 'uniform'})
+    model = vitfree.create_winft('vit_tiny_patch16_224', windows=spec, **TINY).eval()
+    res = vitfree.measure_erf(model, torch.randn(2, 3, 64, 64), tau=0.9, gamma=2.0, progress=False,
+                              return_result=True)
+    np.testing.assert_array_equal(res[0].window, spec.blocks[0])
+    np.testing.assert_allclose(res[0].uniform, uniform_tendency((4, 4), spec.blocks[0]))
+    assert res[1].window is None
+    np.testing.assert_allclose(res[1].uniform, uniform_tendency((4, 4)))
+
+
+def test_area_table_text_and_markdown():
+    grid = (4, 4)
+    res = erf_from_interaction({0: torch.eye(16), 1: torch.full((16, 16), 1 / 16)}, grid, tau=0.9, gamma=0.6)
+    rows = res.summary()
+    assert [r['global'] for r in rows] == [False, True]
+    assert rows[0]['min_area'] == rows[0]['max_area'] == 1 and rows[1]['mean_area'] == 16
+    assert rows[1]['fraction'] == 1.0
+    text = res.format_summary()
+    assert 'mean ERF area' in text and 'global' in text and '|t - u|' in text
+    md = res.format_summary('markdown').splitlines()
+    assert md[0].startswith('| block | mean ERF area | min | max | of grid |') and set(md[1]) <= set('|-: ')
+    assert md[3].startswith('| 1 | 16.0 | 16 | 16 | 100.0% |')
+    with pytest.raises(ValueError, match='table style'):
+        res.format_summary('latex')

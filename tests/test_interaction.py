@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 import vitfree
-from vitfree.analysis.interaction import ImageFiles, iter_images, model_transform, row_normalize
+from vitfree.analysis.inputs import ImageFiles, iter_images, model_transform
+from vitfree.analysis.interaction import row_normalize
 
 TINY = dict(img_size=64, depth=2, embed_dim=64, num_heads=2, num_classes=5)
 ASSETS = ['vitfree/assets/coffee.jpg', 'vitfree/assets/chelsea.jpg']
@@ -97,8 +98,10 @@ def test_model_state_restored():
     model.train()
     model.blocks[0].training = False  # a mixed state must come back as it was
     flags = [m.training for m in model.modules()]
+    fused = [b.attn.fused_attn for b in model.blocks]
     vitfree.interaction(model, torch.randn(1, 3, 64, 64), 'ablation', progress=False)
     assert [m.training for m in model.modules()] == flags
+    assert [b.attn.fused_attn for b in model.blocks] == fused
     assert not any('forward' in m.__dict__ for m in model.modules())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 

@@ -6,7 +6,7 @@ import torch
 
 import vitfree
 from vitfree.analysis import attention_override
-from vitfree.analysis.recorder import Recorder, RecordingTooLarge
+from vitfree.analysis.capture import Recorder, RecordingTooLarge
 from vitfree.ops import current_backend
 
 TINY = dict(img_size=64, depth=2, embed_dim=64, num_heads=2, num_classes=5)
@@ -107,7 +107,8 @@ def test_subset_of_blocks_and_heads_leaves_other_blocks_fused():
         model(x)
     seen = {}
     with torch.no_grad(), vitfree.record(model, blocks=[-1], heads=[1]) as rec:
-        seen = {i: 'forward' in b.attn.__dict__ for i, b in enumerate(model.blocks)}
+        seen = {i: not b.attn.fused_attn and len(b.attn.attn_drop._forward_pre_hooks) == 1
+                for i, b in enumerate(model.blocks)}
         model(x)
     assert seen == {0: False, 1: False, 2: True}  # only the recorded block leaves timm's fused path
     assert sorted(rec.attention) == [2]
@@ -134,7 +135,8 @@ def test_no_state_leaks_after_exit_and_after_exceptions():
         assert snapshot(model) == before
         # explicit attach / detach
         rec = Recorder(model, blocks=[1]).attach()
-        assert 'forward' in model.blocks[1].attn.__dict__ and rec.attached
+        attn = model.blocks[1].attn
+        assert not attn.fused_attn and len(attn.attn_drop._forward_pre_hooks) == 1 and rec.attached
         rec.detach()
         rec.detach()  # idempotent
         assert snapshot(model) == before
@@ -206,6 +208,7 @@ def test_nested_override_is_seen_by_the_recorder():
     assert torch.all(rec.attention[0][:, 0] == 0)
     assert rec.attention[1][:, 0].sum() > 0
     assert 'forward' not in model.blocks[0].attn.__dict__
+    assert model.blocks[0].attn.fused_attn and not model.blocks[0].attn.attn_drop._forward_pre_hooks
 
 
 def test_interaction_maps_are_row_normalised_patch_blocks():
@@ -218,3 +221,92 @@ def test_interaction_maps_are_row_normalised_patch_blocks():
         torch.testing.assert_close(m.sum(-1), torch.ones(16))
         expected = rec.attention[b][:, :, 3:, 3:].mean((0, 1))
         torch.testing.assert_close(m, expected / expected.sum(-1, keepdim=True))
+
+
+# ---- one attention forward: what is recorded is what runs -------------------------------------
+def explicit_path(model):
+    """The model's own explicit-softmax path, switched on by hand (no hooks, no recorder)."""
+    saved = [b.attn.fused_attn for b in model.blocks]
+    for b in model.blocks:
+        b.attn.fused_attn = False
+    return saved
+
+
+@pytest.mark.parametrize('kind', ['winft', 'vit'])
+def test_recording_adds_no_computation_of_its_own(kind):
+    """Recorded forward = unrecorded forward: within 1e-5 of the fused kernels, bit for bit the
+    layer's own explicit path, and the recorded probabilities equal an explicit computation
+    from the weights (windows applied by hand)."""
+    torch.manual_seed(0)
+    if kind == 'winft':  # a windowed block, a global block, class token + 2 registers
+        model = tiny_winft(vitfree.WindowSpec.from_schedule((4, 4), [1, 'global', 0]), depth=3, reg_tokens=2)
+    else:
+        model = tiny_vit(depth=3, reg_tokens=2)
+    x = torch.randn(2, 3, 64, 64)
+    store, handles = capture_attn_inputs(model)
+    with torch.no_grad():
+        fused = model(x)
+    saved = explicit_path(model)
+    with torch.no_grad():
+        explicit = model(x)
+    for b, f in zip(model.blocks, saved):
+        b.attn.fused_attn = f
+    for h in handles:
+        h.remove()
+    with torch.no_grad(), vitfree.record(model) as rec:
+        recorded = model(x)
+    torch.testing.assert_close(recorded, fused, rtol=1e-5, atol=1e-5)
+    assert torch.equal(recorded, explicit)
+    assert sorted(rec.attention) == [0, 1, 2] and rec.num_prefix_tokens == 3
+    for i, blk in enumerate(model.blocks):
+        win = blk.attn.windows_for(16) if kind == 'winft' else None
+        expected = explicit_probs(blk.attn, store[i], None if win is None else win.mask(3))
+        torch.testing.assert_close(rec.attention[i], expected, rtol=1e-6, atol=1e-6)
+    if kind == 'winft':
+        assert not torch.all(rec.attention[0] > 0) and torch.all(rec.attention[1] > 0)  # windowed, global
+
+
+def test_timm_attention_extract_sees_every_winft_block():
+    """timm's AttentionExtract (hook method) on a WinfT built with fused attention off returns a
+    map for every block, windowed ones included, equal to vitfree's recording."""
+    from timm.layers import config as timm_config
+    from timm.utils import AttentionExtract
+    spec = vitfree.WindowSpec.from_schedule((4, 4), [1, 'global', 0])
+    before = timm_config._USE_FUSED_ATTN
+    timm.layers.set_fused_attn(False)
+    try:
+        model = tiny_winft(spec, depth=3, reg_tokens=1)
+    finally:
+        timm_config._USE_FUSED_ATTN = before
+    assert not any(b.attn.fused_attn for b in model.blocks)
+    x = torch.randn(2, 3, 64, 64)
+    extract = AttentionExtract(model, method='hook')
+    with torch.no_grad():
+        maps = extract(x)
+    assert sorted(maps) == [f'blocks.{i}.attn.attn_drop' for i in range(3)]
+    with torch.no_grad(), vitfree.record(model) as rec:
+        model(x)
+    for i in range(3):
+        assert torch.equal(maps[f'blocks.{i}.attn.attn_drop'], rec.attention[i])
+    assert not any(b.attn.fused_attn for b in model.blocks)  # the recorder gives the flags back as found
+    allowed = model.window_spec.mask(0, num_prefix_tokens=2)
+    assert torch.all(maps['blocks.0.attn.attn_drop'][..., ~allowed] == 0)
+
+
+def test_override_replacement_reaches_the_output_and_attn_mask_is_honoured():
+    """A probs_fn's replacement is what multiplies the values; a caller's attn_mask reaches the
+    recorded probabilities (keys hidden through the standard argument)."""
+    model = tiny_winft(vitfree.WindowSpec.from_schedule((4, 4), [1, 'global']))
+    x = torch.randn(1, 3, 64, 64)
+    tokens = torch.randn(1, 17, 64)
+    blk = model.blocks[0]
+    with torch.no_grad(), attention_override(model, [0], probs_fn=lambda b, p: torch.zeros_like(p)):
+        out = blk.attn(tokens)
+    torch.testing.assert_close(out, blk.attn.proj(torch.zeros(1, 17, 64)).expand_as(out))
+    allowed = torch.ones(1, 1, 1, 17, dtype=torch.bool)
+    allowed[..., 5] = False
+    with torch.no_grad(), vitfree.record(model) as rec:
+        model(x, attn_mask=allowed)
+    for i in range(2):
+        assert torch.all(rec.attention[i][..., 5] == 0)
+        torch.testing.assert_close(rec.attention[i].sum(-1), torch.ones(1, 2, 17))

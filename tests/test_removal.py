@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import vitfree
-from vitfree.analysis.interaction import model_transform
+from vitfree.analysis.inputs import model_transform
 from vitfree.analysis.removal import mask_patch_keys, patch_removal, patch_scores
 
 TINY = dict(img_size=64, depth=2, embed_dim=64, num_heads=2, num_classes=5)
@@ -32,6 +32,8 @@ def test_masked_keys_get_no_attention_in_any_block(model):
         torch.testing.assert_close(a.sum(-1), torch.ones(2, 2, 17))
         assert torch.all(a[1, :, :, 1:16] > 0)
     assert not any('forward' in m.__dict__ for m in model.modules())
+    assert all(b.attn.fused_attn for b in model.blocks)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def test_curves_start_at_plain_accuracy_and_are_reproducible(model):
@@ -81,3 +83,34 @@ def test_scores_and_errors(model):
         patch_removal(model, (x, torch.tensor([0, 1])), scores=['entropy'], progress=False)
     with pytest.raises(ValueError, match=r'fractions must be a non-empty list of numbers in \[0, 1\]'):
         patch_removal(model, (x, torch.tensor([0, 1])), fractions=[1.5], progress=False)
+
+
+def test_a_query_left_with_no_key_gets_a_zero_attention_output():
+    """No prefix tokens and 1x1 windows: hiding patch 5 leaves query 5 of block 0 with no key at
+    all.  Its attention row is zero (not NaN), so its attention output is the projection bias."""
+    spec = vitfree.WindowSpec.uniform(2, (4, 4), 0)
+    model = vitfree.create_winft('vit_tiny_patch16_224', windows=spec, class_token=False, global_pool='avg',
+                                 **TINY).eval()
+    assert model.num_prefix_tokens == 0
+    x = torch.randn(2, 3, 64, 64)
+    removed = torch.zeros(2, 16, dtype=torch.bool)
+    removed[:, 5] = True
+    seen = {}
+    blk = model.blocks[0]
+    handle = blk.attn.register_forward_hook(lambda m, a, o: seen.__setitem__('out', o))
+    try:
+        with torch.no_grad(), mask_patch_keys(model, removed), vitfree.record(model) as rec:
+            logits = model(x)
+    finally:
+        handle.remove()
+    assert torch.isfinite(logits).all()
+    a = rec.attention[0]
+    assert torch.all(a[:, :, 5] == 0)
+    torch.testing.assert_close(seen['out'][:, 5], blk.attn.proj.bias.expand(2, -1))
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[5] = False
+    torch.testing.assert_close(a[:, :, keep][:, :, :, keep].sum(-1), torch.ones(2, 2, 15))
+    # the ablation estimator takes the same path: finite maps, and key 5 affects query 5 only
+    res = vitfree.interaction(model, x, 'ablation', progress=False, ablation_batch=5)
+    assert torch.isfinite(res[0]).all()
+    assert torch.count_nonzero(res[0] - torch.diag(torch.diag(res[0]))) == 0

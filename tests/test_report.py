@@ -1,11 +1,14 @@
 """The analysis report end to end on a tiny model and a bundled image, and the structure of its
 HTML page (sections, images inlined as data URIs, nothing fetched from the network)."""
 import base64
+import io
 import json
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import vitfree
 from vitfree import WindowSpec
@@ -17,12 +20,13 @@ TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=3, num_c
 
 
 class PageParser(HTMLParser):
-    """Collects tags, attributes, section ids, headings and visible text."""
+    """Collects tags, attributes, section ids, headings, figure captions and visible text."""
 
     def __init__(self):
         super().__init__()
         self.tags, self.attrs, self.sections, self.images = [], [], [], []
         self.headings, self._in_h2, self.text = [], False, []
+        self.figures, self._in_figure, self._in_caption = [], False, False
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -32,16 +36,27 @@ class PageParser(HTMLParser):
             self.sections.append(a.get('id'))
         if tag == 'img':
             self.images.append(a)
+        if tag == 'figure':
+            self.figures.append('')
+            self._in_figure = True
+        if tag == 'figcaption':
+            self._in_caption = True
         self._in_h2 = tag == 'h2'
 
     def handle_endtag(self, tag):
         if tag == 'h2':
             self._in_h2 = False
+        if tag == 'figcaption':
+            self._in_caption = False
+        if tag == 'figure':
+            self._in_figure = False
 
     def handle_data(self, data):
         self.text.append(data)
         if self._in_h2:
             self.headings.append(data)
+        if self._in_caption:
+            self.figures[-1] += data
 
 
 def check_page(path, parts):
@@ -62,6 +77,11 @@ def check_page(path, parts):
             assert value.startswith(('data:', '#')), (tag, key, value[:60])
     assert 'http://' not in page and 'https://' not in page and '//cdn' not in page and 'url(' not in page
     assert 'This part failed' not in page
+    # every figure explains its encodings, and is drawn to be read at 1000 px page width
+    assert len(p.figures) == len(p.images) and all(len(c) > 40 for c in p.figures), p.figures
+    for img in p.images:
+        with Image.open(io.BytesIO(base64.b64decode(img['src'].split(',', 1)[1]))) as im:
+            assert im.size[0] <= 936, (img['alt'], im.size)  # the text column of a 1000 px window: shown unscaled
     return p
 
 
@@ -82,6 +102,8 @@ def test_report_end_to_end_on_a_tiny_winft(tmp_path):
     assert len(p.images) == len(rep.files)  # every PNG written is also on the page
     text = ' '.join(p.text)
     assert 'Random weights' in text and bundled_images()[0].name in text
+    assert 'Sample size.' in text and 'steps of 100.0 points' in text  # one image
+    assert 'Keypoints per image:' in text
     summary = json.loads(rep.json.read_text())
     assert summary['errors'] == {} and summary['images'] == [bundled_images()[0].name]
     assert len(summary['heads']['prob_drop']) == 6 and len(summary['profiles']['mean_entropy']) == 3
@@ -107,5 +129,84 @@ def test_bad_inputs_are_named(tmp_path):
         analyze(model, torch.randn(1, 3, 32, 32), tmp_path, parts=['hedas'])
     with pytest.raises(FileNotFoundError, match='no_such.jpg'):
         load_images(model, [tmp_path / 'no_such.jpg'])
-    x, names = load_images(model, bundled_images()[0].parent, max_images=1)
-    assert x.shape == (1, 3, 32, 32) and names == [bundled_images()[0].name]
+    loaded = load_images(model, bundled_images()[0].parent, max_images=1)
+    assert loaded.x.shape == (1, 3, 32, 32) and loaded.names == [bundled_images()[0].name]
+    assert loaded.labels is None
+
+
+def test_report_on_labelled_small_images_states_its_caveats(tmp_path):
+    """The bundled 28x28 Fashion-MNIST samples, with labels: accuracy with its interval and step,
+    the SIFT keypoint counts and the small-image caveat, small clusters, and the checkpoint in
+    the header."""
+    torch.manual_seed(0)
+    spec = WindowSpec.uniform(2, 7, 1)
+    model = vitfree.create_winft('vit_tiny_patch16_224', windows=spec, img_size=28, patch_size=4, embed_dim=32,
+                                 depth=2, num_heads=2, num_classes=10,
+                                 pretrained_cfg_overlay=dict(file='weights/example.safetensors'))
+    npz = 'vitfree/assets/fashion_mnist_samples.npz'
+    rep = analyze(model, npz, tmp_path / 'rep', parts=['erf', 'patterns', 'sift', 'removal'], max_images=6, epochs=20,
+                  weights='random initialisation (test)', progress=False, log=lambda s: None)
+    p = check_page(rep.html, ['erf', 'patterns', 'sift', 'removal'])
+    text = ' '.join(p.text)
+    labels = np.load(npz)['labels'][:6]
+    pred = np.asarray(rep.results['predictions']['top3'])[:, 0]
+    k = int((pred == labels).sum())
+    assert f'{k}/6 = {100 * k / 6:.1f}%' in text and 'one image moves it by 16.7 points' in text
+    assert 'steps of 16.7' in text
+    counts = [len(s.keypoints) for s in rep.results['sift'].images]
+    assert 'Keypoints per image: ' + ', '.join(map(str, counts)) in text
+    assert 'on these 28x28-pixel images' in text  # the small-image caveat
+    assert 'weights/example.safetensors' in text and 'fashion_mnist_samples.npz' in text
+    sizes = rep.results['patterns'].cluster_sizes()
+    if min(sizes) < 3:
+        assert 'read them as single examples' in text or 'read it as single examples' in text
+    assert rep.results['removal'].accuracy['random'][0] == pytest.approx(k / 6)  # against the labels
+    assert '|t - u|' in text  # the ERF area table
+
+
+def test_wilson_interval_and_accuracy_text():
+    from vitfree.analysis.report.orchestrate import accuracy_text, wilson_interval
+    lo, hi = wilson_interval(5, 6)
+    assert lo == pytest.approx(0.4365, abs=1e-3) and hi == pytest.approx(0.9699, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert accuracy_text(5, 6).startswith('5/6 = 83.3% (95% interval 44-97%')
+
+
+def test_cli_takes_the_data_arguments_of_erf(tmp_path):
+    """A built-in data set with --split and a bundled .npz, as vitfree erf takes them."""
+    common = ['--parts', 'profiles', '--max-images', '2', '--no-progress', '--model-kwargs', 'img_size=28',
+              'patch_size=7', 'depth=1', 'embed_dim=16', 'num_heads=2', 'num_classes=10']
+    assert main(['analyze', 'vit_tiny_patch16_224', 'digits', '--split', 'val', '-o', str(tmp_path / 'd')]
+                + common) == 0
+    summary = json.loads((tmp_path / 'd' / 'results.json').read_text())
+    assert summary['data'].startswith('digits (val split') and len(summary['predictions']['labels']) == 2
+    npz = 'vitfree/assets/fashion_mnist_samples.npz'
+    assert main(['analyze', 'vit_tiny_patch16_224', npz, '-o', str(tmp_path / 'n')] + common) == 0
+    summary = json.loads((tmp_path / 'n' / 'results.json').read_text())
+    assert npz in summary['data'] and summary['images'] == ['fashion_mnist_samples.npz #0',
+                                                            'fashion_mnist_samples.npz #1']
+    with pytest.raises(SystemExit, match='neither a built-in data set'):
+        main(['analyze', 'vit_tiny_patch16_224', 'no_such_set', '-o', str(tmp_path / 'x')] + common)
+
+
+def test_demo_writes_the_report(tmp_path, monkeypatch):
+    """``vitfree demo`` (make demo) also writes the analysis report of the shipped WinfT."""
+    import timm
+
+    from vitfree import demo
+    if not demo.shipped_weights_available():
+        pytest.skip('shipped weights not available')
+    calls = []
+    monkeypatch.setattr(demo, '_demo_report', lambda model, x, labels, out, log: calls.append((model, out)) or out)
+    result = demo.run_demo(tmp_path, log=lambda s: None)
+    assert result['files']['report'] == tmp_path / 'report' and type(calls[0][0]).__name__ == 'WinfT'
+    monkeypatch.undo()
+    model = timm.create_model('winft_micro_patch2_28.fmnist', pretrained=True).eval()
+    samples = demo.fashion_mnist_samples()
+    x = demo.grey_to_model_input(samples['images'][:2], model)
+    monkeypatch.setattr(demo, 'REPORT_IMAGES', 2)
+    page = demo._demo_report(model, x, torch.from_numpy(samples['labels'][:2]).long(), tmp_path / 'r', lambda s: None)
+    assert page == tmp_path / 'r' / 'report.html'
+    p = check_page(page, PARTS)
+    text = ' '.join(p.text)
+    assert 'winft_micro_patch2_28.fmnist' in text and 'Ankle boot' in text and 'with labels' in text

@@ -10,7 +10,7 @@ from PIL import Image
 
 import vitfree
 from vitfree import WindowSpec
-from vitfree.analysis.interaction import model_transform, to_display_image
+from vitfree.analysis.inputs import model_transform, to_display_image
 from vitfree.analysis.semantic import (Keypoints, block_lifts, concentration_groups, detect_keypoints,
                                        keypoint_guided_masks, keypoint_patch_mass, prompting, semantic_image,
                                        semantic_interrelation, visible_probabilities)

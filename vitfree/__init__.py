@@ -17,8 +17,8 @@ __all__ = [
 
 # analysis entry points load on first use (they pull in matplotlib, tqdm, ...)
 _LAZY = {
-    'record': 'vitfree.analysis.recorder',
-    'Recorder': 'vitfree.analysis.recorder',
+    'record': 'vitfree.analysis.capture',
+    'Recorder': 'vitfree.analysis.capture',
     'interaction': 'vitfree.analysis.interaction',
     'measure_erf': 'vitfree.analysis.erf',
     'patch_removal': 'vitfree.analysis.removal',

@@ -9,7 +9,9 @@ With the checkpoints this project trained and ships (``weights/``, from
 3. records the trained ViT's attention and measures its ERFs on those images
    (``vitfree.measure_erf``), and
 4. writes pictures (window sizes of the shipped measured spec, ERF rectangles, tendency fields,
-   interaction maps over an image) and the measured spec into the output folder.
+   interaction maps over an image) and the measured spec into the output folder, and
+5. writes the analysis report of the shipped WinfT on the first bundled test images
+   (``report/report.html``, the page ``vitfree analyze`` writes).
 
 Without shipped checkpoints it falls back to an untrained ``winft_tiny_patch16_224`` on a bundled
 photo and says so.  Everything runs offline on the CPU in well under a minute.
@@ -23,9 +25,10 @@ from typing import Dict, List, Optional, Union
 import numpy as np
 import torch
 
+from .data import FASHION_MNIST_CLASSES
+
 ASSETS = Path(__file__).resolve().parent / 'assets'
-FMNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
-                  'Ankle boot')
+FMNIST_CLASSES = FASHION_MNIST_CLASSES
 
 
 def bundled_images() -> List[Path]:
@@ -87,7 +90,8 @@ def _demo_trained(out: Path, log) -> Dict[str, object]:
     import timm
 
     from .analysis.erf import measure_erf
-    from .analysis.render import erf_pictures, plot_window_sizes
+    from .analysis.report.plots import erf_pictures, plot_window_sizes
+    from .analysis.tables import format_spec
 
     samples = fashion_mnist_samples()
     labels = torch.from_numpy(samples['labels']).long()
@@ -107,8 +111,7 @@ def _demo_trained(out: Path, log) -> Dict[str, object]:
     log(f'WinfT windows: {spec.provenance.get("kind")} spec (measured on the trained micro ViT, '
         f'estimator {spec.provenance.get("estimator")}, tau {spec.provenance.get("tau")}); backends per block: '
         + ' '.join(winft.attn_backends()))
-    from .commands.specs import format_summary
-    log(format_summary(spec))
+    log(format_spec(spec))
     shown = ', '.join(f'{FMNIST_CLASSES[p]}' + ('' if p == t else f' (true: {FMNIST_CLASSES[t]})')
                       for p, t in zip(pred[:6].tolist(), labels[:6].tolist()))
     log(f'WinfT predictions, first 6 images: {shown}')
@@ -122,15 +125,36 @@ def _demo_trained(out: Path, log) -> Dict[str, object]:
     log(res.format_summary())
     files.update(erf_pictures(res, out, image=xv[0], model=vit, prefix='vit_erf_'))
     files['measured_spec'] = res.spec.save(out / 'vit_measured_spec.yaml')
+    files['report'] = _demo_report(winft, x, labels, out / 'report', log)
     return {'model': 'winft_micro_patch2_28.fmnist', 'accuracy': accs, 'files': files}
+
+
+REPORT_IMAGES = 8  # the report's head pruning and pattern clustering keep the demo within ~30 s on 2 CPU cores
+
+
+def _demo_report(model, x: torch.Tensor, labels: torch.Tensor, out: Path, log) -> Path:
+    """The analysis report (``vitfree analyze``) of the shipped WinfT on the first bundled test images."""
+    from .analysis.report import analyze
+    n = REPORT_IMAGES
+    log(f'writing the analysis report of winft_micro_patch2_28.fmnist on the first {n} bundled test images ...')
+    report = analyze(
+        model, (x[:n], labels[:n]), out, names=[f'test #{i}' for i in range(n)], classes=FMNIST_CLASSES,
+        weights="the shipped winft_micro_patch2_28.fmnist weights (trained here), loaded by "
+                "timm.create_model('winft_micro_patch2_28.fmnist', pretrained=True)",
+        source=f'the first {n} of the Fashion-MNIST test images bundled with vitfree '
+               f'(vitfree/assets/fashion_mnist_samples.npz)',
+        head_images=4, epochs=100, batch_size=8, progress=False, log=lambda msg: None)
+    if report.errors:
+        log('report parts that failed: ' + '; '.join(f'{k}: {v}' for k, v in report.errors.items()))
+    return report.html
 
 
 def _demo_untrained(out: Path, model_name: str, image, log) -> Dict[str, object]:
     import timm
 
     from .analysis.erf import measure_erf
-    from .analysis.render import erf_pictures, plot_window_sizes
-    from .commands.specs import format_summary
+    from .analysis.report.plots import erf_pictures, plot_window_sizes
+    from .analysis.tables import format_spec
 
     model = timm.create_model(model_name).eval()
     spec = model.window_spec
@@ -146,7 +170,7 @@ def _demo_untrained(out: Path, model_name: str, image, log) -> Dict[str, object]
     log(f'image: {image}')
     log('top-5: ' + ', '.join(f'class {i} ({p:.3f})' for p, i in zip(top.values.tolist(), top.indices.tolist())))
     log('backends per block: ' + ' '.join(model.attn_backends()))
-    log(format_summary(spec))
+    log(format_spec(spec))
     files = {'model_window_sizes': plot_window_sizes(spec, out / 'window_sizes.png',
                                                title=f'{model_name}: window area per patch and block')}
     files['window_spec'] = spec.save(out / 'window_spec.yaml')

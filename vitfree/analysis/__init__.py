@@ -1,15 +1,27 @@
 """Analysis of ViT-family models: attention recording, interaction maps, ERFs, profiles,
-head importance, SIFT-semantic lifts, reports.  Attaches to models from the outside
-(hooks, context managers); nothing in ``ops/`` or ``layers/`` imports this package.
+head importance, SIFT-semantic lifts, reports.  Attaches to models from the outside, at the
+layer's one hook point (``attn_drop`` on the explicit-softmax path) and through the standard
+``attn_mask`` argument; nothing in ``windows``, ``ops``, ``layers`` or ``models`` imports this
+package.
+
+Layout, lowest first (each module imports only modules above it in this list, except that
+``Recorder.save`` draws with ``report.plots``, which itself imports only ``inputs``; a test
+checks that there are no import circles):
+
+``inputs``       images, data sets, labels, display conversion, progress bars
+``capture``      the recorder and attention overrides on the hook point, key masks
+``interaction``, ``erf``, ``profiles``, ``heads``, ``patterns``, ``semantic``, ``removal``
+                 one file per analysis
+``report``       orchestration (:func:`analyze`), HTML page, pictures
 
 matplotlib, tqdm and OpenCV are imported only by the functions that need them.
 """
-from .hooks import attention_modules, attention_override, capture_block_io, normalize_blocks, num_prefix_tokens, \
-    patch_grid
-from .recorder import Recorder, RecordingTooLarge, record
-from .interaction import ESTIMATORS, InteractionResult, interaction, iter_images, row_normalize
+from .capture import (Recorder, RecordingTooLarge, attention_modules, attention_override, capture_block_io,
+                      mask_patch_keys, normalize_blocks, num_prefix_tokens, patch_grid, record, row_normalize)
+from .inputs import iter_images
+from .interaction import ESTIMATORS, InteractionResult, interaction
 from .erf import BlockErf, ErfResult, erf_from_interaction, erf_rectangles, measure_erf, tendency_vectors
-from .removal import RemovalResult, mask_patch_keys, patch_removal
+from .removal import RemovalResult, patch_removal
 
 __all__ = [
     'attention_modules', 'attention_override', 'capture_block_io', 'normalize_blocks', 'num_prefix_tokens',

@@ -20,7 +20,11 @@ patch with non-zero interaction - the whole grid for ordinary softmax attention.
 
 Alongside each rectangle: the captured mass, its area, and the **tendency** vector
 ``t(i) = sum_j P(i, j) (p_j - p_i)`` - where the interaction of patch ``i`` leans to, in
-patches, stored as ``(dy, dx)`` with ``dy`` pointing down and ``dx`` right.
+patches, stored as ``(dy, dx)`` with ``dy`` pointing down and ``dx`` right.  Near the border
+even uniform interaction leans towards the centre, so each block also keeps ``u(i)``, the
+tendency that uniform interaction over the keys patch ``i`` may see would have (its window in
+a windowed block, the whole grid otherwise), and pictures and summaries show the **excess
+tendency** ``t(i) - u(i)``: what the model learned, not where the border is.
 
 A block becomes ``global`` in the window spec when its mean ERF area is at least
 ``gamma * N``.  :func:`measure_erf` runs all of this on a model and returns a ``measured``
@@ -38,10 +42,13 @@ import torch.nn as nn
 
 from ..version import __version__
 from ..windows import WindowSpec, to_grid
-from .interaction import ImagesLike, InteractionResult, interaction
+from .capture import attention_modules
+from .inputs import ImagesLike
+from .interaction import InteractionResult, interaction
+from .tables import format_table
 
-__all__ = ['measure_erf', 'erf_from_interaction', 'erf_rectangles', 'tendency_vectors', 'ErfResult', 'BlockErf',
-           'checkpoint_hint']
+__all__ = ['measure_erf', 'erf_from_interaction', 'erf_rectangles', 'tendency_vectors', 'uniform_tendency', 'model_windows',
+           'ErfResult', 'BlockErf', 'checkpoint_hint']
 
 _RTOL = 1e-9   # strip gains (and half-plane masses) this close to the best count as ties
 _MASS_TOL = 1e-9  # captured mass within this of tau counts as reaching tau
@@ -144,18 +151,49 @@ def tendency_vectors(maps: Union[np.ndarray, torch.Tensor], grid: Union[int, Seq
     return p @ pos - p.sum(-1, keepdims=True) * pos
 
 
+def uniform_tendency(grid: Union[int, Sequence[int]], extents: Optional[np.ndarray] = None) -> np.ndarray:
+    """``u(i)``: the tendency of uniform interaction over the keys patch ``i`` may see, as
+    ``(..., H, W, 2)`` ``(dy, dx)`` in patches: the offset from the patch to the centre of its
+    window (``extents`` ``(H, W, 4)`` or per head ``(heads, H, W, 4)``, clipped at the border as
+    windows are) or, with ``extents=None``, of the whole grid."""
+    h, w = to_grid(grid)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    if extents is None:
+        return np.stack([(h - 1) / 2 - ys, (w - 1) / 2 - xs], axis=-1)
+    e = np.asarray(extents, dtype=np.float64)
+    if e.shape[-3:] != (h, w, 4):
+        raise ValueError(f'window extents must have shape (..., {h}, {w}, 4) for a {h}x{w} grid, got {e.shape}')
+    y0, y1 = np.maximum(ys - e[..., 0], 0), np.minimum(ys + e[..., 1], h - 1)
+    x0, x1 = np.maximum(xs - e[..., 2], 0), np.minimum(xs + e[..., 3], w - 1)
+    return np.stack([(y0 + y1) / 2 - ys, (x0 + x1) / 2 - xs], axis=-1)
+
+
 # ---- results ----------------------------------------------------------------------------------
 @dataclass
 class BlockErf:
     """ERFs of every patch (and head) of one block.
 
     ``rects``: int32 ``(H, W, 4)`` (or ``(heads, H, W, 4)``), ``(up, down, left, right)``;
-    ``mass``: captured mass ``(H, W)``; ``tendency``: ``(H, W, 2)`` as ``(dy, dx)`` in patches.
+    ``mass``: captured mass ``(H, W)``; ``tendency``: ``(H, W, 2)`` as ``(dy, dx)`` in patches;
+    ``uniform``: the tendency uniform interaction over each patch's keys would have
+    (:func:`uniform_tendency`, broadcastable to ``tendency``; ``None`` = the whole grid);
+    ``window``: the extents of the block's windows when it had any (``None``: global).
     """
     block: int
     rects: np.ndarray
     mass: np.ndarray
     tendency: np.ndarray
+    uniform: Optional[np.ndarray] = None
+    window: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        if self.uniform is None:
+            self.uniform = uniform_tendency(self.tendency.shape[-3:-1], self.window)
+
+    @property
+    def excess_tendency(self) -> np.ndarray:
+        """``t(i) - u(i)``: the tendency beyond what the geometry of the keys gives."""
+        return self.tendency - self.uniform
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -189,28 +227,33 @@ class ErfResult:
         return self.blocks[block]
 
     def summary(self) -> List[Dict[str, Any]]:
-        """Per block: mean ERF area (patches and fraction of the grid), mean captured mass, mean
-        tendency length, and whether the block became global."""
+        """Per block: mean / min / max ERF area (patches), the mean as a share of the grid, mean
+        captured mass, mean length of the tendency and of the excess tendency (patches), and
+        whether the block became global."""
         n = self.grid[0] * self.grid[1]
         out = []
         for b in self.blocks:
-            t = np.linalg.norm(b.tendency, axis=-1)
-            out.append({'block': b.block, 'mean_area': b.mean_area, 'fraction': b.mean_area / n,
-                        'mean_mass': float(b.mass.mean()), 'mean_tendency': float(t.mean()),
+            area = b.area
+            out.append({'block': b.block, 'mean_area': b.mean_area, 'min_area': int(area.min()),
+                        'max_area': int(area.max()), 'fraction': b.mean_area / n,
+                        'mean_mass': float(b.mass.mean()),
+                        'mean_tendency': float(np.linalg.norm(b.tendency, axis=-1).mean()),
+                        'mean_excess_tendency': float(np.linalg.norm(b.excess_tendency, axis=-1).mean()),
                         'global': b.block in self.global_blocks})
         return out
 
-    def format_summary(self) -> str:
-        """The per-block summary as a text table."""
+    def format_summary(self, style: str = 'text') -> str:
+        """The per-block summary as a table (``style``: ``'text'`` or ``'markdown'``)."""
         n = self.grid[0] * self.grid[1]
-        lines = [f'{"block":>5}  {"ERF area":>8}  {"of grid":>7}  {"mass":>6}  {"|tendency|":>10}  {"window":>7}']
-        for r in self.summary():
-            lines.append(f'{r["block"]:>5}  {r["mean_area"]:>8.1f}  {100 * r["fraction"]:>6.1f}%  '
-                         f'{r["mean_mass"]:>6.3f}  {r["mean_tendency"]:>10.2f}  '
-                         f'{"global" if r["global"] else "local":>7}')
-        lines.append(f'(grid {self.grid[0]}x{self.grid[1]} = {n} patches, tau={self.tau:g}, gamma={self.gamma:g}: '
-                     f'global when mean area >= {self.gamma * n:.1f})')
-        return '\n'.join(lines)
+        rows = [(r['block'], f'{r["mean_area"]:.1f}', r['min_area'], r['max_area'], f'{100 * r["fraction"]:.1f}%',
+                 f'{r["mean_mass"]:.3f}', f'{r["mean_tendency"]:.2f}', f'{r["mean_excess_tendency"]:.2f}',
+                 'global' if r['global'] else 'local') for r in self.summary()]
+        table = format_table(['block', 'mean ERF area', 'min', 'max', 'of grid', 'mass', '|t|', '|t - u|', 'window'],
+                             rows, style)
+        note = (f'grid {self.grid[0]}x{self.grid[1]} = {n} patches, tau={self.tau:g}, gamma={self.gamma:g}: global '
+                f'when the mean ERF area >= {self.gamma * n:.1f}; areas in patches; |t|: mean tendency length, '
+                f'|t - u|: beyond uniform interaction over the same keys (patches)')
+        return f'{table}\n\n{note}' if style == 'markdown' else f'{table}\n({note})'
 
 
 def erf_from_interaction(
@@ -219,6 +262,7 @@ def erf_from_interaction(
         tau: float = 0.9,
         gamma: float = 0.6,
         provenance: Optional[Mapping[str, Any]] = None,
+        windows: Optional[Sequence[Optional[np.ndarray]]] = None,
 ) -> ErfResult:
     """ERFs and the window spec from interaction maps of every block ``0 .. L-1``.
 
@@ -226,6 +270,9 @@ def erf_from_interaction(
     (then ``grid`` is required).  A block is ``global`` when its mean ERF area (over patches and
     heads) is at least ``gamma * N``; the others get their rectangles as windows (per head when
     the maps are per head).  ``provenance`` defaults to ``{'kind': 'measured'}`` plus tau/gamma.
+    ``windows``: per block, the window extents ``(H, W, 4)`` (or per head) the measured model
+    imposed, ``None`` for a global block; they set the keys of the uniform baseline ``u`` of the
+    excess tendency (default: every block global).
     """
     tau = _check_tau(tau)
     gamma = float(gamma)
@@ -243,6 +290,8 @@ def erf_from_interaction(
     if sorted(maps) != list(range(depth)):
         raise ValueError(f'a window spec needs the maps of every block 0..L-1, got blocks {sorted(maps)}')
     n = grid[0] * grid[1]
+    if windows is not None and len(windows) != depth:
+        raise ValueError(f'windows must give one entry (extents or None) per block: {len(windows)} for {depth} blocks')
     blocks: List[BlockErf] = []
     extents: List[Optional[np.ndarray]] = []
     global_blocks: List[int] = []
@@ -251,7 +300,8 @@ def erf_from_interaction(
         rects, mass = erf_rectangles(p, grid, tau)
         lead = rects.shape[:-2]
         erf = BlockErf(block=b, rects=rects.reshape(*lead, *grid, 4), mass=mass.reshape(*lead, *grid),
-                       tendency=tendency_vectors(p, grid).reshape(*lead, *grid, 2))
+                       tendency=tendency_vectors(p, grid).reshape(*lead, *grid, 2),
+                       window=None if windows is None or windows[b] is None else np.asarray(windows[b]))
         blocks.append(erf)
         if erf.mean_area >= gamma * n:
             global_blocks.append(b)
@@ -267,6 +317,17 @@ def erf_from_interaction(
     spec = WindowSpec(grid, extents, prov)
     return ErfResult(grid=grid, tau=tau, gamma=gamma, blocks=blocks, global_blocks=global_blocks, spec=spec,
                      interaction=inter, provenance=prov)
+
+
+def model_windows(model: nn.Module, grid: Sequence[int]) -> List[Optional[np.ndarray]]:
+    """Per block, the window extents a model imposes at ``grid`` (``None`` for global blocks
+    and for models without windows)."""
+    n = int(grid[0]) * int(grid[1])
+    out: List[Optional[np.ndarray]] = []
+    for attn in attention_modules(model):
+        win = attn.windows_for(n) if getattr(attn, 'windows', None) is not None else None
+        out.append(None if win is None else win.extents)
+    return out
 
 
 def checkpoint_hint(model: nn.Module) -> Optional[str]:
@@ -304,7 +365,7 @@ def measure_erf(
         images: a tensor batch ``(B, C, H, W)`` normalised for the model, a ``(tensor, labels)``
             pair, a DataLoader, a Dataset of ``(image, label)`` items (PIL images are transformed
             with the model's eval transform), a list of images or a folder; see
-            :func:`vitfree.analysis.interaction.iter_images`.
+            :func:`vitfree.analysis.inputs.iter_images`.
         estimator: ``'attention'``, ``'attribution'`` or ``'ablation'`` interaction estimator.
         tau: mass an ERF must hold (``1`` = all of it).
         gamma: a block is global when its mean ERF area is at least ``gamma * N``.
@@ -343,5 +404,6 @@ def measure_erf(
     if per_head:
         prov['per_head'] = True
     prov['vitfree_version'] = __version__
-    res = erf_from_interaction(inter, tau=tau, gamma=gamma, provenance=prov)
+    res = erf_from_interaction(inter, tau=tau, gamma=gamma, provenance=prov,
+                               windows=model_windows(model, inter.grid))
     return res if return_result else res.spec

@@ -42,10 +42,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hooks import (attention_modules, attention_override, capture_block_io, normalize_blocks,
-                    num_prefix_tokens)
-from .interaction import ImagesLike, _count, describe_images, eval_mode, iter_images, model_name, resolve_targets
-from .profiles import progress_bar
+from .capture import attention_modules, attention_override, capture_block_io, normalize_blocks, num_prefix_tokens
+from .inputs import (ImagesLike, _count, describe_images, eval_mode, iter_images, model_name, progress_bar,
+                     resolve_targets)
 
 __all__ = ['MODES', 'MODE_NAMES', 'HeadImportance', 'pruning_keep_mask', 'prune_heads', 'gate_gradients',
            'head_importance']
@@ -253,6 +252,11 @@ class HeadImportance:
     def num_images(self) -> int:
         return int(self.prob.shape[0])
 
+    @property
+    def mode_names(self) -> Dict[int, str]:
+        """``{mode: name}`` of the measured modes (module docstring)."""
+        return {m: MODE_NAMES[m] for m in self.modes}
+
     def _reference(self) -> np.ndarray:
         return self.labels if self.labels is not None else self.targets
 
@@ -316,7 +320,7 @@ def head_importance(
 
     Args:
         model: a timm ViT-family classifier (run in eval mode, left as it was found).
-        images: any form :func:`vitfree.analysis.interaction.iter_images` takes.
+        images: any form :func:`vitfree.analysis.inputs.iter_images` takes.
         modes: pruning modes (module docstring); default all six.
         blocks: blocks whose heads are pruned (``None`` = all).
         target: class whose probability is tracked: ``'predicted'`` (the unpruned prediction),

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .hooks import attention_modules, normalize_blocks, num_prefix_tokens
-from .interaction import ImagesLike
-from .profiles import attention_pass, class_token_index, hop_strength
+from .capture import attention_modules, attention_pass, class_token_index, normalize_blocks, num_prefix_tokens
+from .inputs import ImagesLike, progress_bar
+from .profiles import hop_strength
 
 __all__ = ['PatternDescriptors', 'AttentionPatterns', 'PatternAutoencoder', 'pattern_descriptors',
            'attention_patterns']
@@ -252,7 +252,6 @@ def _train(xn: torch.Tensor, latent_dim: int, hidden: int, epochs: int, batch_si
            progress: bool, losses: List[float]) -> np.ndarray:
     """Train a :class:`PatternAutoencoder` on ``xn`` (seeded, global RNG untouched); returns the
     latents and appends the mean loss of every epoch to ``losses``."""
-    from .profiles import progress_bar
     n = xn.shape[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -16,41 +16,24 @@ way uniform attention gives the same strength at every hop, so its entropy is
     prof = distance_profiles(model, images)           # any timm ViT-family model
     prof.mean_strength        # (blocks, heads, hops) dataset mean
     prof.entropy              # (images, blocks, heads) per-image head entropies
-
-The module also holds what the other analysis modules of this family share:
-:func:`attention_pass` (run a model over images and hand every block's attention to a
-callback), the class-token position and progress bars.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .hooks import attention_modules, attention_override, normalize_blocks, num_prefix_tokens, patch_grid
-from .interaction import ImagesLike, _count, describe_images, eval_mode, iter_images
+from .capture import attention_modules, attention_pass, normalize_blocks, num_prefix_tokens
+from .inputs import ImagesLike
 
 __all__ = [
     'AVERAGES', 'DistanceProfiles', 'hop_distances', 'hop_strength', 'head_entropy', 'distance_profiles',
-    'attention_pass', 'class_token_index', 'progress_bar',
 ]
 
 AVERAGES = ('pairs', 'queries')
-
-
-# ---- shared helpers -----------------------------------------------------------------------------
-def class_token_index(model: nn.Module) -> Optional[int]:
-    """Token index of the class token (timm puts it first), ``None`` when the model has none."""
-    return 0 if getattr(model, 'cls_token', None) is not None else None
-
-
-def progress_bar(total: Optional[int], desc: str, enabled: bool, unit: str = 'img'):
-    """A tqdm bar (disabled unless ``enabled``); callers ``update`` and ``close`` it."""
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
 # ---- hop distances and strengths --------------------------------------------------------------
@@ -175,52 +158,6 @@ class DistanceProfiles:
         }
 
 
-def attention_pass(
-        model: nn.Module,
-        images: ImagesLike,
-        on_probs: Callable[[int, torch.Tensor, torch.Tensor, Tuple[int, int]], None],
-        blocks: Optional[Iterable[int]] = None,
-        *,
-        num_images: Optional[int] = None,
-        batch_size: int = 16,
-        device: Union[str, torch.device, None] = None,
-        progress: bool = True,
-        desc: str = 'attention',
-) -> Dict[str, torch.Tensor]:
-    """Run the model (eval mode, no grad) over ``images`` and call
-    ``on_probs(block, probs, x, grid)`` with each chosen block's post-softmax attention
-    ``(B, heads, T, T)``, in block order, batch after batch.
-
-    ``images`` takes every form :func:`vitfree.analysis.interaction.iter_images` does.  Returns
-    the concatenated ``logits`` (CPU, float) and ``labels`` (``None`` unless every batch had
-    labels), so callers also get the predictions.
-    """
-    depth = len(attention_modules(model))
-    chosen = normalize_blocks(blocks, depth)
-    state: Dict[str, object] = {}
-    logits: List[torch.Tensor] = []
-    labels: List[Optional[torch.Tensor]] = []
-
-    def probs_fn(block: int, probs: torch.Tensor) -> None:
-        on_probs(block, probs, state['x'], state['grid'])
-
-    bar = progress_bar(_count(images, num_images), desc, progress)
-    try:
-        with eval_mode(model), torch.no_grad(), attention_override(model, chosen, probs_fn=probs_fn):
-            for x, y in iter_images(model, images, batch_size, num_images, device):
-                state['x'] = x
-                state['grid'] = patch_grid(model, x.shape[-2:])
-                logits.append(model(x).detach().float().cpu())
-                labels.append(None if y is None else y.cpu())
-                bar.update(x.shape[0])
-    finally:
-        bar.close()
-    if not logits:
-        raise ValueError(f'no images: {describe_images(images)} yielded none')
-    y = None if any(v is None for v in labels) else torch.cat(labels)
-    return {'logits': torch.cat(logits), 'labels': y}
-
-
 def distance_profiles(
         model: nn.Module,
         images: ImagesLike,
@@ -236,7 +173,7 @@ def distance_profiles(
 
     Works on any timm ViT-family model: class and register tokens are left out, and the
     windows of a WinfT simply show up as zero attention outside them.  ``images`` takes every
-    form :func:`vitfree.analysis.interaction.iter_images` does (tensor, ``(tensor, labels)``,
+    form :func:`vitfree.analysis.inputs.iter_images` does (tensor, ``(tensor, labels)``,
     DataLoader, Dataset, list of images or paths, folder); all must give one patch grid.
     """
     if average not in AVERAGES:

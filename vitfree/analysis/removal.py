@@ -21,17 +21,19 @@ Equal scores are ordered randomly (seeded), so e.g. the many keypoint-free patch
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .hooks import attention_modules, attention_override, num_prefix_tokens, patch_grid
-from .interaction import (ImagesLike, InteractionResult, _count, describe_images, eval_mode, iter_images,
-                          model_name, row_normalize, to_display_image)
+from .capture import attention_modules, attention_override, mask_patch_keys, num_prefix_tokens, patch_grid, \
+    row_normalize
+from .inputs import ImagesLike, _count, describe_images, eval_mode, iter_images, model_name, progress_bar, \
+    to_display_image
+from .interaction import InteractionResult
+from .semantic import patch_semantic_mass
 
 __all__ = ['patch_removal', 'RemovalResult', 'mask_patch_keys', 'patch_scores', 'SCORES', 'DEFAULT_FRACTIONS']
 
@@ -92,7 +94,6 @@ def patch_scores(model: nn.Module, x: torch.Tensor, score: str, *,
             return interaction.importance().to(x.device).expand(x.shape[0], n)
         return _attention_importance(model, x)
     if score == 'sift':
-        from .semantic import patch_semantic_mass
         out = [patch_semantic_mass(to_display_image(img, model), grid) for img in x]
         return torch.as_tensor(np.stack(out), dtype=torch.float32, device=x.device)
     if score == 'random':
@@ -106,28 +107,6 @@ def _lowest(scores: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     perm = torch.stack([torch.randperm(n, generator=gen) for _ in range(b)]).to(scores.device)
     order = torch.argsort(scores.gather(1, perm), dim=1, stable=True)
     return perm.gather(1, order)
-
-
-@contextlib.contextmanager
-def mask_patch_keys(model: nn.Module, removed: torch.Tensor) -> Iterator[None]:
-    """Within the context no query, in any block, attends to the patches flagged in ``removed``
-    (``(B, N)`` bool, one row per image of the coming forward).  Prefix tokens stay visible; a
-    query left with no key at all gets a zero attention output."""
-    npt = num_prefix_tokens(model)
-    keys = torch.zeros(removed.shape[0], npt + removed.shape[1], dtype=torch.bool, device=removed.device)
-    keys[:, npt:] = removed
-
-    def on_logits(block: int, logits: torch.Tensor) -> torch.Tensor:
-        if logits.shape[0] != keys.shape[0] or logits.shape[-1] != keys.shape[1]:
-            raise ValueError(f'removal mask is for {keys.shape[0]} images x {keys.shape[1]} tokens, the forward has '
-                             f'{logits.shape[0]} x {logits.shape[-1]}')
-        return logits.masked_fill(keys[:, None, None, :], float('-inf'))
-
-    def on_probs(block: int, probs: torch.Tensor) -> torch.Tensor:
-        return probs.nan_to_num(0.0)
-
-    with attention_override(model, None, logits_fn=on_logits, probs_fn=on_probs):
-        yield
 
 
 def patch_removal(
@@ -147,7 +126,7 @@ def patch_removal(
 
     Args:
         model: a timm ViT-family classifier.
-        images: labelled images (see :func:`vitfree.analysis.interaction.iter_images`).
+        images: labelled images (see :func:`vitfree.analysis.inputs.iter_images`).
         scores: any of ``'interaction'``, ``'sift'``, ``'random'``; default: all three, ``sift``
             only when OpenCV is installed.
         fractions: fractions of the patches to remove, each in ``[0, 1]``; ``round(f * N)``
@@ -171,12 +150,11 @@ def patch_removal(
     fractions = [float(f) for f in fractions]
     if not fractions or any(not 0.0 <= f <= 1.0 for f in fractions):
         raise ValueError(f'fractions must be a non-empty list of numbers in [0, 1], got {fractions!r}')
-    from tqdm.auto import tqdm
     gen = torch.Generator().manual_seed(int(seed))
     correct = {s: [0] * len(fractions) for s in scores}
     count = 0
     grid: Optional[Tuple[int, int]] = None
-    bar = tqdm(total=_count(images, num_images), unit='img', desc='patch removal', disable=not progress, leave=False)
+    bar = progress_bar(_count(images, num_images), 'patch removal', progress)
     try:
         with eval_mode(model), torch.no_grad():
             for x, y in iter_images(model, images, batch_size, num_images, device):

@@ -39,16 +39,16 @@ patches visible with probability proportional to ``(c_p + eps) ** temperature``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .hooks import attention_modules, normalize_blocks, num_prefix_tokens, patch_grid
-from .interaction import (ImagesLike, _count, describe_images, eval_mode, iter_images, model_name,
-                          to_display_image)
-from .profiles import attention_pass, class_token_index, progress_bar
+from .capture import (attention_modules, attention_pass, class_token_index, mask_patch_keys, normalize_blocks,
+                      num_prefix_tokens, patch_grid)
+from .inputs import (ImagesLike, _count, describe_images, eval_mode, iter_images, model_name, progress_bar,
+                     to_display_image)
 
 __all__ = [
     'WEIGHTS', 'GROUP_NAMES', 'Keypoints', 'SemanticImage', 'SemanticResult', 'PromptingResult',
@@ -89,7 +89,7 @@ def _gray_uint8(image: np.ndarray) -> np.ndarray:
     a = np.asarray(image)
     if a.dtype != np.uint8:
         raise ValueError(f'SIFT needs a uint8 image (as the model sees it, before normalisation), got {a.dtype}; '
-                         f'map a normalised tensor back with vitfree.analysis.interaction.to_display_image')
+                         f'map a normalised tensor back with vitfree.analysis.inputs.to_display_image')
     if a.ndim == 2:
         return np.ascontiguousarray(a)
     if a.ndim == 3 and a.shape[2] in (1, 3):
@@ -190,6 +190,7 @@ class SemanticImage:
     weights: np.ndarray
     groups: np.ndarray
     weight: str = 'count'
+    group_names: ClassVar[Tuple[str, ...]] = GROUP_NAMES
 
     @property
     def has_keypoints(self) -> bool:
@@ -318,6 +319,7 @@ class SemanticResult:
     threshold: float = 0.5
     flag_block: int = -1
     meta: Dict[str, object] = field(default_factory=dict)
+    group_names: ClassVar[Tuple[str, ...]] = GROUP_NAMES
 
     @property
     def num_images(self) -> int:
@@ -408,7 +410,7 @@ def semantic_interrelation(
 
     Args:
         model: any timm ViT-family model.
-        images: any form :func:`vitfree.analysis.interaction.iter_images` takes; tensors must be
+        images: any form :func:`vitfree.analysis.inputs.iter_images` takes; tensors must be
             normalised for the model (they are mapped back to pixels for SIFT).
         blocks: blocks to measure (``None`` = all).
         weight: patch mass ``'count'``, ``'response'`` or ``'scale'``.
@@ -538,7 +540,6 @@ def prompting(
     Masked patches still carry their own token through the network; no query (in any block)
     may attend to them.  Returns a :class:`PromptingResult`.
     """
-    from .removal import mask_patch_keys
     if by not in ('group0', 'lowest'):
         raise ValueError(f"by must be 'group0' or 'lowest', got {by!r}")
     if not 0.0 <= fraction <= 1.0:

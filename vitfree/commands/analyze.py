@@ -1,8 +1,9 @@
-"""``vitfree analyze MODEL IMAGE_OR_FOLDER... -o DIR``: every analysis, as PNGs and one HTML page.
+"""``vitfree analyze MODEL DATA... -o DIR``: every analysis, as PNGs and one HTML page.
 
 MODEL is any timm ViT-family model name (``deit_small_patch16_224``, ``vit_tiny_patch16_224``,
-``winft_*``, ``hf-hub:...``, ``local-dir:...``).  Images are files or folders (searched
-recursively).  The page ``DIR/report.html`` embeds every picture, so it can be mailed or
+``winft_*``, ``hf-hub:...``, ``local-dir:...``).  DATA takes what ``vitfree erf`` takes (read by
+:func:`vitfree.analysis.inputs.open_data`): image files, folders (searched recursively), ``.npz``
+files of images, built-in data sets (``digits``, ``fashion_mnist``, with ``--split``).  The page ``DIR/report.html`` embeds every picture, so it can be mailed or
 opened offline; ``DIR/results.json`` holds the numbers.
 """
 from __future__ import annotations
@@ -22,7 +23,11 @@ def add_parser(sub) -> None:
                     'results.json and one self-contained HTML page (pictures embedded, no network) into DIR. '
                     f'Parts: {", ".join(PARTS)} (all by default; choose with --parts or drop with --skip).')
     p.add_argument('model', metavar='MODEL', help='timm model name (or hf-hub:/local-dir: reference)')
-    p.add_argument('images', metavar='IMAGE_OR_FOLDER', nargs='+', help='image files and/or folders (recursive)')
+    p.add_argument('images', metavar='DATA', nargs='+',
+                   help='image files, folders (recursive), .npz files of images (e.g. '
+                        'vitfree/assets/fashion_mnist_samples.npz) or built-in data sets (digits, fashion_mnist); '
+                        'as for vitfree erf')
+    p.add_argument('--split', default='train', help='split of a built-in data set (default: train)')
     p.add_argument('-o', '--output', required=True, metavar='DIR', help='output folder (created)')
     p.add_argument('--parts', nargs='+', choices=PARTS, default=None, metavar='PART',
                    help=f'run only these parts ({", ".join(PARTS)})')
@@ -84,7 +89,7 @@ def run(args) -> int:
             head_images=args.head_images, batch_size=args.batch_size, average=args.average, latent_dim=args.latent_dim,
             k=args.k, epochs=args.epochs, sift_weight=args.sift_weight, spurious_threshold=args.spurious_threshold,
             prompt_by=args.prompt_by, tau=args.tau, gamma=args.gamma, seed=args.seed, device=args.device,
-            progress=not args.no_progress)
+            progress=not args.no_progress, split=args.split)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f'error: {e}') from None
     print(f'report: {report.html}')

@@ -2,8 +2,9 @@
 
 MODEL is any timm ViT-family model name (``deit_small_patch16_224``, ``vit_tiny_patch16_224``,
 ``winft_*``, ``hf-hub:...``, ``local-dir:...``).  DATA is a folder of images (read recursively,
-labels unknown), one image file, or a built-in data set name (``digits``, ``fashion_mnist``;
-see :mod:`vitfree.data`).
+labels unknown), one image file, a ``.npz`` file of images (e.g. the bundled
+``vitfree/assets/fashion_mnist_samples.npz``), or a built-in data set name (``digits``,
+``fashion_mnist``; see :mod:`vitfree.data`); :func:`vitfree.analysis.inputs.open_data` reads it.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def add_parser(sub) -> None:
                     'measured window spec (and pictures).  The spec builds a WinfT with '
                     'vitfree.create_winft(MODEL, windows=SPEC).')
     p.add_argument('model', metavar='MODEL', help='timm model name (or hf-hub:/local-dir: reference)')
-    p.add_argument('data', metavar='DATA', help='image folder (recursive), image file, or built-in data set '
-                                                '(digits, fashion_mnist)')
+    p.add_argument('data', metavar='DATA', help='image folder (recursive), image file, .npz file of images, or '
+                                                'built-in data set (digits, fashion_mnist)')
     p.add_argument('-o', '--output', required=True, help='where to write the window spec (.yaml/.yml/.json)')
     p.add_argument('--estimator', default='attention', choices=['attention', 'attribution', 'ablation'],
                    help='interaction estimator (default: attention)')
@@ -48,27 +49,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _load_data(data: str, split: str):
-    """A Dataset for DATA: image folder/file, else a built-in set through vitfree.data."""
-    from ..analysis.interaction import ImageFiles
-    path = Path(data).expanduser()
-    if path.is_dir() or path.is_file():
-        return ImageFiles(path), f'image files under {path}' if path.is_dir() else f'image {path}'
-    try:
-        from ..data import build_dataset
-    except ImportError as e:
-        raise SystemExit(f'error: DATA {data!r} is not an existing folder or image file, and built-in data sets '
-                         f'need vitfree.data, which cannot be imported here ({e})') from None
-    try:
-        ds = build_dataset(data, split=split)
-    except ValueError as e:
-        raise SystemExit(f'error: {e}') from None
-    return ds, f'{data} ({split} split, {len(ds)} images)'
-
-
 def run(args) -> int:
     from ..analysis.erf import checkpoint_hint, measure_erf
-    from .specs import format_summary
+    from ..analysis.inputs import open_data
+    from ..analysis.tables import format_spec
 
     out = Path(args.output)
     if out.suffix.lower() not in ('.yaml', '.yml', '.json'):
@@ -86,7 +70,10 @@ def run(args) -> int:
         if args.model.startswith(('local-dir:', 'hf-hub:')):
             print(f'note: {args.model} is built with random weights; add --pretrained to load the weights it ships')
     model = model.to(args.device)
-    dataset, data_desc = _load_data(args.data, args.split)
+    try:
+        dataset, data_desc = open_data(args.data, args.split)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}') from None
     print(f'model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), '
           f'weights: {checkpoint}')
     print(f'data: {data_desc}; using up to {args.images} images, estimator {args.estimator}, '
@@ -102,12 +89,12 @@ def run(args) -> int:
     print(result.format_summary())
     print()
     print('window spec:')
-    print(format_summary(spec))
+    print(format_spec(spec))
     path = spec.save(out)
     written: List[Path] = [path]
     if args.pictures:
-        from ..analysis.interaction import iter_images
-        from ..analysis.render import erf_pictures
+        from ..analysis.inputs import iter_images
+        from ..analysis.report.plots import erf_pictures
         x, _ = next(iter_images(model, dataset, batch_size=1, num_images=1, device=args.device))
         written += list(erf_pictures(result, args.pictures, image=x[0], model=model).values())
     print(f'wrote {len(written)} file(s):')
