@@ -19,7 +19,7 @@ linear backend by name), bfloat16 autocast, inference (``no_grad``) images/s and
 step (forward, backward, AdamW) images/s and peak memory (``torch.cuda.max_memory_allocated``).
 Random weights: the windows, not the weights, decide the cost.
 
-Before timing, the dispatcher needs this GPU's calibration (``python -m vitfree.ops.calibration``);
+Before timing, the dispatcher needs this GPU's calibration (``python -m vitfree.ops.calibrate``);
 if none is found a quick bfloat16 one is made first and recorded in the results.
 
 Results (JSON + markdown, the GPU named) go to ``$OUT`` when that is set (the device tool),
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import vitfree  # noqa: E402
-from vitfree.ops import calibration as calib  # noqa: E402
+from vitfree.ops import calibrate as measure, calibration as calib  # noqa: E402
 from vitfree.ops import choose_backend, run_backend  # noqa: E402
 from vitfree.ops.dispatch import _BACKENDS, explain_choice, prepare_backend  # noqa: E402
 from vitfree.version import __version__  # noqa: E402
@@ -372,9 +372,9 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     cal = calib.calibration_for('cuda')
     if cal is None:
-        log('no calibration for this GPU: a quick bfloat16 one first (python -m vitfree.ops.calibration makes '
+        log('no calibration for this GPU: a quick bfloat16 one first (python -m vitfree.ops.calibrate makes '
             'the full one)')
-        cal = calib.calibrate('cuda', shapes=calib.QUICK_SHAPES, fp32_shapes=None, save=False,
+        cal = measure.calibrate('cuda', shapes=measure.QUICK_SHAPES, fp32_shapes=None, save=False,
                               budget_s=120, progress=log)
         cal_note = f'quick calibration made in this run ({", ".join(cal.backends())})'
     else:

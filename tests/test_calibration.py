@@ -1,10 +1,12 @@
 """Measured costs: the fit, a calibration run (with a fake clock, and with real CPU timings on
 tiny shapes), the stored tables and their lookup, and how the dispatcher uses and labels them."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
+import vitfree.ops.calibrate as measure
 import vitfree.ops.calibration as calib
 import vitfree.ops.dispatch as dispatch
 from vitfree.ops import choose_backend, estimate_costs, explain_choice
@@ -29,15 +31,15 @@ def _isolated(monkeypatch, tmp_path):
 
 def test_fit_recovers_constants_and_stays_non_negative():
     works = [1e6, 3e6, 1e7, 5e7]
-    f = calib.fit_linear(works, [2e-5 + 3e-12 * w for w in works])
+    f = measure.fit_linear(works, [2e-5 + 3e-12 * w for w in works])
     assert f.call == pytest.approx(2e-5, rel=1e-6) and f.per_unit == pytest.approx(3e-12, rel=1e-6)
     assert f.rel_err < 1e-9 and f.samples == 4
-    g = calib.fit_linear(works, [1e-3, 1e-3, 1e-3, 1e-3])  # no growth: a pure call cost
+    g = measure.fit_linear(works, [1e-3, 1e-3, 1e-3, 1e-3])  # no growth: a pure call cost
     assert g.per_unit == 0 and g.call == pytest.approx(1e-3)
-    h = calib.fit_linear([1e6, 2e6], [1e-3, 1e-3 * 3])  # would need a negative call cost
+    h = measure.fit_linear([1e6, 2e6], [1e-3, 1e-3 * 3])  # would need a negative call cost
     assert h.call >= 0 and h.per_unit > 0
     with pytest.raises(ValueError, match='positive'):
-        calib.fit_linear([1.0], [0.0])
+        measure.fit_linear([1.0], [0.0])
 
 
 def _fake_timer(rates):
@@ -54,7 +56,7 @@ def _fake_timer(rates):
 
 def test_calibration_with_a_fake_clock_drives_the_choice():
     rates = {'dense': (1e-5, 1e-12), 'tiled': (1e-4, 1e-13)}
-    cal = calib.calibrate('cpu', ['dense', 'tiled'], TINY, TINY[:2], timer=_fake_timer(rates), progress=None)
+    cal = measure.calibrate('cpu', ['dense', 'tiled'], TINY, TINY[:2], timer=_fake_timer(rates), progress=None)
     assert cal.device == 'cpu' and set(cal.backends()) == {'dense', 'tiled'}
     for name, (call, rate) in rates.items():
         for key in ('lowp-infer', 'lowp-train', 'fp32-infer', 'fp32-train'):
@@ -75,14 +77,14 @@ def test_calibration_with_a_fake_clock_drives_the_choice():
     assert 'measured on cpu' in text and '(measured)' in text
     # a calibration in which tiles are slow flips the choice
     slow = {'dense': (1e-5, 1e-12), 'tiled': (1e-4, 1e-9)}
-    calib.calibrate('cpu', ['dense', 'tiled'], TINY, TINY, timer=_fake_timer(slow), progress=None, save=False)
+    measure.calibrate('cpu', ['dense', 'tiled'], TINY, TINY, timer=_fake_timer(slow), progress=None, save=False)
     assert choose_backend(q, w, 1) == 'dense'
-    calib.calibrate('cpu', ['dense', 'tiled'], TINY, TINY, timer=_fake_timer(rates), progress=None, save=False)
+    measure.calibrate('cpu', ['dense', 'tiled'], TINY, TINY, timer=_fake_timer(rates), progress=None, save=False)
     assert choose_backend(q, w, 1) == 'tiled'
 
 
 def test_calibration_with_real_cpu_timings():
-    cal = calib.calibrate('cpu', ['dense', 'tiled', 'global'], TINY, None, modes=(False,), progress=None,
+    cal = measure.calibrate('cpu', ['dense', 'tiled', 'global'], TINY, None, modes=(False,), progress=None,
                           save=False, install=False)
     for name in ('dense', 'tiled', 'global'):
         f = cal.fits[name]['lowp-infer']
@@ -128,17 +130,16 @@ def test_uncalibrated_cuda_says_guess(monkeypatch):
     monkeypatch.setattr(calib, 'device_name', lambda dev: 'Fake GPU')
     for name in list(dispatch._BACKENDS):
         b = dispatch._BACKENDS[name]
-        monkeypatch.setitem(dispatch._BACKENDS, name, dispatch.Backend(
-            b.name, b.fn, lambda q, w: None, b.description, b.cost, b.auto, None, b.work))
+        monkeypatch.setitem(dispatch._BACKENDS, name, dataclasses.replace(b, supports=lambda q, w: None, prepare=None))
     monkeypatch.setattr(dispatch, 'choose_backend', lambda q, w, p: 'dense')
     text = explain_choice(FakeQ(), LayerWindows(3, (32, 32)), 1)
     assert 'no calibration for Fake GPU' in text and 'GUESSES' in text and '(guess, not measured)' in text
 
 
 def test_cli_writes_tables(tmp_path, monkeypatch):
-    monkeypatch.setattr(calib, 'DEFAULT_SHAPES', TINY)
-    monkeypatch.setattr(calib, 'QUICK_SHAPES', TINY[:2])
+    monkeypatch.setattr(measure, 'DEFAULT_SHAPES', TINY)
+    monkeypatch.setattr(measure, 'QUICK_SHAPES', TINY[:2])
     out = tmp_path / 'out'
-    assert calib.main(['--device', 'cpu', '--quick', '--backends', 'dense', 'tiled', '--out', str(out)]) == 0
+    assert measure.main(['--device', 'cpu', '--quick', '--backends', 'dense', 'tiled', '--out', str(out)]) == 0
     table = calib.Calibration.load(out / 'cpu.json')
     assert set(table.fits) == {'dense', 'tiled'}

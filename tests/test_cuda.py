@@ -147,10 +147,11 @@ def test_auto_picks_a_runnable_backend_and_says_where_costs_come_from():
 
 
 def test_quick_calibration_runs_and_installs(tmp_path, monkeypatch):
+    import vitfree.ops.calibrate as measure
     import vitfree.ops.calibration as calib
     monkeypatch.setenv('VITFREE_CACHE_DIR', str(tmp_path))
     try:
-        cal = calib.calibrate('cuda', ['dense', 'sdpa-tiles'], calib.QUICK_SHAPES[:2], None, modes=(False,),
+        cal = measure.calibrate('cuda', ['dense', 'sdpa-tiles'], measure.QUICK_SHAPES[:2], None, modes=(False,),
                               progress=None)
         assert set(cal.fits) == {'dense', 'sdpa-tiles'}
         assert cal.device == torch.cuda.get_device_name()

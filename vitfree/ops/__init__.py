@@ -12,7 +12,7 @@ kernel here: it names the attention layers' own explicit-softmax path, whose pro
 can read (:class:`vitfree.layers.WindowAttention`).  On CUDA the automatic choice uses costs
 measured on the device (:mod:`vitfree.ops.calibration`).
 """
-from .calibration import Calibration, calibrate, calibration_for, set_calibration
+from .calibration import Calibration, calibration_for, set_calibration
 from .dense import dense_prepare, dense_window_attention
 from .dispatch import (
     Backend, BackendError, CostModel, QuerySpec, available_backends, choose_backend, current_backend, dense_cost,
@@ -66,5 +66,5 @@ __all__ = [
     'use_backend', 'current_backend', 'resolve_backend', 'choose_backend', 'available_backends',
     'list_backends', 'register_backend', 'Backend', 'BackendError', 'CostModel', 'estimate_costs',
     'explain_choice', 'layer_backend', 'prepare_backend', 'run_backend', 'QuerySpec', 'qkv_entry', 'native_cost',
-    'Calibration', 'calibrate', 'calibration_for', 'set_calibration',
+    'Calibration', 'calibration_for', 'set_calibration',
 ]

@@ -22,7 +22,7 @@ fixed time per call.  The CPU numbers were fitted to timings on the development 
 times, so a wrong crossover shows).  Only the ratios matter: they decide where the crossovers lie.
 
 On CUDA the estimates are *measured* when the device has a calibration
-(:mod:`vitfree.ops.calibration`: ``python -m vitfree.ops.calibration`` once per machine, or a table
+(:mod:`vitfree.ops.calibration`: ``python -m vitfree.ops.calibrate`` once per machine, or a table
 shipped with vitfree): each backend's ``work(q, windows, P)`` (its own count of pairs and rows)
 times a fitted time per unit, plus a fitted time per call, per precision and for inference or
 training.  With a calibration only measured backends compete.  Without one the CUDA numbers of
@@ -385,7 +385,7 @@ def _estimates(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int = 
         for name, (c, label) in out.items():
             if c is not None and label != 'measured':  # only measured backends compete with measured ones
                 out[name] = (None, f'not in the calibration for {cal.device} at this precision and mode '
-                                   f'(run python -m vitfree.ops.calibration)')
+                                   f'(run python -m vitfree.ops.calibrate)')
     return out
 
 
@@ -408,7 +408,7 @@ def explain_choice(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: in
         lines.append(f'costs {cal.describe()}')
     elif q.device.type == 'cuda':
         lines.append(f'no calibration for {_calibrate.device_name(q.device)}: CUDA costs are GUESSES, not '
-                     f'measurements; run python -m vitfree.ops.calibration once on this machine')
+                     f'measurements; run python -m vitfree.ops.calibrate once on this machine')
     for name, (c, label) in est.items():
         mark = '*' if name == pick else ' '
         lines.append(f' {mark} {name:<14} ' + (f'{c * 1e3:10.3f} ms ({label})' if c is not None else label))
