@@ -3,6 +3,10 @@
     python benchmarks/fmnist_study.py train            # the training queue (baseline first); resumable
     python benchmarks/fmnist_study.py train --device cuda
     python benchmarks/fmnist_study.py select           # ERFs of the seed-0 ViT, specs at the budgets
+    python benchmarks/fmnist_study.py analyses         # head entropy, SIFT lift, patch removal (seed-0 ViT)
+    python benchmarks/fmnist_study.py speed            # every arm's images/s, side by side (pause the queue)
+    python benchmarks/fmnist_study.py report           # results JSON/markdown, plot, ERF pictures
+    python benchmarks/fmnist_study.py ship             # the seed-0 ViT and the best WinfT into weights/
 
 Protocol: README, section "Measured windows on Fashion-MNIST".  The training queue runs, in order
 of priority, every run whose inputs exist: the seed-0 ViT baseline first, then (once the specs
@@ -282,6 +286,321 @@ def cmd_select(args) -> int:
     return 0
 
 
+# ---- the seeds' other findings, on the strong ViT -----------------------------------------------
+def cmd_analyses(args) -> int:
+    """Head entropy by depth, the attention lift of SIFT-dense patches and patch-removal curves of
+    the seed-0 ViT, on validation images (the same 1,000 that measured the ERFs)."""
+    from vitfree import distance_profiles, patch_removal, semantic_interrelation
+    work = Path(args.work)
+    export = run_dir(work, 'vit', 0) / 'model'
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = timm.create_model(f'local-dir:{export}', pretrained=True).eval()
+    x, y = val_split(model, 0, args.images)
+    out: Dict[str, Any] = {'images': len(y), 'data': f'Fashion-MNIST validation images 0-{len(y) - 1}'}
+    t0 = time.perf_counter()
+    prof = distance_profiles(model, x, progress=False)
+    ent = prof.mean_entropy  # (blocks, heads)
+    by_block = ent.mean(1)
+    out['entropy'] = {'per_block_head': ent.round(4).tolist(), 'per_block': by_block.round(4).tolist(),
+                      'max_possible': float(np.log(14)),
+                      'spearman_depth': _spearman(np.arange(len(by_block)), by_block),
+                      'rises_with_depth': bool(by_block[-1] > by_block[0])}
+    log(f'analyses: head entropy by block {np.round(by_block, 3).tolist()} ({time.perf_counter() - t0:.0f} s)')
+    t0 = time.perf_counter()
+    sem = semantic_interrelation(model, (x, y), progress=False)
+    cls = sem.mean_cls_lift()  # (blocks, 4): groups none / low / mid / high
+    out['sift'] = {'keypoints_per_image_mean': float(np.mean([len(s.keypoints) for s in sem.images])),
+                   'images_without_keypoints': int(sum(not s.has_keypoints for s in sem.images)),
+                   'query_lift_per_block': np.nanmean(sem.mean_query_lift(), 1).round(4).tolist(),
+                   'cls_lift_per_block_group': None if cls is None else np.asarray(cls).round(4).tolist(),
+                   'groups': ['no keypoint', 'low', 'mid', 'high']}
+    log(f'analyses: SIFT query lift by block {out["sift"]["query_lift_per_block"]} ({time.perf_counter() - t0:.0f} s)')
+    t0 = time.perf_counter()
+    rem = patch_removal(model, (x, y), scores=['interaction', 'sift', 'random'], progress=False)
+    out['removal'] = {'fractions': rem.fractions, 'accuracy': rem.accuracy,
+                      'mean_accuracy': {k: float(np.mean(v)) for k, v in rem.accuracy.items()}}
+    log(f'analyses: removal mean accuracy {out["removal"]["mean_accuracy"]} ({time.perf_counter() - t0:.0f} s)')
+    (work / 'analyses.json').write_text(json.dumps(out, indent=1) + '\n')
+    return 0
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+# ---- attention cost and speed of every arm ------------------------------------------------------
+ARMS = {  # arm -> (run name, spec name or None for the ViT, from scratch?)
+    'ViT': ('vit', None, True),
+    'WinfT measured, 25 %': ('winft_measured_b25', 'measured_b25', True),
+    'WinfT uniform, 25 %': ('winft_uniform_b25', 'uniform_b25', True),
+    'WinfT measured, 50 %': ('winft_measured_b50', 'measured_b50', True),
+    'WinfT uniform, 50 %': ('winft_uniform_b50', 'uniform_b50', True),
+    'ViT trained on (fine-tune)': ('ft_vit', None, False),
+    'WinfT measured 25 % from the ViT (fine-tune)': ('ft_winft_measured_b25', 'measured_b25', False),
+    'WinfT measured 50 % from the ViT (fine-tune)': ('ft_winft_measured_b50', 'measured_b50', False),
+}
+
+
+def attention_pairs(spec: WindowSpec, heads: int = 4, prefix: int = 1) -> int:
+    """Query-key pairs one image's attention computes: every head of every block; a global block
+    all T^2 pairs, a windowed one the prefix rows plus each patch's prefix keys and window."""
+    n = spec.grid[0] * spec.grid[1]
+    t = prefix + n
+    total = 0
+    for i in range(spec.depth):
+        a = spec.areas(i)
+        total += heads * (t * t if a is None else prefix * t + n * prefix + int(a.sum() / (a.shape[0] if a.ndim == 3 else 1)))
+    return total
+
+
+def cmd_speed(args) -> int:
+    """Train and inference images/s of every arm's architecture, side by side in one run."""
+    from vitfree.benchmark import interleaved, machine_info
+    work = Path(args.work)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models, specs = {}, {}
+    for arm, (_, spec_name, scratch) in ARMS.items():
+        if not scratch:
+            continue
+        spec = WindowSpec.all_global(6, 14) if spec_name is None else WindowSpec.load(spec_path(work, spec_name))
+        specs[arm] = spec
+        models[arm] = vitfree.create_winft('vit_micro_patch2_28', windows=spec)
+    xt, yt = torch.randn(RECIPE['batch_size'], 3, 28, 28), torch.randint(0, 10, (RECIPE['batch_size'],))
+    xi = torch.randn(500, 3, 28, 28)
+    opts = {a: torch.optim.AdamW(m.parameters(), lr=1e-4) for a, m in models.items()}
+
+    def train(a):
+        m = models[a].train()
+        torch.nn.functional.cross_entropy(m(xt), yt).backward()
+        opts[a].step()
+        opts[a].zero_grad(set_to_none=True)
+
+    def infer(a):
+        with torch.no_grad():
+            models[a].eval()(xi)
+    tr = interleaved({a: (lambda a=a: train(a)) for a in models}, reps=args.reps, warmup=2)
+    inf = interleaved({a: (lambda a=a: infer(a)) for a in models}, reps=args.reps, warmup=1)
+    res = {'machine': machine_info(), 'reps': args.reps, 'arms': {}}
+    for a in models:
+        res['arms'][a] = {'train_img_s': len(yt) / tr[a]['median'], 'infer_img_s': len(xi) / inf[a]['median'],
+                          'attention_pairs': attention_pairs(specs[a]), 'backends': models[a].attn_backends()}
+        log(f'speed: {a}: train {res["arms"][a]["train_img_s"]:.0f} img/s, infer {res["arms"][a]["infer_img_s"]:.0f} '
+            f'img/s, {res["arms"][a]["attention_pairs"]:,} attention pairs per image')
+    (work / 'speed.json').write_text(json.dumps(res, indent=1) + '\n')
+    return 0
+
+
+# ---- results, plot, pictures ---------------------------------------------------------------------
+RESULTS = ROOT / 'benchmarks' / 'results'
+
+
+def _records(work: Path, name: str) -> List[Dict[str, Any]]:
+    out = []
+    for seed in SEEDS:
+        f = run_dir(work, name, seed) / 'result.json'
+        if f.is_file():
+            out.append(json.loads(f.read_text()))
+    return out
+
+
+def cmd_report(args) -> int:
+    """Every arm's results so far (JSON + markdown), the accuracy-against-cost plot and the ERF
+    pictures of the chosen specs, under benchmarks/results/."""
+    work = Path(args.work)
+    sel_file = work / 'specs' / 'selection.json'
+    sel = json.loads(sel_file.read_text()) if sel_file.is_file() else None
+    speed = json.loads((work / 'speed.json').read_text()) if (work / 'speed.json').is_file() else None
+    analyses = json.loads((work / 'analyses.json').read_text()) if (work / 'analyses.json').is_file() else None
+    arms: Dict[str, Any] = {}
+    for arm, (name, spec_name, scratch) in ARMS.items():
+        recs = _records(work, name)
+        spec = WindowSpec.all_global(6, 14) if spec_name is None else (
+            WindowSpec.load(spec_path(work, spec_name)) if spec_path(work, spec_name).is_file() else None)
+        acc = np.array([r['test_top1'] for r in recs])
+        arms[arm] = {
+            'run': name, 'windows': spec_name or 'global', 'from_scratch': scratch,
+            'seeds': [r['seed'] for r in recs], 'test_top1': acc.round(2).tolist(),
+            'test_top1_mean': float(acc.mean()) if len(acc) else None,
+            'test_top1_std': float(acc.std(ddof=1)) if len(acc) > 1 else None,
+            'val_top1': [round(r['val_top1'], 2) for r in recs],
+            'attention_pairs': attention_pairs(spec) if spec is not None else None,
+            'cost_share': spec_cost(spec) if spec is not None else None,
+            'train_hours': [round(r['train_time_s'] / 3600, 2) for r in recs],
+            'ran_on': sorted({f'{r["device"]}, {r.get("threads")} thread(s)' for r in recs}),
+            'speed': (speed or {}).get('arms', {}).get(arm)}
+    res = {'protocol': {'data': 'Fashion-MNIST: 55,000 train, fixed 5,000 validation (last 5,000 of the training '
+                                'file), 10,000 test (used once per run)',
+                        'recipe': {k: list(v) if isinstance(v, tuple) else v for k, v in RECIPE.items()},
+                        'fine_tune_recipe': {k: list(v) if isinstance(v, tuple) else v for k, v in FT_RECIPE.items()},
+                        'model': 'vit_micro_patch2_28 (timm VisionTransformer: 28x28 px, patch 2 -> 14x14 grid, '
+                                 'dim 64, depth 6, 4 heads, 0.31M parameters); WinfT = the same with windows',
+                        'seeds': list(SEEDS), 'budgets_percent': list(BUDGETS)},
+           'versions': f'vitfree {vitfree.__version__}, timm {timm.__version__}, torch {torch.__version__}',
+           'arms': arms, 'selection': sel, 'speed_machine': (speed or {}).get('machine'), 'analyses': analyses}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / 'fmnist_study.json').write_text(json.dumps(res, indent=1) + '\n')
+    pictures = _erf_pictures(work, sel) if sel else {}
+    _plot(arms, RESULTS / 'fmnist_study.png')
+    (RESULTS / 'fmnist_study.md').write_text(_markdown(res, pictures))
+    log(f'report: wrote {RESULTS / "fmnist_study.md"}')
+    return 0
+
+
+def _plot(arms: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8.5, 5.2), dpi=110)
+    for arm, a in arms.items():
+        if not a['test_top1'] or a['attention_pairs'] is None:
+            continue
+        err = a['test_top1_std'] or 0.0
+        marker = 'o' if a['from_scratch'] else 's'
+        ax.errorbar(a['attention_pairs'] / 1e3, a['test_top1_mean'], yerr=err, fmt=marker, capsize=4, ms=8,
+                    label=f'{arm} (n={len(a["test_top1"])})')
+    ax.set_xlabel('attention query-key pairs per image (thousands; all heads and blocks)')
+    ax.set_ylabel('test top-1 (%), mean ± std over seeds')
+    ax.set_title('Fashion-MNIST: accuracy against attention cost (circles: from scratch; squares: fine-tuned)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _erf_pictures(work: Path, sel: Dict[str, Any]) -> Dict[str, Dict[str, str]]:
+    """Pictures of the chosen specs' ERFs (rectangles, excess tendency, interaction matrices)."""
+    from vitfree.analysis import erf_from_interaction
+    from vitfree.analysis.report.plots import erf_pictures
+    out = RESULTS / 'fmnist_study_erf'
+    out.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for b, c in sel.get('budgets', {}).items():
+        maps = torch.load(work / 'erf' / f'interaction_{c["estimator"]}.pt', weights_only=True)
+        erf = erf_from_interaction(maps, grid=(14, 14), tau=c['tau'], gamma=c['gamma'])
+        files = erf_pictures(erf, out, prefix=f'b{b}_{c["estimator"]}_')
+        made[b] = {k: str(v.relative_to(RESULTS)) for k, v in files.items()}
+        made[b]['summary'] = erf.format_summary('markdown')
+    return made
+
+
+def _fmt(v: Optional[float], spec: str = '.2f') -> str:
+    return '-' if v is None else format(v, spec)
+
+
+def _markdown(res: Dict[str, Any], pictures: Dict[str, Dict[str, str]]) -> str:
+    p = res['protocol']
+    lines = ['# Do measured windows pay? Fashion-MNIST study', '',
+             f'Data: {p["data"]}. Model: {p["model"]}. Versions: {res["versions"]}.', '',
+             f'Recipe (every from-scratch arm, seeds {p["seeds"]}): {p["recipe"]}.', '',
+             f'Fine-tuning arms start from the trained ViT of the same seed: {p["fine_tune_recipe"]}.', '',
+             '## Arms', '',
+             '| arm | windows | seeds done | test top-1 mean ± std | per seed | attention pairs / image | cost (share of '
+             'grid) | train img/s | infer img/s | train hours per run | ran on |', '|' + '---|' * 11]
+    for arm, a in res['arms'].items():
+        sp = a['speed'] or {}
+        lines.append(f'| {arm} | {a["windows"]} | {len(a["seeds"])} of {len(p["seeds"])} | '
+                     f'{_fmt(a["test_top1_mean"])} ± {_fmt(a["test_top1_std"])} | '
+                     f'{", ".join(f"{v:.2f}" for v in a["test_top1"]) or "-"} | '
+                     f'{a["attention_pairs"]:,} | {_fmt(a["cost_share"], ".3f")} | '
+                     f'{_fmt(sp.get("train_img_s"), ".0f")} | {_fmt(sp.get("infer_img_s"), ".0f")} | '
+                     f'{", ".join(str(h) for h in a["train_hours"]) or "-"} | {"; ".join(a["ran_on"]) or "-"} |'
+                     if a['attention_pairs'] is not None else
+                     f'| {arm} | {a["windows"]} (not selected yet) | 0 of {len(p["seeds"])} | - | - | - | - | - | - | - | - |')
+    if res.get('speed_machine'):
+        m = res['speed_machine']
+        lines += ['', f'Images/s: every arm\'s architecture timed side by side in one run on {m["cpu"]}, '
+                      f'{m["threads"]} threads (training batch {RECIPE["batch_size"]}, AdamW; inference batch 500).']
+    lines += ['', '![accuracy against cost](fmnist_study.png)', '']
+    sel = res.get('selection')
+    if sel:
+        lines += ['## Windows chosen at each budget (validation only)', '',
+                  f'ERFs of the seed-0 ViT on {sel["erf_images"]} validation images; candidates scored by top-1 on the '
+                  f'other {sel["selection_images"]} validation images with the windows imposed on the trained ViT '
+                  f'(ViT: {sel["vit_val_top1"]:.2f}%). Rule: {sel["rule"]}.', '',
+                  '| budget | estimator | tau | gamma | cost | global blocks | imposed val top-1 | uniform: cost, '
+                  'imposed val top-1 |', '|' + '---|' * 8]
+        for b, c in sel['budgets'].items():
+            lines.append(f'| {b} % | {c["estimator"]} | {c["tau"]} | {c["gamma"]} | {c["cost"]:.3f} | '
+                         f'{c["global_blocks"]} | {c["val_top1_imposed"]:.2f} | {c["uniform_cost"]:.3f}, '
+                         f'{c["uniform_val_top1_imposed"]:.2f} |')
+        lines += ['', 'Best per estimator (same rule, one estimator at a time):', '',
+                  '| estimator, budget | tau | gamma | cost | imposed val top-1 |', '|---|---|---|---|---|']
+        for k, c in sel['per_estimator'].items():
+            lines.append(f'| {k} | {c["tau"]} | {c["gamma"]} | {c["cost"]:.3f} | {c["val_top1_imposed"]:.2f} |')
+        for b, pics in pictures.items():
+            lines += ['', f'### ERFs behind the {b} % spec', '', pics['summary'], '']
+            lines += [f'![{k}]({v})' for k, v in pics.items() if k != 'summary']
+    an = res.get('analyses')
+    if an:
+        e, s, r = an['entropy'], an['sift'], an['removal']
+        lines += ['', f'## The seeds\' other findings on the strong ViT ({an["images"]} validation images)', '',
+                  f'- Head entropy by block (mean over heads; max ln 14 = {e["max_possible"]:.3f}): '
+                  f'{", ".join(f"{v:.3f}" for v in e["per_block"])}; Spearman with depth {e["spearman_depth"]:+.2f}.',
+                  f'- SIFT: {s["keypoints_per_image_mean"]:.1f} keypoints per 28x28 image on average, '
+                  f'{s["images_without_keypoints"]} images without any. Query lift by block (1 = no preference for '
+                  f'SIFT-dense keys): {", ".join(f"{v:.3f}" for v in s["query_lift_per_block"])}.',
+                  '- Patch removal, accuracy (%) as the least important patches are hidden as keys:', '',
+                  '| removed | ' + ' | '.join(r['accuracy']) + ' |', '|---|' + '---|' * len(r['accuracy'])]
+        for k, f in enumerate(r['fractions']):
+            lines.append(f'| {100 * f:.0f} % | ' + ' | '.join(f'{100 * v[k]:.1f}' for v in r['accuracy'].values()) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+# ---- ship the trained pair -------------------------------------------------------------------------
+def cmd_ship(args) -> int:
+    """Copy the seed-0 ViT and the best WinfT (highest validation top-1 among the WinfT runs of seed
+    0) into weights/, the WinfT's spec into configs/, and record SHA-256, recipe, test top-1 and
+    the top-1 on the 1,000 bundled test images in weights/manifest.json."""
+    from safetensors.torch import load_file, save_file
+    from vitfree.train.data import FASHION_MNIST_CLASSES
+    from vitfree.weights import add_to_manifest
+    work = Path(args.work)
+    vit = _records(work, 'vit')
+    if not vit or vit[0]['seed'] != 0:
+        log('ship: the seed-0 ViT has no result yet')
+        return 1
+    winfts = [r for name, spec, _ in ARMS.values() if spec for r in _records(work, name) if r['seed'] == 0]
+    best = max(winfts, key=lambda r: r['val_top1']) if winfts else None
+    subset = np.load(ROOT / 'tests' / 'data' / 'fashion_mnist_test_first1000.npz')
+    shipped = [('vit_micro_patch2_28', vit[0], None)]
+    if best is not None:
+        spec = WindowSpec.load(best['windows'])
+        spec.provenance['shipped_from'] = f'benchmarks/fmnist_study.py run {best["name"]}_s0 (best validation top-1 of ' \
+                                          f'the seed-0 WinfT runs)'
+        spec.save(ROOT / 'configs' / 'winft_micro_fmnist.yaml')
+        shipped.append(('winft_micro_patch2_28', best, spec))
+    for arch, rec, spec in shipped:
+        sd = load_file(str(Path(rec['export']) / 'model.safetensors'))
+        dst = ROOT / 'weights' / f'{arch}.fmnist.safetensors'
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(dst), metadata={'format': 'pt'})
+        m = timm.create_model(arch, windows=spec) if spec is not None else timm.create_model(arch)
+        m.load_state_dict(sd)
+        acc = _subset_top1(m.eval(), subset)
+        recipe = FT_RECIPE if rec['init'] else RECIPE
+        add_to_manifest(dst, name=f'{arch}.fmnist', test_top1_full=round(rec['test_top1'], 2),
+                        test_top1_first1000=acc, val_top1=round(rec['val_top1'], 2), seed=rec['seed'],
+                        recipe={k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
+                        initialised_from='the shipped ViT' if rec['init'] else 'random (trained from scratch)',
+                        windows='winft_micro_fmnist' if spec is not None else 'global',
+                        source=f'benchmarks/fmnist_study.py run {rec["name"]}_s{rec["seed"]}',
+                        label_names=list(FASHION_MNIST_CLASSES))
+        log(f'ship: {dst.name}: test top-1 {rec["test_top1"]:.2f}% (full), {acc:.2f}% (bundled 1,000)')
+    return 0
+
+
+@torch.no_grad()
+def _subset_top1(model, subset) -> float:
+    cfg = timm.data.resolve_data_config({}, model=model)
+    x = torch.from_numpy(subset['images']).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+    x = (x - torch.tensor(cfg['mean']).view(1, 3, 1, 1)) / torch.tensor(cfg['std']).view(1, 3, 1, 1)
+    pred = model(x).argmax(-1)
+    return round(float((pred == torch.from_numpy(subset['labels']).long()).float().mean() * 100), 2)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--work', default=str(ROOT / 'bench-out' / 'fmnist-v2'), help='runs, specs, measurements')
@@ -292,8 +611,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     t.add_argument('--only', nargs='+', help='only these run names (e.g. vit)')
     sel = sub.add_parser('select', help="measure the seed-0 ViT's ERFs and choose the specs at each budget")
     sel.add_argument('--threads', type=int, default=None)
+    an = sub.add_parser('analyses', help='head entropy, SIFT lift and patch removal of the seed-0 ViT')
+    an.add_argument('--threads', type=int, default=None)
+    an.add_argument('--images', type=int, default=ERF_IMAGES)
+    sp = sub.add_parser('speed', help="every arm's train and inference images/s, side by side")
+    sp.add_argument('--threads', type=int, default=2)
+    sp.add_argument('--reps', type=int, default=5)
+    sub.add_parser('report', help='results, plot and ERF pictures under benchmarks/results/')
+    sub.add_parser('ship', help='copy the seed-0 ViT and the best WinfT into weights/ and configs/')
     args = p.parse_args(argv)
-    return {'train': cmd_train, 'select': cmd_select}[args.stage](args)
+    stages = {'train': cmd_train, 'select': cmd_select, 'analyses': cmd_analyses, 'speed': cmd_speed,
+              'report': cmd_report, 'ship': cmd_ship}
+    return stages[args.stage](args)
 
 
 if __name__ == '__main__':
