@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vitfree import WindowSpec
-from vitfree.data import DataError, TransformDataset, build_dataset, fashion_mnist_dir
+from vitfree.train.data import DataError, TransformDataset, build_dataset, fashion_mnist_dir
 from vitfree.train import CheckpointManager, FinetuneConfig, finetune
 
 

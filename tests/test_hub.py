@@ -9,9 +9,9 @@ import torch
 
 import vitfree
 from vitfree import WindowSpec, WindowSpecError, create_winft
-from vitfree import hub
-from vitfree.hub import (UnsafeWeightsError, WeightsIntegrityError, add_to_manifest, check_config, load_manifest,
-                         prepare_push, push_to_hub, save_pretrained, verify_weights)
+from vitfree import hub, weights
+from vitfree.hub import check_config, prepare_push, push_to_hub, save_pretrained
+from vitfree.weights import UnsafeWeightsError, WeightsIntegrityError, add_to_manifest, load_manifest, verify_weights
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, num_heads=3, depth=2)
 
@@ -141,10 +141,10 @@ def test_hub_pickle_weights_are_refused(tmp_path, fake_hub):
         timm.create_model('hf-hub:org/pickled', pretrained=True)
     assert ('org/pickled', 'pytorch_model.bin') not in fake_hub['calls']
     with pytest.raises(UnsafeWeightsError, match="refusing to load 'pytorch_model.bin' from hf-hub:org/x"):
-        hub.secure_pretrained_cfg('winft_tiny_patch16_224',
+        weights.secure_pretrained_cfg('winft_tiny_patch16_224',
                                   {'hf_hub_id': 'org/x', 'hf_hub_filename': 'pytorch_model.bin', 'source': 'hf-hub'})
     with pytest.raises(UnsafeWeightsError, match='refusing to load pickle weights from https://'):
-        hub.secure_pretrained_cfg('winft_tiny_patch16_224', {'url': 'https://example.org/w.pth'})
+        weights.secure_pretrained_cfg('winft_tiny_patch16_224', {'url': 'https://example.org/w.pth'})
     # a local pickle is fine, read with weights_only=True by timm
     local = save_pretrained(tiny_winft(), tmp_path / 'local')
     sd = timm.create_model(f'local-dir:{local}', pretrained=True).state_dict()
@@ -164,7 +164,7 @@ def test_shipped_manifest_is_valid():
 def test_verify_weights_and_the_shipped_weights_hook(tmp_path, monkeypatch):
     shipped = tmp_path / 'weights'
     shipped.mkdir()
-    monkeypatch.setattr(hub, '_weights_dirs', lambda: [shipped])
+    monkeypatch.setattr(weights, '_weights_dirs', lambda: [shipped])
     monkeypatch.setenv('VITFREE_WEIGHTS_MANIFEST', str(shipped / 'manifest.json'))
     model = tiny_winft()
     w = shipped / 'winft_test.safetensors'
@@ -273,5 +273,5 @@ def test_offline_hub_miss_is_not_reported_as_missing_file(tmp_path, monkeypatch)
         raise LocalEntryNotFoundError('offline')
 
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', offline)
-    with pytest.raises(hub.WeightsError, match='not in the local cache and the Hub cannot be reached'):
-        hub.secure_pretrained_cfg('winft_tiny_patch16_224', 'fb_in1k')
+    with pytest.raises(weights.WeightsError, match='not in the local cache and the Hub cannot be reached'):
+        weights.secure_pretrained_cfg('winft_tiny_patch16_224', 'fb_in1k')

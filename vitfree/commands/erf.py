@@ -3,7 +3,7 @@
 MODEL is any timm ViT-family model name (``deit_small_patch16_224``, ``vit_tiny_patch16_224``,
 ``winft_*``, ``hf-hub:...``, ``local-dir:...``).  DATA is a folder of images (read recursively,
 labels unknown), one image file, or a built-in data set name (``digits``, ``fashion_mnist``;
-see :mod:`vitfree.data`).
+see :mod:`vitfree.train.data`).
 """
 from __future__ import annotations
 
@@ -49,16 +49,16 @@ def add_parser(sub) -> None:
 
 
 def _load_data(data: str, split: str):
-    """A Dataset for DATA: image folder/file, else a built-in set through vitfree.data."""
+    """A Dataset for DATA: image folder/file, else a built-in set through vitfree.train.data."""
     from ..analysis.interaction import ImageFiles
     path = Path(data).expanduser()
     if path.is_dir() or path.is_file():
         return ImageFiles(path), f'image files under {path}' if path.is_dir() else f'image {path}'
     try:
-        from ..data import build_dataset
+        from ..train.data import build_dataset
     except ImportError as e:
         raise SystemExit(f'error: DATA {data!r} is not an existing folder or image file, and built-in data sets '
-                         f'need vitfree.data, which cannot be imported here ({e})') from None
+                         f'need vitfree.train.data, which cannot be imported here ({e})') from None
     try:
         ds = build_dataset(data, split=split)
     except ValueError as e:

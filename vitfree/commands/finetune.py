@@ -95,7 +95,7 @@ def run(args) -> int:
     import logging
     import sys
 
-    from ..data import DataError
+    from ..train.data import DataError
     from ..train import FinetuneConfig, finetune
     from ..train.checkpoint import CheckpointError
     from ..windows import WindowSpecError

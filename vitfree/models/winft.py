@@ -18,7 +18,6 @@ import logging
 import threading
 import warnings
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
@@ -27,6 +26,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from ..layers import WindowAttention, is_fx_tracing
+from ..weights import prepare_factory_kwargs, shipped_weights_file
 from ..windows import WindowSpec, WindowSpecError, check_resize_mode, resolve_spec
 
 __all__ = ['WinfT', 'create_winft']
@@ -185,17 +185,8 @@ default_cfgs = generate_default_cfgs({
 FMNIST_MEAN, FMNIST_STD = (0.2860,) * 3, (0.3530,) * 3  # grey images replicated to RGB
 
 
-def _weights_file(name: str) -> str:
-    """Absolute path of a shipped checkpoint (source checkout or installed wheel)."""
-    here = Path(__file__).resolve().parent.parent
-    for d in (here.parent / 'weights', here / '_weights'):
-        if (d / name).is_file():
-            return str(d / name)
-    return str(here.parent / 'weights' / name)
-
-
 def _micro_cfg(weights: str, **kwargs) -> Dict[str, Any]:
-    return _cfg(file=_weights_file(weights), num_classes=10, input_size=(3, 28, 28), crop_pct=1.0,
+    return _cfg(file=shipped_weights_file(weights), num_classes=10, input_size=(3, 28, 28), crop_pct=1.0,
                 interpolation='bilinear', mean=FMNIST_MEAN, std=FMNIST_STD, license='apache-2.0', **kwargs)
 
 
@@ -208,7 +199,6 @@ MICRO_ARGS = dict(img_size=28, patch_size=2, in_chans=3, num_classes=10, embed_d
 
 
 def _create_winft(variant: str, pretrained: bool = False, **kwargs) -> WinfT:
-    from ..hub import prepare_factory_kwargs  # spec from config.json checked; safe, sha256-checked weights
     kwargs = prepare_factory_kwargs(variant, pretrained, kwargs)
     out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(
@@ -266,7 +256,6 @@ def winft_micro_patch2_28(pretrained: bool = False, **kwargs) -> WinfT:
 @register_model
 def vit_micro_patch2_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The plain ViT baseline of the same shape as ``winft_micro_patch2_28`` (defined by vitfree)."""
-    from ..hub import prepare_factory_kwargs  # shipped weights: sha256-checked against weights/manifest.json
     kwargs = prepare_factory_kwargs('vit_micro_patch2_28', pretrained, kwargs)
     return build_model_with_cfg(VisionTransformer, 'vit_micro_patch2_28', pretrained,
                                 pretrained_filter_fn=checkpoint_filter_fn,
@@ -297,7 +286,6 @@ def _build_vits_as_winft(**winft_kwargs: Any):
             raise ValueError(f'{variant!r} builds a {getattr(model_cls, "__name__", model_cls)}, not a plain timm '
                              f'VisionTransformer; WinfT supports vit_* and deit_* models of patch-token type '
                              f'(not distilled, hybrid-class or NaFlex ones)')
-        from ..hub import prepare_factory_kwargs  # safe, sha256-checked weight sources
         kwargs = prepare_factory_kwargs(variant, pretrained, kwargs)
         return original(WinfT, variant, pretrained, **kwargs, **winft_kwargs)
 
@@ -354,7 +342,6 @@ def vitfree_winft(pretrained: bool = False, base: str = 'vit_small_patch16_224',
                   **kwargs) -> WinfT:
     """Registry entry for a WinfT built on any timm ViT architecture (``base``); this is what
     ``config.json`` names when such a model is saved, so ``local-dir:``/``hf-hub:`` rebuild it."""
-    from ..hub import prepare_factory_kwargs  # a malformed spec in config.json is named as such
     kwargs = prepare_factory_kwargs(base, False, dict(kwargs, windows=windows))
     kwargs.pop('pretrained_model_args', None)
     windows = kwargs.pop('windows')

@@ -16,7 +16,6 @@ previous one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,8 +27,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..weights import sha256_file
+
 __all__ = ['CheckpointError', 'CheckpointManager', 'save_checkpoint', 'load_checkpoint', 'encode_state',
-           'decode_state', 'rng_state', 'set_rng_state', 'sha256_file']
+           'decode_state', 'rng_state', 'set_rng_state']
 
 _logger = logging.getLogger(__name__)
 
@@ -42,15 +43,6 @@ _NAME_RE = re.compile(r'^ckpt-(\d{9})(-end)?$')
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message names the path and the fault."""
-
-
-def sha256_file(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- state tree <-> (tensors, JSON) ---------------------------------------------------------

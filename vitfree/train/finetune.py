@@ -1,7 +1,7 @@
 """Fine-tune a WinfT (or any timm ViT turned into one) on an image classification data set.
 
 ``finetune(model='winft_tiny_patch16_224', data='digits', img_size=32, epochs=3)`` runs the
-whole job: data (``vitfree.data``), timm's transforms, optimizer (with layer-wise learning-rate
+whole job: data (``vitfree.train.data``), timm's transforms, optimizer (with layer-wise learning-rate
 decay), scheduler, label smoothing, mixup/cutmix and model EMA; mixed precision; gradient
 checkpointing; a progress bar; metrics as JSON lines; top-1/top-5 on the validation split after
 every epoch; atomic checkpoints every N steps and at every epoch end; exact resume; and under
@@ -293,7 +293,7 @@ def _run(cfg: FinetuneConfig, ds: DistState, on_step: Optional[Callable[[int], N
     from timm.utils import ModelEmaV3
     from tqdm import tqdm
 
-    from ..data import TransformDataset, build_dataset
+    from .data import TransformDataset, build_dataset
 
     device = ds.device
     out_dir = Path(cfg.output)
