@@ -16,6 +16,8 @@ factories apply them whenever ``pretrained=True``.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,14 +26,25 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .weights import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, parse_windows
+from .weights import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, WeightsError, parse_windows, recorded_weights,
+                      set_default_mode, sha256_file)
 from .windows import WindowSpec
 
 __all__ = ['save_pretrained', 'load_pretrained', 'check_config', 'push_to_hub', 'prepare_push', 'PushPlan',
-           'model_card']
+           'model_card', 'HubError']
 
 CARD_NAME = 'README.md'
+
+
+class HubError(OSError):
+    """Talking to the Hugging Face Hub failed (network, offline mode, authentication, HTTP errors)."""
+
+
 UPLOAD_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
+# pretrained_cfg fields that describe the registry's weights (a tag, its notes, papers); an export
+# holds other weights, so they are not copied into its config.json
+BORROWED_CFG_KEYS = ('tag', 'notes', 'description', 'origin_url', 'paper_name', 'paper_ids', 'hf_hub_id',
+                     'hf_hub_filename', 'url', 'file', 'source')
 
 
 # ---- export ---------------------------------------------------------------------------------
@@ -70,17 +83,23 @@ def save_pretrained(
 ) -> Path:
     """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` to a folder.
 
+    ``config.json`` records the architecture as built (``model_args``: every constructor argument
+    and the window spec), the SHA-256 and size of ``model.safetensors`` (field ``weights``, checked
+    when the folder is loaded again) and no registry tag: the weights are new, not the tag's.
+
     Args:
         model: a WinfT (DDP / ``torch.compile`` wrappers are taken off).
         save_directory: created if missing; files of the same names are replaced.
-        label_names: class names in label order (stored as timm's ``label_names``).
+        label_names: class names in label order (stored as timm's ``label_names``; default: the
+            model's own ``pretrained_cfg['label_names']`` when they fit its number of classes).
         data_config: preprocessing the weights were trained with (``input_size``, ``mean``, ...).
-        training: facts for the model card (``dataset``, ``epochs``, ``metrics``, ``base_model``).
+        training: facts for the model card (``dataset``, ``epochs``, ``metrics``, ``initialised_from``).
         card: model card front-matter overrides (``license``, ``tags``, ``description``).
 
     Returns:
         the folder.
     """
+    from safetensors import SafetensorError
     from timm.models._hub import save_for_hf
 
     model = _unwrap(model)
@@ -88,24 +107,43 @@ def save_pretrained(
         raise TypeError(f'save_pretrained expects a WinfT, got {type(model).__name__}; '
                         f'make one with vitfree.create_winft(...) or timm.create_model("winft_...")')
     out = Path(save_directory)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, 'exists and is not a folder (an export is a folder)', str(out))
+    if label_names is None:
+        own = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
+        label_names = own if own is not None and len(own) == model.num_classes else None
+    elif len(label_names) != model.num_classes:
+        raise ValueError(f'{len(label_names)} label names for a model with {model.num_classes} classes')
+    args = _export_args(model)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ('pytorch_model.bin',):
         if (out / stale).exists():
             (out / stale).unlink()
-    args = _export_args(model)
     model_config: Dict[str, Any] = {}
     if 'base' in args:  # a WinfT on another timm ViT: rebuilt through the vitfree_winft entry point
         model_config['pretrained_cfg'] = {'architecture': 'vitfree_winft'}
     if label_names is not None:
-        if len(label_names) != model.num_classes:
-            raise ValueError(f'{len(label_names)} label names for a model with {model.num_classes} classes')
         model_config['label_names'] = [str(n) for n in label_names]
     dc = None
     if data_config:
         dc = {k: data_config[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
               if k in data_config}
-    save_for_hf(model, str(out), model_config=model_config, model_args=args, safe_serialization=True, data_config=dc)
-    config = json.loads((out / CONFIG_NAME).read_text())
+    weights = out / WEIGHTS_NAME
+    try:
+        save_for_hf(model, str(out), model_config=model_config, model_args=args, safe_serialization=True,
+                    data_config=dc)
+    except SafetensorError as e:
+        raise WeightsError(f'cannot write {weights}: {e}') from None
+    set_default_mode(weights)
+    cpath = out / CONFIG_NAME
+    config = json.loads(cpath.read_text())
+    pretrained_cfg = config.get('pretrained_cfg', {})
+    for key in BORROWED_CFG_KEYS:  # facts about the registry's weights, not about these
+        pretrained_cfg.pop(key, None)
+    config['weights'] = {'file': WEIGHTS_NAME, 'sha256': sha256_file(weights), 'size': weights.stat().st_size}
+    tmp = cpath.with_name(cpath.name + '.tmp')
+    tmp.write_text(json.dumps(config, indent=2) + '\n')
+    os.replace(tmp, cpath)
     (out / CARD_NAME).write_text(model_card(config, training=training, card=card))
     return out
 
@@ -142,10 +180,18 @@ def model_card(config: Mapping[str, Any], training: Optional[Mapping[str, Any]] 
     for row in spec.summary():
         lines.append(f'| {row["block"]} | {"global" if row["global"] else "local"} | {row["mean_area"]:.1f} | '
                      f'{100 * row["fraction"]:.1f}% |')
+    arch_args = {k: v for k, v in config['model_args'].items() if k not in ('windows', 'base')}
+    labels = config.get('label_names')
     lines += ['', '## Model', '',
-              f'- **Architecture:** `{arch}`' + (f' on `{base}`' if base else ''),
-              f'- **Classes:** {config.get("num_classes")}',
+              f'- **Built with:** `{arch}`' + (f' on `{base}`' if base else '') + ' and these architecture '
+              'arguments (`model_args` in `config.json`; they override the entry point\'s defaults): '
+              + ', '.join(f'`{k}={json.dumps(v)}`' for k, v in arch_args.items()),
+              f'- **Classes:** {config.get("num_classes")}'
+              + (f' ({", ".join(str(n) for n in labels)})' if labels else ''),
               f'- **Input size:** {config.get("pretrained_cfg", {}).get("input_size")}']
+    if config.get('weights'):
+        lines.append(f'- **Weights:** `{config["weights"]["file"]}`, SHA-256 `{config["weights"]["sha256"]}` '
+                     f'(checked on load)')
     if training:
         lines += ['', '## Training', '']
         for key, value in training.items():
@@ -210,6 +256,8 @@ def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], source: Opt
                          f'built on, e.g. "vit_small_patch16_224"')
     if 'windows' in args:
         parse_windows(args['windows'], f'{src}: model_args.windows')
+    if not isinstance(config, Mapping):
+        recorded_weights(Path(config).parent, cfg)  # a malformed "weights" record is named
     return cfg
 
 
@@ -291,6 +339,26 @@ def push_to_hub(
         from huggingface_hub import HfApi
         from .version import __version__
         api = HfApi(token=token, library_name='vitfree', library_version=__version__)
-    repo_url = api.create_repo(**plan.create_repo)
+    with _hub_call(f'create hf-hub:{plan.repo_id}'):
+        repo_url = api.create_repo(**plan.create_repo)
     target = getattr(repo_url, 'repo_id', None) or plan.repo_id  # the Hub may fill in the owner
-    return api.upload_folder(repo_id=target, **plan.upload_folder)
+    with _hub_call(f'upload {", ".join(plan.files)} to hf-hub:{target}'):
+        return api.upload_folder(repo_id=target, **plan.upload_folder)
+
+
+_NETWORK_MODULES = ('huggingface_hub', 'httpx', 'httpx2', 'httpcore', 'requests', 'urllib3', 'ssl', 'socket')
+
+
+@contextlib.contextmanager
+def _hub_call(what: str):
+    """Turn what the network and the Hub raise (no connection, offline mode, HTTP errors) into one
+    :class:`HubError` that says what failed; programming errors pass through."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - filtered below by where the exception class comes from
+        module = type(e).__module__.split('.')[0]
+        if not (isinstance(e, OSError) or module in _NETWORK_MODULES):
+            raise
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HubError(f'cannot {what}: {detail} ({type(e).__name__}). Check the network connection (and that '
+                       f'HF_HUB_OFFLINE is not set) and your Hub token (HF_TOKEN or `hf auth login`)') from None
