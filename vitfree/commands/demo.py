@@ -7,7 +7,7 @@ def add_parser(sub) -> None:
     p.add_argument('-o', '--out', default='vitfree-out', help='output folder (default: ./vitfree-out)')
     p.add_argument('--model', default=None, help='timm model name (default: the embedded default)')
     p.add_argument('--image', default=None, help='image file (default: a bundled sample photo)')
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs=[('out', 'dir', None)])
 
 
 def run(args) -> int:

@@ -45,12 +45,15 @@ def add_parser(sub) -> None:
     p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
     p.add_argument('--seed', type=int, default=0, help='seed for random initialisation (default 0)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs=[('output', 'file', ('.yaml', '.yml', '.json')), ('pictures', 'dir', None)],
+                   image_inputs=['data'])
 
 
 def _load_data(data: str, split: str):
     """A Dataset for DATA: image folder/file, else a built-in set through vitfree.train.data."""
     from ..analysis.interaction import ImageFiles
+    if isinstance(data, list):  # the readable files of DATA (the CLI left unreadable ones out)
+        return ImageFiles(data), f'{len(data)} readable image files'
     path = Path(data).expanduser()
     if path.is_dir() or path.is_file():
         return ImageFiles(path), f'image files under {path}' if path.is_dir() else f'image {path}'
