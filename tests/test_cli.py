@@ -34,8 +34,9 @@ def test_import_vitfree_then_timm_registers_the_models():
     res = _python('import sys, vitfree\n'
                   'assert "torch" not in sys.modules\n'
                   'import timm\n'
-                  'print(timm.is_model("winft_micro_patch2_28"), vitfree.WinfT.__name__)')
-    assert res.returncode == 0 and res.stdout.split() == ['True', 'WinfT'], res.stderr
+                  'print(timm.is_model("winft_micro_patch2_28"), vitfree.WinfT.__name__,\n'
+                  '      vitfree.ops.use_backend.__name__)')
+    assert res.returncode == 0 and res.stdout.split() == ['True', 'WinfT', 'use_backend'], res.stderr
 
 
 def test_unexpected_error_is_one_line_and_debug_shows_it(tmp_path, capsys, monkeypatch):

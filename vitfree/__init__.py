@@ -44,7 +44,13 @@ _LAZY = {
 }
 
 
+_SUBMODULES = ('windows', 'ops', 'layers', 'weights', 'models', 'analysis', 'hub', 'train', 'data', 'demo', 'cli',
+               'commands')
+
+
 def __getattr__(name):
+    if name in _SUBMODULES:  # `vitfree.ops.use_backend(...)` after a plain `import vitfree`
+        return importlib.import_module(f'{__name__}.{name}')
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
@@ -52,7 +58,7 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 # ---- registration in timm's model registry ----------------------------------------------------
