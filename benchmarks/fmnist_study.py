@@ -169,7 +169,7 @@ ERF_IMAGES = 1000                        # the first 1,000 validation images mea
 
 def val_split(model, start: int, stop: Optional[int] = None):
     """Validation images ``start:stop`` as a normalised tensor batch and labels."""
-    from vitfree.train.data import build_dataset
+    from vitfree.data import build_dataset
     cfg = timm.data.resolve_data_config({}, model=model)
     tf = timm.data.create_transform(**cfg, is_training=False)
     ds = build_dataset(DATA, 'val', verify=False)
@@ -556,7 +556,7 @@ def cmd_ship(args) -> int:
     0) into weights/, the WinfT's spec into configs/, and record SHA-256, recipe, test top-1 and
     the top-1 on the 1,000 bundled test images in weights/manifest.json."""
     from safetensors.torch import load_file, save_file
-    from vitfree.train.data import FASHION_MNIST_CLASSES
+    from vitfree.data import FASHION_MNIST_CLASSES
     from vitfree.weights import add_to_manifest
     work = Path(args.work)
     vit = _records(work, 'vit')

@@ -1,4 +1,5 @@
 """``vitfree erf``: writes a spec that loads back and builds a WinfT, plus pictures."""
+import re
 import shutil
 
 import pytest
@@ -53,17 +54,21 @@ def test_cli_builtin_dataset_and_ablation(tmp_path):
     assert spec.grid == (2, 2) and spec.depth == 1
 
 
-def test_cli_errors(tmp_path, image_dir):
-    with pytest.raises(SystemExit, match='must end in .yaml, .yml or .json'):
-        main(['erf', 'vit_tiny_patch16_224', str(image_dir), '-o', str(tmp_path / 'spec.txt')])
-    with pytest.raises(SystemExit, match="cannot create model 'vit_nope'"):
-        main(['erf', 'vit_nope', str(image_dir), '-o', str(tmp_path / 's.yaml')])
-    with pytest.raises(SystemExit, match="neither a built-in data set"):
-        main(['erf', 'vit_tiny_patch16_224', str(tmp_path / 'missing'), '-o', str(tmp_path / 's.yaml')]
-             + MODEL_ARGS)
-    with pytest.raises(SystemExit, match=r'tau must be in \(0, 1\]'):
-        main(['erf', 'vit_tiny_patch16_224', str(image_dir), '-o', str(tmp_path / 's.yaml'), '--tau', '2',
-              '--no-progress'] + MODEL_ARGS)
+@pytest.mark.parametrize('argv, match', [
+    (['vit_tiny_patch16_224', '{imgs}', '-o', '{tmp}/spec.txt'], r'--output .*spec\.txt. must end in \.yaml'),
+    (['vit_tiny_patch61_224', '{imgs}', '-o', '{tmp}/s.yaml'],
+     r"unknown model 'vit_tiny_patch61_224'; did you mean vit_tiny_patch16_224"),
+    (['vit_nope', '{imgs}', '-o', '{tmp}/s.yaml'], r"unknown model 'vit_nope'; \d+ models start with 'vit_', e\.g\."),
+    (['vit_tiny_patch16_224', '{tmp}/missing', '-o', '{tmp}/s.yaml'] + MODEL_ARGS, 'neither a built-in data set'),
+    (['vit_tiny_patch16_224', '{imgs}', '-o', '{tmp}/s.yaml', '--tau', '2', '--no-progress'] + MODEL_ARGS,
+     r'tau must be in \(0, 1\]'),
+])
+def test_cli_errors(tmp_path, image_dir, capsys, argv, match):
+    argv = [a.format(imgs=image_dir, tmp=tmp_path) for a in argv]
+    assert main(['erf'] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and re.search(match, err[0]), err
+    assert not (tmp_path / 's.yaml').exists() and not (tmp_path / 'spec.txt').exists()
 
 
 def test_cli_checkpoint_is_loaded_and_recorded(tmp_path, image_dir):

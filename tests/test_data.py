@@ -81,8 +81,8 @@ def test_bad_folders_give_errors_naming_the_path(tmp_path, make, match):
     root = tmp_path / 'data'
     make(root)
     with pytest.raises(DataError, match=match):
-        build_dataset(root, 'train')
-        build_dataset(root, 'val')
+        build_dataset(root, 'train', strict=True)
+        build_dataset(root, 'val', strict=True)
 
 
 def test_unknown_name_and_split():
@@ -127,8 +127,21 @@ def test_bad_image_does_not_lose_the_run(tmp_path):
     good = (root / 'train' / 'b' / '3.png').read_bytes()
     (root / 'train' / 'b' / '3.png').write_bytes(b'\x89PNG broken')
     with pytest.raises(DataError, match=r'train/b/3\.png'):
-        finetune(cfg, epochs=2, resume=True)
+        finetune(cfg, epochs=2, resume=True, strict=True, allow_changed=True)
     assert [p.name for p in mgr.list()] == saved
     (root / 'train' / 'b' / '3.png').write_bytes(good)
-    res = finetune(cfg, epochs=2, resume=True)
+    res = finetune(cfg, epochs=2, resume=True, allow_changed=True)
     assert res.global_step == 8 and [m['epoch'] for m in res.metrics] == [1, 2]
+
+
+def test_unreadable_images_are_skipped_with_one_warning_listing_them(tmp_path, caplog):
+    root = _folder(tmp_path / 'data', {'train': {'a': 3, 'b': 2}, 'val': {'a': 1}})
+    (root / 'train' / 'a' / '1.png').write_bytes(b'not an image')
+    (root / 'train' / 'b' / 'notes.jpg').write_text('text with an image suffix')
+    with caplog.at_level('WARNING'):
+        ds = build_dataset(root, 'train')
+    assert len(ds) == 4 and sorted(p.rsplit('/', 1)[1] for p in ds.skipped) == ['1.png', 'notes.jpg']
+    assert 'skipping 2 unreadable image file(s)' in caplog.text
+    assert '1.png' in caplog.text and 'notes.jpg' in caplog.text
+    with pytest.raises(DataError, match=r'2 unreadable image file\(s\) .*--strict'):
+        build_dataset(root, 'train', strict=True)

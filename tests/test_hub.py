@@ -9,9 +9,9 @@ import torch
 
 import vitfree
 from vitfree import WindowSpec, WindowSpecError, create_winft
-from vitfree import hub
-from vitfree.hub import (UnsafeWeightsError, WeightsIntegrityError, add_to_manifest, check_config, load_manifest,
-                         prepare_push, push_to_hub, save_pretrained, verify_weights)
+from vitfree import hub, weights
+from vitfree.hub import check_config, prepare_push, push_to_hub, save_pretrained
+from vitfree.weights import UnsafeWeightsError, WeightsIntegrityError, add_to_manifest, load_manifest, verify_weights
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, num_heads=3, depth=2)
 
@@ -141,15 +141,21 @@ def test_hub_pickle_weights_are_refused(tmp_path, fake_hub):
         timm.create_model('hf-hub:org/pickled', pretrained=True)
     assert ('org/pickled', 'pytorch_model.bin') not in fake_hub['calls']
     with pytest.raises(UnsafeWeightsError, match="refusing to load 'pytorch_model.bin' from hf-hub:org/x"):
-        hub.secure_pretrained_cfg('winft_tiny_patch16_224',
+        weights.secure_pretrained_cfg('winft_tiny_patch16_224',
                                   {'hf_hub_id': 'org/x', 'hf_hub_filename': 'pytorch_model.bin', 'source': 'hf-hub'})
     with pytest.raises(UnsafeWeightsError, match='refusing to load pickle weights from https://'):
-        hub.secure_pretrained_cfg('winft_tiny_patch16_224', {'url': 'https://example.org/w.pth'})
-    # a local pickle is fine, read with weights_only=True by timm
+        weights.secure_pretrained_cfg('winft_tiny_patch16_224', {'url': 'https://example.org/w.pth'})
+    # a local pickle is fine, read with weights_only=True by timm, once config.json no longer records the
+    # model.safetensors it replaced
     local = save_pretrained(tiny_winft(), tmp_path / 'local')
     sd = timm.create_model(f'local-dir:{local}', pretrained=True).state_dict()
     (local / 'model.safetensors').unlink()
     torch.save(sd, local / 'pytorch_model.bin')
+    with pytest.raises(weights.WeightsError, match=r'model.safetensors is missing, though .*config.json records it'):
+        timm.create_model(f'local-dir:{local}', pretrained=True)
+    cfg = json.loads((local / 'config.json').read_text())
+    del cfg['weights']
+    (local / 'config.json').write_text(json.dumps(cfg))
     assert timm.create_model(f'local-dir:{local}', pretrained=True).window_spec.grid == (4, 4)
 
 
@@ -164,7 +170,7 @@ def test_shipped_manifest_is_valid():
 def test_verify_weights_and_the_shipped_weights_hook(tmp_path, monkeypatch):
     shipped = tmp_path / 'weights'
     shipped.mkdir()
-    monkeypatch.setattr(hub, '_weights_dirs', lambda: [shipped])
+    monkeypatch.setattr(weights, '_weights_dirs', lambda: [shipped])
     monkeypatch.setenv('VITFREE_WEIGHTS_MANIFEST', str(shipped / 'manifest.json'))
     model = tiny_winft()
     w = shipped / 'winft_test.safetensors'
@@ -184,7 +190,8 @@ def test_verify_weights_and_the_shipped_weights_hook(tmp_path, monkeypatch):
     data = bytearray(w.read_bytes())
     data[-1] ^= 0xFF  # one flipped bit in the last tensor
     w.write_bytes(bytes(data))
-    with pytest.raises(WeightsIntegrityError, match=r'has SHA-256 [0-9a-f]{64} but the manifest entry .*test.demo'):
+    with pytest.raises(WeightsIntegrityError,
+                       match=r'SHA-256 [0-9a-f]{64} but [0-9a-f]{64} is recorded \(manifest entry .winft_test.demo'):
         build()
     w.write_bytes(bytes(data[:-1]))
     with pytest.raises(WeightsIntegrityError, match='truncated'):
@@ -273,5 +280,145 @@ def test_offline_hub_miss_is_not_reported_as_missing_file(tmp_path, monkeypatch)
         raise LocalEntryNotFoundError('offline')
 
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', offline)
-    with pytest.raises(hub.WeightsError, match='not in the local cache and the Hub cannot be reached'):
-        hub.secure_pretrained_cfg('winft_tiny_patch16_224', 'fb_in1k')
+    with pytest.raises(weights.WeightsError, match='not in the local cache and the Hub cannot be reached'):
+        weights.secure_pretrained_cfg('winft_tiny_patch16_224', 'fb_in1k')
+
+
+# ---- honest exports, strict and checked loading (issue 15) ----------------------------------------
+def test_export_records_weights_hash_real_architecture_and_no_borrowed_tag(tmp_path):
+    import os
+    import stat
+    model = timm.create_model('winft_tiny_patch16_224', img_size=28, patch_size=4, embed_dim=64, depth=2, num_heads=4,
+                              num_classes=10, windows=WindowSpec.uniform(2, 7, 1))
+    assert model.pretrained_cfg['tag'] == 'fb_in1k' and model.pretrained_cfg['notes']  # the registry's cfg ...
+    out = save_pretrained(model, tmp_path / 'export', training={'initialisation': 'random (trained from scratch)'})
+    cfg = json.loads((out / 'config.json').read_text())
+    for borrowed in ('tag', 'notes', 'hf_hub_id'):  # ... describes DeiT weights, not these
+        assert borrowed not in cfg['pretrained_cfg'], borrowed
+    args = cfg['model_args']
+    assert (args['embed_dim'], args['depth'], args['num_heads'], args['patch_size'], args['img_size']) == (
+        64, 2, 4, 4, [28, 28])
+    assert cfg['weights'] == {'file': 'model.safetensors', 'sha256': weights.sha256_file(out / 'model.safetensors'),
+                              'size': (out / 'model.safetensors').stat().st_size}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((out / 'model.safetensors').stat().st_mode) == 0o666 & ~mask  # 0644, not 0600
+    card = (out / 'README.md').read_text()
+    assert '`embed_dim=64`' in card and 'random (trained from scratch)' in card and 'base_model' not in card
+    again = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert (again.embed_dim, len(again.blocks), again.patch_embed.patch_size) == (64, 2, (4, 4))
+    assert same_outputs(model, again, size=28)
+    assert again.pretrained_cfg.get('tag') is None and again.pretrained_cfg.get('notes') is None
+
+
+def test_exported_weights_are_checked_against_config_json(tmp_path, fake_hub):
+    out = save_pretrained(tiny_winft(), tmp_path / 'export')
+    data = bytearray((out / 'model.safetensors').read_bytes())
+    data[-3] ^= 0x01  # one bit in a tensor: safetensors itself cannot notice
+    (out / 'model.safetensors').write_bytes(bytes(data))
+    with pytest.raises(WeightsIntegrityError, match=r'export/model.safetensors has SHA-256 .* recorded .*config.json'):
+        timm.create_model(f'local-dir:{out}', pretrained=True)
+    with pytest.raises(WeightsIntegrityError, match='model.safetensors'):
+        hub.load_pretrained(out)
+    fake_hub['org/flipped'] = out
+    with pytest.raises(WeightsIntegrityError, match=r'recorded \(hf-hub:org/flipped/config.json\)'):
+        timm.create_model('hf-hub:org/flipped', pretrained=True)
+    (out / 'model.safetensors').write_bytes(bytes(data[:len(data) // 2]))
+    with pytest.raises(WeightsIntegrityError, match=r'has \d+ bytes but \d+ are recorded'):
+        timm.create_model(f'local-dir:{out}', pretrained=True)
+
+
+def test_truncated_file_without_a_record_is_named(tmp_path):
+    w = tmp_path / 'half.safetensors'
+    full = save_pretrained(tiny_winft(), tmp_path / 'x') / 'model.safetensors'
+    w.write_bytes(full.read_bytes()[:1000])
+    with pytest.raises(WeightsIntegrityError, match=r'half.safetensors is truncated or not a safetensors file'):
+        timm.create_model('winft_tiny_patch16_224', pretrained=True, pretrained_cfg_overlay=dict(file=str(w)),
+                          **dict(TINY, windows=measured_spec(), num_classes=5))
+
+
+def test_classifier_reset_stays_legitimate(tmp_path):
+    """Only the head may differ: another num_classes, no head, features only."""
+    model = tiny_winft()
+    w = tmp_path / 'w.safetensors'
+    from safetensors.torch import save_file
+    save_file(model.state_dict(), str(w))
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith('head.')}
+    for kw in (dict(num_classes=3), dict(num_classes=0), dict(features_only=True, out_indices=(1,))):
+        m = create_winft('vit_tiny_patch16_224', windows=measured_spec(), pretrained=True,
+                         pretrained_cfg_overlay=dict(file=str(w), num_classes=5), **dict(TINY, **kw))
+        sd = (m.model if hasattr(m, 'model') else m).state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in body.items() if k in sd), kw
+    out = save_pretrained(model, tmp_path / 'export')
+    m = timm.create_model(f'local-dir:{out}', pretrained=True, num_classes=2)
+    assert m.head.weight.shape == (2, 48) and torch.equal(m.blocks[1].attn.qkv.weight, model.blocks[1].attn.qkv.weight)
+    # partial loading stays possible on purpose
+    from safetensors.torch import load_file
+    sd = load_file(str(w))
+    sd.pop('blocks.1.mlp.fc2.bias')
+    save_file(sd, str(w))
+    m = timm.create_model('winft_tiny_patch16_224', pretrained=True, pretrained_strict=False,
+                          pretrained_cfg_overlay=dict(file=str(w), num_classes=5),
+                          **dict(TINY, windows=measured_spec(), num_classes=5))
+    assert torch.equal(m.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+def test_cli_checkpoint_keeps_a_head_of_another_size(tmp_path, caplog):
+    model = tiny_winft()
+    from safetensors.torch import save_file
+    w = tmp_path / 'w.safetensors'
+    save_file(model.state_dict(), str(w))
+    m = timm.create_model('winft_tiny_patch16_224', **dict(TINY, windows=measured_spec(), num_classes=3))
+    with caplog.at_level('WARNING'):
+        info = weights.load_weights(m, w)
+    assert sorted(info['skipped']) == ['head.bias', 'head.weight'] and 'classifier' in caplog.text
+    assert m.head.weight.shape == (3, 48)
+    assert torch.equal(m.blocks[1].attn.proj.weight, model.blocks[1].attn.proj.weight)
+    with pytest.raises(weights.WeightsError, match='is a folder; .* load it as local-dir:'):
+        weights.load_weights(m, save_pretrained(model, tmp_path / 'export'))
+
+
+def test_shipped_models_carry_label_names_and_the_224_tags_say_what_they_are():
+    m = timm.create_model('winft_micro_patch2_28.fmnist', pretrained=True)
+    assert m.pretrained_cfg['label_names'][9] == 'Ankle boot'
+    for name, entry in load_manifest().items():
+        assert list(entry['label_names']) == list(timm.models.get_pretrained_cfg(name).label_names), name
+    from vitfree.data import FASHION_MNIST_CLASSES
+    assert tuple(FASHION_MNIST_CLASSES) == tuple(m.pretrained_cfg['label_names'])
+    tags = [t for t in timm.list_pretrained('winft_*') if 'patch16' in t]
+    assert len(tags) == 9
+    for tag in tags:
+        notes = ' '.join(timm.models.get_pretrained_cfg(tag).notes)
+        base = timm.models.get_pretrained_cfg(tag).hf_hub_id.split('/')[1]
+        assert 'trained without windows' in notes and 'not been measured' in notes, tag
+        assert f'vitfree erf {base}' in notes and f'vitfree finetune {base}' in notes, tag
+    # an export of the shipped model keeps its label names, not its tag
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        cfg = json.loads((save_pretrained(m, d) / 'config.json').read_text())
+    assert cfg['label_names'][9] == 'Ankle boot' and 'tag' not in cfg['pretrained_cfg']
+
+
+def test_full_disk_while_exporting_names_the_file(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*a, **kw):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(safetensors.torch, 'save_file', full)
+    with pytest.raises(weights.WeightsError, match=r'cannot write .*export/model.safetensors: .*No space left'):
+        save_pretrained(tiny_winft(), tmp_path / 'export')
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(NotADirectoryError, match='file'):
+        save_pretrained(tiny_winft(), tmp_path / 'file')
+
+
+def test_push_without_network_is_one_error_line(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants as constants
+    from vitfree.cli import main
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True, raising=False)
+    out = save_pretrained(tiny_winft(), tmp_path / 'export')
+    assert main(['push', str(out), 'org/name', '--token', 'hf_dummy']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: cannot create hf-hub:org/name') and 'offline' in err[0], err

@@ -15,7 +15,7 @@ from typing import Dict, List, Set
 PACKAGE = Path(__file__).resolve().parents[1] / 'vitfree'
 
 RANK = {
-    'version': 0, 'windows': 0,
+    'version': 0, 'windows': 0, 'data': 0,
     'ops': 1,
     'layers': 2,
     'weights': 3,

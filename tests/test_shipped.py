@@ -7,7 +7,7 @@ import timm
 import torch
 
 import vitfree
-from vitfree.hub import load_manifest, verify_weights
+from vitfree.weights import WeightsIntegrityError, load_manifest, verify_weights
 from vitfree.windows import get_spec
 
 DATA = Path(__file__).parent / 'data' / 'fashion_mnist_test_first1000.npz'
@@ -43,7 +43,7 @@ def test_shipped_files_are_checked_against_the_manifest(tmp_path):
     data = bytearray(src.read_bytes())
     data[-1] ^= 0xFF
     bad.write_bytes(bytes(data))
-    with pytest.raises(vitfree.hub.WeightsIntegrityError, match='SHA-256'):
+    with pytest.raises(WeightsIntegrityError, match='SHA-256'):
         verify_weights(bad, name=SHIPPED[1])
     assert entries[SHIPPED[1]]['windows'] == 'winft_micro_fmnist'
 

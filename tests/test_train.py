@@ -78,6 +78,8 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path):
     va = [r for r in read_jsonl(tmp_path / 'a' / 'run' / 'metrics.jsonl') if r['event'] == 'val']
     vb = [r for r in read_jsonl(tmp_path / 'b' / 'run' / 'metrics.jsonl') if r['event'] == 'val']
     assert [(r['step'], r['top1'], r['val_loss']) for r in va] == [(r['step'], r['top1'], r['val_loss']) for r in vb]
+    # the resumed epoch's train loss covers the whole epoch, not only the steps after the resume
+    assert [r['train_loss'] for r in va] == [r['train_loss'] for r in vb]
     steps_b = [r['step'] for r in read_jsonl(tmp_path / 'b' / 'run' / 'metrics.jsonl') if r['event'] == 'train']
     assert steps_b == sorted(set(steps_b))
     assert res.global_step == ref.global_step == 10
@@ -101,7 +103,7 @@ def test_amp_bf16_grad_checkpointing_and_layer_decay(tmp_path):
     assert res.model.grad_checkpointing
     assert res.metrics[0]['top5'] >= res.metrics[0]['top1']
     with pytest.raises(ValueError, match='fp16 autocast is not supported on CPU'):
-        finetune(cfg, amp='fp16', device='cpu')
+        finetune(cfg, amp='fp16', device='cpu', output=str(tmp_path / 'fp16'))
 
 
 def test_layer_decay_scales_learning_rates(tmp_path):
@@ -136,3 +138,87 @@ def test_loader_workers_do_not_change_the_result(tmp_path):
     b = finetune(tiny_cfg(tmp_path / 'b', epochs=1, limit_train_batches=3, workers=2, export=False))
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---- resume rules, output folder, warnings (issue 15) ----------------------------------------------
+def test_changed_flags_are_refused_or_applied_and_recorded(tmp_path):
+    cfg = tiny_cfg(tmp_path, epochs=1, checkpoint_every=2)
+    finetune(cfg)
+    with pytest.raises(ValueError, match=r'(?s)--epochs: 1 in the checkpoint, 2 now.*--lr: 0.002 in the checkpoint, '
+                                         r'0.01 now.*--allow-changed'):
+        finetune(cfg, resume=True, epochs=2, lr=1e-2)
+    res = finetune(cfg, resume=True, epochs=2, lr=1e-2, allow_changed=True, log_interval=1)
+    assert res.global_step == 10
+    recs = read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
+    change = [r for r in recs if r['event'] == 'config_change']
+    assert len(change) == 1 and change[0]['changed'] == {'epochs': [1, 2], 'lr': [0.002, 0.01]}
+    after = [r['lr'] for r in recs if r['event'] == 'train' and r['epoch'] == 2]
+    assert after and max(after) > 0.002  # the new learning rate took effect (the old schedule ends at 1e-6)
+    newest = CheckpointManager(tmp_path / 'run' / 'checkpoints').load_latest()[1]
+    assert newest['config_changes'][0]['changed']['lr'] == [0.002, 0.01] and newest['config']['lr'] == 0.01
+    assert json.loads((tmp_path / 'run' / 'finetune_config.json').read_text())['lr'] == 0.01
+    assert "lr 0.002 -> 0.01" in (tmp_path / 'run' / 'model' / 'README.md').read_text()
+
+
+def test_existing_run_folder_needs_resume_or_overwrite(tmp_path):
+    cfg = tiny_cfg(tmp_path, epochs=1, limit_train_batches=2, checkpoint_every=1)
+    finetune(cfg)
+    with pytest.raises(ValueError, match='already holds a run .*--resume .*--overwrite'):
+        finetune(cfg)
+    (tmp_path / 'run' / 'notes.txt').write_text('mine')
+    res = finetune(cfg, overwrite=True, limit_train_batches=1)
+    recs = read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
+    assert [r['event'] for r in recs].count('start') == 1 and res.global_step == 1
+    assert [p.name for p in CheckpointManager(tmp_path / 'run' / 'checkpoints').list()] == [
+        'ckpt-000000001', 'ckpt-000000001-end']
+    assert (tmp_path / 'run' / 'notes.txt').read_text() == 'mine'  # only the earlier run's files were replaced
+
+
+def test_checkpoint_with_bad_json_is_named_and_skipped(tmp_path, caplog):
+    cfg = tiny_cfg(tmp_path, epochs=1, checkpoint_every=2, keep_last=5)
+    finetune(cfg)
+    newest = CheckpointManager(tmp_path / 'run' / 'checkpoints').list()[-1]
+    index = json.loads((newest / 'state.json').read_text())
+    index['state']['progress']['batch'] = 2  # parses, hashes match, but says another step than it is
+    (newest / 'state.json').write_text(json.dumps(index))
+    with caplog.at_level('WARNING'):
+        res = finetune(cfg, resume=True)
+    assert f'{newest.name}: state.json: field progress.global_step is 5' in caplog.text
+    assert res.global_step == 5  # resumed from ckpt 4 and finished the epoch, not 83 steps of nonsense
+
+
+def test_resume_without_checkpoints_starts_clean(tmp_path):
+    class Stop(RuntimeError):
+        pass
+
+    def stop(step):
+        raise Stop()
+
+    cfg = tiny_cfg(tmp_path, epochs=1, limit_train_batches=2)
+    with pytest.raises(Stop):
+        finetune(cfg, on_step=stop)  # died before its first checkpoint
+    res = finetune(cfg, resume=True)
+    events = [r['event'] for r in read_jsonl(tmp_path / 'run' / 'metrics.jsonl')]
+    assert events.count('start') == 1 and res.global_step == 2
+
+
+def test_failure_before_training_creates_nothing(tmp_path):
+    from vitfree.data import DataError
+    with pytest.raises(DataError):
+        finetune(tiny_cfg(tmp_path, data=str(tmp_path / 'no_such_data')))
+    assert not (tmp_path / 'run').exists()
+
+
+def test_warm_up_longer_than_training_warns():
+    with pytest.warns(UserWarning, match=r'warmup_epochs=2 is not shorter than epochs=1: the whole run is spent'):
+        FinetuneConfig(model='m', data='d', epochs=1, warmup_epochs=2).check()
+
+
+def test_checkpoint_files_have_normal_permissions(tmp_path):
+    import os
+    import stat
+    finetune(tiny_cfg(tmp_path, epochs=1, limit_train_batches=1, export=False))
+    mask = os.umask(0)
+    os.umask(mask)
+    ckpt = CheckpointManager(tmp_path / 'run' / 'checkpoints').list()[-1]
+    assert stat.S_IMODE((ckpt / 'state.safetensors').stat().st_mode) == 0o666 & ~mask

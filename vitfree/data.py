@@ -13,10 +13,11 @@
   optional); class names are the sub-folder names, sorted.
 
 Unreadable images: every image file of a folder is opened once when the data set is built
-(header check, ``verify=True``), and all unreadable files are reported together in one
-error before any training starts.  A file that still fails to decode later (truncated data
-past the header, or changed on disk mid-run) is skipped with a warning that names it, and the
-next readable sample takes its place, so a long run is not lost to one bad file.
+(header check, ``verify=True``); unreadable files are left out with one warning that lists them
+all, or, with ``strict=True``, reported together in one error before any training starts.  A
+file that still fails to decode later (truncated data past the header, or changed on disk
+mid-run) is skipped with a warning that names it, and the next readable sample takes its place,
+so a long run is not lost to one bad file.
 """
 from __future__ import annotations
 
@@ -27,16 +28,18 @@ import random
 import struct
 import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+
 __all__ = [
     'BUILTIN_DATASETS', 'IMG_EXTENSIONS', 'DataError', 'ArrayImageDataset', 'ImageFolderDataset',
     'TransformDataset', 'build_dataset', 'load_digits', 'load_fashion_mnist', 'fashion_mnist_dir',
+    'find_unreadable_images',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -181,13 +184,27 @@ def load_fashion_mnist(split: str = 'train', image_size: Optional[int] = None, t
 
 
 # ---- image folders -----------------------------------------------------------------------------
+def find_unreadable_images(files: Iterable[Union[str, os.PathLike]]) -> Dict[str, str]:
+    """Open every file once (PIL header check); ``{path: reason}`` for those that cannot be read."""
+    bad: Dict[str, str] = {}
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds; all mean "unreadable"
+            bad[str(path)] = f'{type(e).__name__}: {e}'
+    return bad
+
+
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>`` files; classes sorted by name, or given by ``classes``.
 
     Args:
         root: the split folder (e.g. ``DATA/train``).
         classes: class names in label order (use the train split's for val/test so labels agree).
-        verify: open every file once now and raise one :class:`DataError` listing all unreadable ones.
+        verify: open every file once now; unreadable files are left out with one warning that
+            lists them all (or, with ``strict``, one :class:`DataError` listing them).
+        strict: refuse a folder with unreadable files instead of leaving them out.
     """
 
     def __init__(
@@ -196,6 +213,7 @@ class ImageFolderDataset(Dataset):
             classes: Optional[Sequence[str]] = None,
             transform: Optional[Callable] = None,
             verify: bool = True,
+            strict: bool = False,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -226,24 +244,30 @@ class ImageFolderDataset(Dataset):
         self.samples = samples
         self.targets = [t for _, t in samples]
         self.transform = transform
+        self.skipped: List[str] = []
         self._warned: set = set()
         if verify:
-            self.verify()
+            self.verify(strict=strict)
 
-    def verify(self, limit: int = 20) -> None:
-        """Open every image (header check); raise one error naming the unreadable files."""
-        bad = []
-        for path, _ in self.samples:
-            try:
-                with Image.open(path) as im:
-                    im.verify()
-            except Exception as e:  # noqa: BLE001 - PIL raises many kinds; all mean "unreadable"
-                bad.append(f'{path} ({type(e).__name__}: {e})')
-        if bad:
-            shown = '\n    '.join(bad[:limit])
-            more = f'\n    ... and {len(bad) - limit} more' if len(bad) > limit else ''
-            raise DataError(f'{len(bad)} unreadable image file(s) under {self.root}; fix or remove them before '
-                            f'training:\n    {shown}{more}')
+    def verify(self, strict: bool = True, limit: int = 20) -> None:
+        """Open every image (header check).  Unreadable files are listed in one :class:`DataError` when
+        ``strict``, else in one warning, and left out of the data set."""
+        bad = find_unreadable_images(path for path, _ in self.samples)
+        if not bad:
+            return
+        items = [f'{path} ({why})' for path, why in bad.items()]
+        shown = '\n    '.join(items[:limit])
+        more = f'\n    ... and {len(items) - limit} more' if len(items) > limit else ''
+        if strict:
+            raise DataError(f'{len(bad)} unreadable image file(s) under {self.root}; fix or remove them '
+                            f'(or leave out --strict to skip them):\n    {shown}{more}')
+        self.samples = [(p, t) for p, t in self.samples if p not in bad]
+        self.targets = [t for _, t in self.samples]
+        self.skipped = sorted(bad)
+        if not self.samples:
+            raise DataError(f'no readable image under {self.root}: all {len(bad)} image files fail to open:'
+                            f'\n    {shown}{more}')
+        _logger.warning(f'skipping {len(bad)} unreadable image file(s) under {self.root}:\n    {shown}{more}')
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -287,6 +311,7 @@ def build_dataset(
         image_size: Optional[int] = None,
         classes: Optional[Sequence[str]] = None,
         verify: bool = True,
+        strict: bool = False,
 ) -> Dataset:
     """A data set by built-in name (``digits``, ``fashion_mnist``) or image folder path.
 
@@ -298,6 +323,7 @@ def build_dataset(
             Fashion-MNIST default 28, its native size).
         classes: folders only: class names in label order (defaults to the ``train`` split's).
         verify: folders only: check every image file before returning (see module docs).
+        strict: folders only: refuse unreadable image files instead of leaving them out.
 
     Returns:
         a Dataset of ``(image, label)`` with ``.classes``.
@@ -324,7 +350,7 @@ def build_dataset(
         raise DataError(f'{root} has no {split}/ sub-folder ({split_dir})')
     if classes is None and split != 'train':
         classes = sorted(p.name for p in (root / 'train').iterdir() if p.is_dir() and not p.name.startswith('.'))
-    return ImageFolderDataset(split_dir, classes=classes, transform=transform, verify=verify)
+    return ImageFolderDataset(split_dir, classes=classes, transform=transform, verify=verify, strict=strict)
 
 
 # ---- deterministic augmentation ---------------------------------------------------------------

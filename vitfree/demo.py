@@ -64,7 +64,7 @@ def load_image_tensor(path: Union[str, Path], model) -> torch.Tensor:
 
 def shipped_weights_available() -> bool:
     import timm
-    import vitfree  # noqa: F401  (registers the models)
+    import vitfree.models  # noqa: F401  (registers the models)
     cfgs = [timm.models.get_pretrained_cfg(n) for n in ('winft_micro_patch2_28.fmnist', 'vit_micro_patch2_28.fmnist')]
     return all(c is not None and c.file and Path(c.file).is_file() for c in cfgs)
 

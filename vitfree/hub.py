@@ -11,16 +11,14 @@ pretrained=True)`` and ``timm.create_model('hf-hub:org/name', pretrained=True)``
 * ``model.safetensors``: the weights (never a pickle);
 * ``README.md``: a model card that states where the windows came from (the spec's provenance).
 
-Loading rules (applied by the WinfT factories whenever ``pretrained=True``): weights from the
-network (Hub, URL) load only from safetensors files, and pickle files are refused; ``.pth`` /
-``.bin`` load only from local paths, with ``torch.load(weights_only=True)``.  Weight files the
-project ships are listed with their SHA-256 in ``weights/manifest.json`` and checked before
-they load (:func:`verify_weights`).
+Loading rules (safe sources, SHA-256 checks) live in :mod:`vitfree.weights`; the WinfT
+factories apply them whenever ``pretrained=True``.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,35 +26,25 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .windows import WindowSpec, WindowSpecError
+from .weights import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, WeightsError, parse_windows, recorded_weights,
+                      set_default_mode, sha256_file)
+from .windows import WindowSpec
 
-__all__ = [
-    'save_pretrained', 'load_pretrained', 'check_config', 'push_to_hub', 'prepare_push', 'PushPlan',
-    'verify_weights', 'load_manifest', 'add_to_manifest', 'manifest_path', 'WeightsError', 'UnsafeWeightsError',
-    'WeightsIntegrityError', 'secure_pretrained_cfg', 'prepare_factory_kwargs', 'model_card',
-]
+__all__ = ['save_pretrained', 'load_pretrained', 'check_config', 'push_to_hub', 'prepare_push', 'PushPlan',
+           'model_card', 'HubError']
 
-_logger = logging.getLogger(__name__)
-
-CONFIG_NAME = 'config.json'
-WEIGHTS_NAME = 'model.safetensors'
 CARD_NAME = 'README.md'
-MANIFEST_FORMAT = 'vitfree.weights_manifest'
-MANIFEST_VERSION = 1
-PICKLE_SUFFIXES = ('.bin', '.pth', '.pt', '.pth.tar', '.ckpt', '.pkl')
+
+
+class HubError(OSError):
+    """Talking to the Hugging Face Hub failed (network, offline mode, authentication, HTTP errors)."""
+
+
 UPLOAD_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
-
-
-class WeightsError(RuntimeError):
-    """Weights cannot be loaded safely."""
-
-
-class UnsafeWeightsError(WeightsError):
-    """A pickle weight file was requested from the network."""
-
-
-class WeightsIntegrityError(WeightsError):
-    """A shipped weight file does not match its SHA-256 in the manifest."""
+# pretrained_cfg fields that describe the registry's weights (a tag, its notes, papers); an export
+# holds other weights, so they are not copied into its config.json
+BORROWED_CFG_KEYS = ('tag', 'notes', 'description', 'origin_url', 'paper_name', 'paper_ids', 'hf_hub_id',
+                     'hf_hub_filename', 'url', 'file', 'source')
 
 
 # ---- export ---------------------------------------------------------------------------------
@@ -95,17 +83,23 @@ def save_pretrained(
 ) -> Path:
     """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` to a folder.
 
+    ``config.json`` records the architecture as built (``model_args``: every constructor argument
+    and the window spec), the SHA-256 and size of ``model.safetensors`` (field ``weights``, checked
+    when the folder is loaded again) and no registry tag: the weights are new, not the tag's.
+
     Args:
         model: a WinfT (DDP / ``torch.compile`` wrappers are taken off).
         save_directory: created if missing; files of the same names are replaced.
-        label_names: class names in label order (stored as timm's ``label_names``).
+        label_names: class names in label order (stored as timm's ``label_names``; default: the
+            model's own ``pretrained_cfg['label_names']`` when they fit its number of classes).
         data_config: preprocessing the weights were trained with (``input_size``, ``mean``, ...).
-        training: facts for the model card (``dataset``, ``epochs``, ``metrics``, ``base_model``).
+        training: facts for the model card (``dataset``, ``epochs``, ``metrics``, ``initialised_from``).
         card: model card front-matter overrides (``license``, ``tags``, ``description``).
 
     Returns:
         the folder.
     """
+    from safetensors import SafetensorError
     from timm.models._hub import save_for_hf
 
     model = _unwrap(model)
@@ -113,24 +107,43 @@ def save_pretrained(
         raise TypeError(f'save_pretrained expects a WinfT, got {type(model).__name__}; '
                         f'make one with vitfree.create_winft(...) or timm.create_model("winft_...")')
     out = Path(save_directory)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, 'exists and is not a folder (an export is a folder)', str(out))
+    if label_names is None:
+        own = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
+        label_names = own if own is not None and len(own) == model.num_classes else None
+    elif len(label_names) != model.num_classes:
+        raise ValueError(f'{len(label_names)} label names for a model with {model.num_classes} classes')
+    args = _export_args(model)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ('pytorch_model.bin',):
         if (out / stale).exists():
             (out / stale).unlink()
-    args = _export_args(model)
     model_config: Dict[str, Any] = {}
     if 'base' in args:  # a WinfT on another timm ViT: rebuilt through the vitfree_winft entry point
         model_config['pretrained_cfg'] = {'architecture': 'vitfree_winft'}
     if label_names is not None:
-        if len(label_names) != model.num_classes:
-            raise ValueError(f'{len(label_names)} label names for a model with {model.num_classes} classes')
         model_config['label_names'] = [str(n) for n in label_names]
     dc = None
     if data_config:
         dc = {k: data_config[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
               if k in data_config}
-    save_for_hf(model, str(out), model_config=model_config, model_args=args, safe_serialization=True, data_config=dc)
-    config = json.loads((out / CONFIG_NAME).read_text())
+    weights = out / WEIGHTS_NAME
+    try:
+        save_for_hf(model, str(out), model_config=model_config, model_args=args, safe_serialization=True,
+                    data_config=dc)
+    except SafetensorError as e:
+        raise WeightsError(f'cannot write {weights}: {e}') from None
+    set_default_mode(weights)
+    cpath = out / CONFIG_NAME
+    config = json.loads(cpath.read_text())
+    pretrained_cfg = config.get('pretrained_cfg', {})
+    for key in BORROWED_CFG_KEYS:  # facts about the registry's weights, not about these
+        pretrained_cfg.pop(key, None)
+    config['weights'] = {'file': WEIGHTS_NAME, 'sha256': sha256_file(weights), 'size': weights.stat().st_size}
+    tmp = cpath.with_name(cpath.name + '.tmp')
+    tmp.write_text(json.dumps(config, indent=2) + '\n')
+    os.replace(tmp, cpath)
     (out / CARD_NAME).write_text(model_card(config, training=training, card=card))
     return out
 
@@ -167,10 +180,18 @@ def model_card(config: Mapping[str, Any], training: Optional[Mapping[str, Any]] 
     for row in spec.summary():
         lines.append(f'| {row["block"]} | {"global" if row["global"] else "local"} | {row["mean_area"]:.1f} | '
                      f'{100 * row["fraction"]:.1f}% |')
+    arch_args = {k: v for k, v in config['model_args'].items() if k not in ('windows', 'base')}
+    labels = config.get('label_names')
     lines += ['', '## Model', '',
-              f'- **Architecture:** `{arch}`' + (f' on `{base}`' if base else ''),
-              f'- **Classes:** {config.get("num_classes")}',
+              f'- **Built with:** `{arch}`' + (f' on `{base}`' if base else '') + ' and these architecture '
+              'arguments (`model_args` in `config.json`; they override the entry point\'s defaults): '
+              + ', '.join(f'`{k}={json.dumps(v)}`' for k, v in arch_args.items()),
+              f'- **Classes:** {config.get("num_classes")}'
+              + (f' ({", ".join(str(n) for n in labels)})' if labels else ''),
               f'- **Input size:** {config.get("pretrained_cfg", {}).get("input_size")}']
+    if config.get('weights'):
+        lines.append(f'- **Weights:** `{config["weights"]["file"]}`, SHA-256 `{config["weights"]["sha256"]}` '
+                     f'(checked on load)')
     if training:
         lines += ['', '## Training', '']
         for key, value in training.items():
@@ -234,260 +255,10 @@ def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], source: Opt
         raise ValueError(f'{src}: field "model_args.base" is missing; vitfree_winft needs the timm ViT it is '
                          f'built on, e.g. "vit_small_patch16_224"')
     if 'windows' in args:
-        _parse_windows(args['windows'], f'{src}: model_args.windows')
+        parse_windows(args['windows'], f'{src}: model_args.windows')
+    if not isinstance(config, Mapping):
+        recorded_weights(Path(config).parent, cfg)  # a malformed "weights" record is named
     return cfg
-
-
-def _parse_windows(windows: Any, where: str) -> Optional[WindowSpec]:
-    if windows is None or isinstance(windows, (WindowSpec, str)):
-        return None
-    if not isinstance(windows, Mapping):
-        raise WindowSpecError(f'{where}: expected a window spec object (format, version, grid, provenance, '
-                              f'blocks), got {type(windows).__name__}')
-    return WindowSpec.from_dict(windows, source=where)
-
-
-# ---- what the WinfT factories call before building ------------------------------------------------
-def prepare_factory_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Check a spec that came from a ``config.json`` and make the pretrained source safe.
-
-    Called by the WinfT entry points with their keyword arguments; returns the arguments to build
-    with.  A malformed ``model_args.windows`` raises :class:`WindowSpecError` naming the
-    config file and the field; with ``pretrained=True`` the weight source is resolved by
-    :func:`secure_pretrained_cfg`.
-    """
-    kwargs = dict(kwargs)
-    cfg = kwargs.get('pretrained_cfg')
-    saved = kwargs.get('pretrained_model_args') or {}
-    if isinstance(cfg, Mapping) and cfg.get('source') in ('local-dir', 'hf-hub'):
-        where = cfg.get('file') if cfg.get('source') == 'local-dir' else f'hf-hub:{cfg.get("hf_hub_id")}'
-        if 'windows' in kwargs and kwargs['windows'] is saved.get('windows'):
-            spec = _parse_windows(kwargs['windows'], f'{where}/{CONFIG_NAME}: model_args.windows')
-            if spec is not None:
-                kwargs['windows'] = spec
-    if pretrained:
-        kwargs['pretrained_cfg'] = secure_pretrained_cfg(
-            variant, kwargs.get('pretrained_cfg'), kwargs.pop('pretrained_cfg_overlay', None), kwargs.get('cache_dir'))
-    return kwargs
-
-
-def secure_pretrained_cfg(
-        variant: str,
-        pretrained_cfg: Optional[Union[str, Mapping[str, Any]]] = None,
-        pretrained_cfg_overlay: Optional[Mapping[str, Any]] = None,
-        cache_dir: Optional[Union[str, os.PathLike]] = None,
-) -> Dict[str, Any]:
-    """Resolve timm's pretrained config for ``variant`` to a weight source that is safe to load.
-
-    * Hub (``hf-hub:`` or a registry ``hf_hub_id``): the safetensors file is downloaded here
-      (``model.safetensors`` unless ``hf_hub_filename`` names another ``.safetensors``); pickle
-      files are refused with :class:`UnsafeWeightsError`.
-    * URL: only ``.safetensors`` URLs.
-    * local file / folder: any format timm reads; pickles load with ``weights_only=True``.
-    * Files listed in ``weights/manifest.json`` (by shipped file or Hub id) are SHA-256 checked.
-
-    Returns a pretrained_cfg dict whose ``file`` points at the checked local weights.
-    """
-    from timm.models._builder import resolve_pretrained_cfg
-
-    if isinstance(pretrained_cfg, Mapping):
-        pretrained_cfg = dict(pretrained_cfg)
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg,
-                                 pretrained_cfg_overlay=dict(pretrained_cfg_overlay or {})).to_dict()
-    source = cfg.get('source')
-    if source == 'local-dir':
-        return cfg
-    if cfg.get('state_dict') is not None and source != 'hf-hub':
-        return cfg
-    if source == 'hf-hub' or (not cfg.get('file') and cfg.get('hf_hub_id')):
-        repo = cfg['hf_hub_id']
-        filename = cfg.get('hf_hub_filename') or WEIGHTS_NAME
-        path = _download_safetensors(repo, filename, cache_dir)
-        verify_weights(path, hub=f'{_strip_revision(repo)}/{filename}', required=False)
-        cfg.update(file=path, source='file')
-        return cfg
-    if cfg.get('file'):
-        path = Path(cfg['file'])
-        if _is_shipped(path):
-            verify_weights(path, required=True)
-        else:
-            verify_weights(path, required=False)
-        return cfg
-    url = cfg.get('url')
-    if url:
-        url_s = url[0] if isinstance(url, (list, tuple)) else url
-        if not str(url_s).endswith('.safetensors'):
-            raise UnsafeWeightsError(f'refusing to load pickle weights from {url_s}: vitfree loads weights from the '
-                                     f'network only as .safetensors (a pickle can run code when loaded)')
-        from timm.models._hub import download_cached_file
-        path = download_cached_file(url, check_hash=False, cache_dir=cache_dir)
-        verify_weights(path, required=False)
-        cfg.update(file=path, source='file')
-        return cfg
-    raise WeightsError(f'{variant}: no pretrained weights are registered for this configuration '
-                       f'(tag {cfg.get("tag")!r}); use pretrained=False, local-dir:PATH or hf-hub:ORG/NAME')
-
-
-def _strip_revision(repo: str) -> str:
-    return repo.split('@')[0]
-
-
-def _download_safetensors(repo: str, filename: str, cache_dir=None) -> str:
-    if not filename.endswith('.safetensors'):
-        raise UnsafeWeightsError(f'refusing to load {filename!r} from hf-hub:{repo}: vitfree loads weights from the '
-                                 f'Hub only as .safetensors (a pickle can run code when loaded). Convert it locally '
-                                 f'and load it with local-dir:PATH, or upload a model.safetensors')
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
-    try:
-        from huggingface_hub.utils import LocalEntryNotFoundError  # offline / not cached: not a missing file
-    except ImportError:  # pragma: no cover - very old huggingface_hub
-        LocalEntryNotFoundError = ()
-
-    repo_id, _, revision = repo.partition('@')
-    try:
-        return hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir,
-                               library_name='vitfree')
-    except LocalEntryNotFoundError as e:
-        raise WeightsError(f'cannot get {filename} of hf-hub:{repo}: it is not in the local cache and the Hub '
-                           f'cannot be reached ({type(e).__name__}); go online, or load a local export with '
-                           f'local-dir:PATH') from None
-    except EntryNotFoundError:
-        raise UnsafeWeightsError(f'hf-hub:{repo} has no {filename}; vitfree loads weights from the Hub only as '
-                                 f'safetensors and will not fall back to pytorch_model.bin or other pickles') from None
-
-
-# ---- manifest of shipped weights --------------------------------------------------------------------
-def _weights_dirs() -> List[Path]:
-    here = Path(__file__).resolve().parent
-    return [d for d in (here.parent / 'weights', here / '_weights') if d.is_dir()]
-
-
-def manifest_path() -> Path:
-    """``weights/manifest.json`` in a checkout, ``vitfree/_weights/manifest.json`` when installed."""
-    env = os.environ.get('VITFREE_WEIGHTS_MANIFEST')
-    if env:
-        return Path(env)
-    dirs = _weights_dirs()
-    return (dirs[0] if dirs else Path(__file__).resolve().parent.parent / 'weights') / 'manifest.json'
-
-
-def _is_shipped(path: Path) -> bool:
-    try:
-        parent = path.resolve().parent
-    except OSError:
-        return False
-    return any(parent == d.resolve() for d in _weights_dirs())
-
-
-def load_manifest(path: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Dict[str, Any]]:
-    """Entries of the weights manifest: ``{name: {file?, hf_hub_id?, hf_hub_filename?, sha256, size?}}``."""
-    path = Path(path) if path is not None else manifest_path()
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise WeightsError(f'{path}: not valid JSON ({e})') from None
-    if not isinstance(data, dict) or data.get('format') != MANIFEST_FORMAT:
-        raise WeightsError(f'{path}: expected {{"format": "{MANIFEST_FORMAT}", "version": 1, "weights": {{...}}}}')
-    entries = data.get('weights', {})
-    if not isinstance(entries, dict):
-        raise WeightsError(f'{path}: "weights" must be an object of name -> entry')
-    for name, e in entries.items():
-        sha = e.get('sha256') if isinstance(e, dict) else None
-        if not (isinstance(sha, str) and len(sha) == 64 and all(c in '0123456789abcdef' for c in sha)):
-            raise WeightsError(f'{path}: weights[{name!r}].sha256 must be 64 lowercase hex digits, got {sha!r}')
-    return entries
-
-
-def _find_entry(entries: Mapping[str, Dict[str, Any]], path: Path, name: Optional[str], hub: Optional[str]):
-    if name is not None:
-        if name not in entries:
-            listed = ', '.join(sorted(entries)) or '(none)'
-            raise WeightsError(f'{name!r} is not in the weights manifest; listed: {listed}')
-        return name, entries[name]
-    for key, e in entries.items():
-        if hub and e.get('hf_hub_id') and f'{e["hf_hub_id"]}/{e.get("hf_hub_filename", WEIGHTS_NAME)}' == hub:
-            return key, e
-    for key, e in entries.items():
-        if e.get('file') and Path(e['file']).name == path.name and _is_shipped(path):
-            return key, e
-    return None, None
-
-
-def verify_weights(
-        path: Union[str, os.PathLike],
-        name: Optional[str] = None,
-        hub: Optional[str] = None,
-        required: bool = False,
-        manifest: Optional[Union[str, os.PathLike]] = None,
-) -> Optional[str]:
-    """Check a weight file against its SHA-256 in the manifest.
-
-    Args:
-        path: the local file.
-        name: the manifest entry to check against (default: found by ``hub`` id or file name).
-        hub: ``org/name/filename`` the file was downloaded as.
-        required: raise when the manifest has no entry for the file (shipped files must be listed).
-        manifest: another manifest file (default :func:`manifest_path`).
-
-    Returns:
-        the entry name that matched, or ``None`` when the file is not listed (and not required).
-    """
-    from .train.checkpoint import sha256_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f'weight file not found: {path}')
-    entries = load_manifest(manifest)
-    key, entry = _find_entry(entries, path, name, hub)
-    if entry is None:
-        if required:
-            raise WeightsIntegrityError(f'{path} is shipped with vitfree but not listed in '
-                                        f'{manifest or manifest_path()}; add it with vitfree.hub.add_to_manifest')
-        return None
-    size = entry.get('size')
-    if size is not None and path.stat().st_size != size:
-        raise WeightsIntegrityError(f'{path} has {path.stat().st_size} bytes but the manifest entry {key!r} says '
-                                    f'{size}: the file is truncated or not the released one; delete it and '
-                                    f'download again')
-    digest = sha256_file(path)
-    if digest != entry['sha256']:
-        raise WeightsIntegrityError(f'{path} has SHA-256 {digest} but the manifest entry {key!r} expects '
-                                    f'{entry["sha256"]}: the file is corrupt or not the released one; '
-                                    f'delete it and download again')
-    return key
-
-
-def add_to_manifest(
-        path: Union[str, os.PathLike],
-        name: str,
-        hf_hub_id: Optional[str] = None,
-        hf_hub_filename: Optional[str] = None,
-        manifest: Optional[Union[str, os.PathLike]] = None,
-        **info: Any,
-) -> Dict[str, Any]:
-    """Record (or update) a weight file's SHA-256 and size in the manifest; returns the entry."""
-    from .train.checkpoint import sha256_file
-
-    path = Path(path)
-    mpath = Path(manifest) if manifest is not None else manifest_path()
-    data = {'format': MANIFEST_FORMAT, 'version': MANIFEST_VERSION, 'weights': {}}
-    if mpath.is_file():
-        load_manifest(mpath)  # validates
-        data = json.loads(mpath.read_text())
-    entry = {'file': path.name, 'sha256': sha256_file(path), 'size': path.stat().st_size}
-    if hf_hub_id:
-        entry['hf_hub_id'] = hf_hub_id
-        entry['hf_hub_filename'] = hf_hub_filename or WEIGHTS_NAME
-    entry.update(info)
-    data['weights'][name] = entry
-    mpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp = mpath.with_name(mpath.name + '.tmp')
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + '\n')
-    os.replace(tmp, mpath)
-    return entry
 
 
 # ---- push -----------------------------------------------------------------------------------
@@ -568,6 +339,26 @@ def push_to_hub(
         from huggingface_hub import HfApi
         from .version import __version__
         api = HfApi(token=token, library_name='vitfree', library_version=__version__)
-    repo_url = api.create_repo(**plan.create_repo)
+    with _hub_call(f'create hf-hub:{plan.repo_id}'):
+        repo_url = api.create_repo(**plan.create_repo)
     target = getattr(repo_url, 'repo_id', None) or plan.repo_id  # the Hub may fill in the owner
-    return api.upload_folder(repo_id=target, **plan.upload_folder)
+    with _hub_call(f'upload {", ".join(plan.files)} to hf-hub:{target}'):
+        return api.upload_folder(repo_id=target, **plan.upload_folder)
+
+
+_NETWORK_MODULES = ('huggingface_hub', 'httpx', 'httpx2', 'httpcore', 'requests', 'urllib3', 'ssl', 'socket')
+
+
+@contextlib.contextmanager
+def _hub_call(what: str):
+    """Turn what the network and the Hub raise (no connection, offline mode, HTTP errors) into one
+    :class:`HubError` that says what failed; programming errors pass through."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - filtered below by where the exception class comes from
+        module = type(e).__module__.split('.')[0]
+        if not (isinstance(e, OSError) or module in _NETWORK_MODULES):
+            raise
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HubError(f'cannot {what}: {detail} ({type(e).__name__}). Check the network connection (and that '
+                       f'HF_HUB_OFFLINE is not set) and your Hub token (HF_TOKEN or `hf auth login`)') from None

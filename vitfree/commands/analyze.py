@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
     p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
     p.add_argument('--seed', type=int, default=0, help='seed for initialisation, clustering and masks (default 0)')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs=[('output', 'dir', None)], image_inputs=['images'])
 
 
 def run(args) -> int:

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument('--reps', type=int, default=3, help='timed rounds (interleaved), median reported')
     p.add_argument('--threads', type=int, default=1, help='torch threads (1: CPU-time clock; default 1)')
     p.add_argument('--json', default=None, help='also write the results to this JSON file')
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs=[('json', 'file', ('.json',))])
 
 
 def default_batch(img_size: int) -> int:
@@ -42,18 +42,26 @@ def default_batch(img_size: int) -> int:
 def _build(model: str, img: int, windows: Any, radius: int):
     import timm
 
-    import vitfree
-    from vitfree.windows import WindowSpec
+    from ..models import create_winft
+    from ..windows import WindowSpec
     vit = timm.create_model(model, img_size=img, num_classes=1000)
     depth, grid = len(vit.blocks), tuple(vit.patch_embed.grid_size)
     spec = windows if windows is not None else WindowSpec.uniform(depth, grid, radius)
-    winft = vitfree.create_winft(model, windows=spec, img_size=img, num_classes=1000)
+    winft = create_winft(model, windows=spec, img_size=img, num_classes=1000)
     winft.load_state_dict(vit.state_dict())
     return vit, winft
 
 
 def run(args) -> int:
     import torch
+
+    from ._common import CommandError, check_model_name
+    for name in ('img_size', 'batch', 'reps', 'threads', 'radius'):
+        values = getattr(args, name)
+        for v in (values if isinstance(values, list) else [values]):
+            if v is not None and v < (0 if name == 'radius' else 1):
+                raise CommandError(f'--{name.replace("_", "-")} must be >= {0 if name == "radius" else 1}, got {v}')
+    check_model_name(args.model)
     set_threads(args.threads)
     rows = []
     amp = torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.bf16)
@@ -87,8 +95,12 @@ def run(args) -> int:
         rows.append(row)
         _print_row(args.model, row)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'machine': machine_info(), 'model': args.model, 'rows': rows}, f, indent=1)
+        text = json.dumps({'machine': machine_info(), 'model': args.model, 'rows': rows}, indent=1)
+        try:
+            with open(args.json, 'w') as f:
+                f.write(text)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, args.json) from None
     return 0
 
 

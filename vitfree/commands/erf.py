@@ -46,7 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
     p.add_argument('--seed', type=int, default=0, help='seed for random initialisation (default 0)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs=[('output', 'file', ('.yaml', '.yml', '.json')), ('pictures', 'dir', None)],
+                   image_inputs=['data'])
 
 
 def run(args) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import add_common_flags, key_value
+
 EPILOG = """\
 MODEL: a WinfT name (winft_tiny_patch16_224, ...), a timm ViT/DeiT name made into a WinfT with
 --windows, or an export (local-dir:PATH, hf-hub:ORG/NAME).
@@ -22,8 +24,6 @@ example:
 
 
 def add_parser(sub) -> None:
-    from timm.utils import ParseKwargs
-
     p = sub.add_parser('finetune', help='fine-tune a WinfT on an image folder or a built-in data set',
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('model', help='WinfT / timm ViT name, local-dir:PATH or hf-hub:ORG/NAME')
@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     g.add_argument('--pretrained', action='store_true', help='start from pretrained weights (Hub or local)')
     g.add_argument('--windows', help='window spec: shipped name or .yaml/.json file (default: the model\'s own)')
     g.add_argument('--img-size', type=int, help='train at this image size; the window spec is resized to match')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    g.add_argument('--model-kwargs', nargs='*', default=[], type=key_value, metavar='KEY=VALUE',
                    help='extra model arguments, e.g. depth=4 embed_dim=128')
     g.add_argument('--drop-path', type=float, help='stochastic depth rate')
     g.add_argument('--attn-backend', help='attention backend for windowed blocks (default: auto)')
@@ -81,34 +81,33 @@ def add_parser(sub) -> None:
     g.add_argument('--checkpoint-every', type=int, default=0, help='also checkpoint every N steps (0: epochs only)')
     g.add_argument('--keep-last', type=int, default=3, help='checkpoints to keep (default: %(default)s)')
     g.add_argument('--resume', nargs='?', const=True, default=False, metavar='CKPT',
-                   help='continue from the newest valid checkpoint in OUTPUT (or from CKPT)')
+                   help='continue from the newest valid checkpoint in OUTPUT (or from CKPT); the training flags '
+                        'must be those of the checkpoint')
+    g.add_argument('--allow-changed', action='store_true',
+                   help='with --resume: continue with changed training flags (each change is recorded)')
+    g.add_argument('--overwrite', action='store_true',
+                   help='replace an earlier run in OUTPUT (without it, an existing run is refused)')
     g.add_argument('--log-interval', type=int, default=10, help='steps between metrics lines')
     g.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
     g.add_argument('--no-export', dest='export', action='store_false', help='do not write OUTPUT/model')
     g.add_argument('--threads', type=int, help='torch CPU threads per process')
     g.add_argument('--deterministic', action='store_true', help='torch deterministic algorithms')
+    add_common_flags(p, images=True)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import dataclasses
-    import logging
-    import sys
 
-    from ..data import DataError
     from ..train import FinetuneConfig, finetune
-    from ..train.checkpoint import CheckpointError
-    from ..windows import WindowSpecError
+    from ._common import check_model_name
 
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    check_model_name(args.model)  # unknown names get close matches before any work
     names = {f.name for f in dataclasses.fields(FinetuneConfig)}
     options = {k: v for k, v in vars(args).items() if k in names}
     options['scale'] = tuple(options['scale'])
-    try:
-        result = finetune(FinetuneConfig(**options))
-    except (DataError, CheckpointError, WindowSpecError, ValueError, FileNotFoundError) as e:
-        print(f'vitfree finetune: error: {e}', file=sys.stderr)
-        return 2
+    options['model_kwargs'] = dict(options['model_kwargs'])
+    result = finetune(FinetuneConfig(**options))
     if result.export is not None:
         last = result.metrics[-1] if result.metrics else {}
         print(f'done: {result.global_step} steps, top-1 {last.get("top1", float("nan")):.2f}%, '

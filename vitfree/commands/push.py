@@ -18,17 +18,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import sys
-
     from ..hub import prepare_push, push_to_hub
-    from ..windows import WindowSpecError
 
-    try:
-        plan = prepare_push(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                            commit_message=args.message, create_pr=args.create_pr)
-    except (ValueError, FileNotFoundError, WindowSpecError) as e:
-        print(f'vitfree push: error: {e}', file=sys.stderr)
-        return 2
+    plan = prepare_push(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                        commit_message=args.message, create_pr=args.create_pr)
     print(f'{plan.folder} -> hf-hub:{plan.repo_id}: {", ".join(plan.files)}')
     if args.dry_run:
         print(f'dry run: would call HfApi.create_repo({plan.create_repo}) and upload_folder({plan.upload_folder})')

@@ -18,15 +18,16 @@ import logging
 import threading
 import warnings
 from collections import OrderedDict
-from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from ..data import FASHION_MNIST_CLASSES
 from ..layers import WindowAttention, is_fx_tracing
+from ..weights import prepare_factory_kwargs, shipped_weights_file
 from ..windows import WindowSpec, WindowSpecError, check_resize_mode, resolve_spec
 
 __all__ = ['WinfT', 'create_winft']
@@ -147,7 +148,19 @@ class WinfT(VisionTransformer):
         return clone
 
 
+def _prior_notes(hub_id: str) -> Tuple[str, ...]:
+    """What a 224/384 tag is: timm weights trained without windows, with an unmeasured prior spec imposed."""
+    base = hub_id.split('/', 1)[-1]
+    return (f'Weights: timm {base}, trained without windows. Windows: the unmeasured prior spec in '
+            f'model_args.windows (see its provenance), imposed on these weights without retraining; accuracy '
+            f'with those windows, before fine-tuning, has not been measured.',
+            f'Measure windows for these weights: vitfree erf {base} DATA --pretrained -o spec.yaml; '
+            f'fine-tune with them: vitfree finetune {base} DATA --pretrained --windows spec.yaml.')
+
+
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    if kwargs.get('hf_hub_id', '').startswith('timm/'):
+        kwargs.setdefault('notes', _prior_notes(kwargs['hf_hub_id']))
     return {
         'url': url,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
@@ -183,20 +196,13 @@ default_cfgs = generate_default_cfgs({
 # Micro models for 28x28 grey images given as RGB (Fashion-MNIST), 14x14 patch grid; their weights
 # are trained by benchmarks/fmnist_study.py and shipped in weights/ (see weights/manifest.json).
 FMNIST_MEAN, FMNIST_STD = (0.2860,) * 3, (0.3530,) * 3  # grey images replicated to RGB
-
-
-def _weights_file(name: str) -> str:
-    """Absolute path of a shipped checkpoint (source checkout or installed wheel)."""
-    here = Path(__file__).resolve().parent.parent
-    for d in (here.parent / 'weights', here / '_weights'):
-        if (d / name).is_file():
-            return str(d / name)
-    return str(here.parent / 'weights' / name)
+FMNIST_LABELS = FASHION_MNIST_CLASSES  # the shipped models' label_names, in label order
 
 
 def _micro_cfg(weights: str, **kwargs) -> Dict[str, Any]:
-    return _cfg(file=_weights_file(weights), num_classes=10, input_size=(3, 28, 28), crop_pct=1.0,
-                interpolation='bilinear', mean=FMNIST_MEAN, std=FMNIST_STD, license='apache-2.0', **kwargs)
+    return _cfg(file=shipped_weights_file(weights), num_classes=10, input_size=(3, 28, 28), crop_pct=1.0,
+                interpolation='bilinear', mean=FMNIST_MEAN, std=FMNIST_STD, label_names=FMNIST_LABELS,
+                license='apache-2.0', **kwargs)
 
 
 default_cfgs.update(generate_default_cfgs({
@@ -208,14 +214,12 @@ MICRO_ARGS = dict(img_size=28, patch_size=2, in_chans=3, num_classes=10, embed_d
 
 
 def _create_winft(variant: str, pretrained: bool = False, **kwargs) -> WinfT:
-    from ..hub import prepare_factory_kwargs  # spec from config.json checked; safe, sha256-checked weights
-    kwargs = prepare_factory_kwargs(variant, pretrained, kwargs)
+    kwargs = prepare_factory_kwargs(variant, pretrained, kwargs, filter_fn=checkpoint_filter_fn)  # strict loading
     out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(
         WinfT,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )
@@ -266,10 +270,8 @@ def winft_micro_patch2_28(pretrained: bool = False, **kwargs) -> WinfT:
 @register_model
 def vit_micro_patch2_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The plain ViT baseline of the same shape as ``winft_micro_patch2_28`` (defined by vitfree)."""
-    from ..hub import prepare_factory_kwargs  # shipped weights: sha256-checked against weights/manifest.json
-    kwargs = prepare_factory_kwargs('vit_micro_patch2_28', pretrained, kwargs)
+    kwargs = prepare_factory_kwargs('vit_micro_patch2_28', pretrained, kwargs, filter_fn=checkpoint_filter_fn)
     return build_model_with_cfg(VisionTransformer, 'vit_micro_patch2_28', pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter'),
                                 **dict(MICRO_ARGS, **kwargs))
 
@@ -297,8 +299,8 @@ def _build_vits_as_winft(**winft_kwargs: Any):
             raise ValueError(f'{variant!r} builds a {getattr(model_cls, "__name__", model_cls)}, not a plain timm '
                              f'VisionTransformer; WinfT supports vit_* and deit_* models of patch-token type '
                              f'(not distilled, hybrid-class or NaFlex ones)')
-        from ..hub import prepare_factory_kwargs  # safe, sha256-checked weight sources
-        kwargs = prepare_factory_kwargs(variant, pretrained, kwargs)
+        filter_fn = kwargs.pop('pretrained_filter_fn', None)
+        kwargs = prepare_factory_kwargs(variant, pretrained, kwargs, filter_fn=filter_fn)  # strict, safe sources
         return original(WinfT, variant, pretrained, **kwargs, **winft_kwargs)
 
     with _BUILD_LOCK:
@@ -355,8 +357,8 @@ def vitfree_winft(pretrained: bool = False, base: str = 'vit_small_patch16_224',
                   **kwargs) -> WinfT:
     """Registry entry for a WinfT built on any timm ViT architecture (``base``); this is what
     ``config.json`` names when such a model is saved, so ``local-dir:``/``hf-hub:`` rebuild it."""
-    from ..hub import prepare_factory_kwargs  # a malformed spec in config.json is named as such
     kwargs = prepare_factory_kwargs(base, False, dict(kwargs, windows=windows))
     kwargs.pop('pretrained_model_args', None)
+    kwargs.pop('pretrained_filter_fn', None)  # the base's own entry point brings its filter (made strict there)
     windows = kwargs.pop('windows')
     return create_winft(base, windows=windows, pretrained=pretrained, **kwargs)

@@ -16,20 +16,23 @@ previous one.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..weights import set_default_mode, sha256_file
+
 __all__ = ['CheckpointError', 'CheckpointManager', 'save_checkpoint', 'load_checkpoint', 'encode_state',
-           'decode_state', 'rng_state', 'set_rng_state', 'sha256_file']
+           'decode_state', 'rng_state', 'set_rng_state', 'require', 'named_os_errors']
 
 _logger = logging.getLogger(__name__)
 
@@ -42,15 +45,6 @@ _NAME_RE = re.compile(r'^ckpt-(\d{9})(-end)?$')
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message names the path and the fault."""
-
-
-def sha256_file(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- state tree <-> (tensors, JSON) ---------------------------------------------------------
@@ -157,6 +151,18 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
                             f'{torch.cuda.device_count()}: CUDA generators not restored')
 
 
+@contextlib.contextmanager
+def named_os_errors(path: Union[str, os.PathLike]):
+    """An ``OSError`` raised without a file name (a full disk shows up at ``write``/``close``) gets
+    ``path`` as its file name, so the message says which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise type(e)(e.errno, e.strerror or str(e), str(path)) from None
+
+
 # ---- one checkpoint ---------------------------------------------------------------------------
 def _fsync_dir(path: Path) -> None:
     try:
@@ -173,6 +179,7 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(state: Mapping[str, Any], path: Union[str, os.PathLike]) -> Path:
     """Write ``state`` as a checkpoint folder ``path`` atomically (see module docs)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -184,7 +191,12 @@ def save_checkpoint(state: Mapping[str, Any], path: Union[str, os.PathLike]) -> 
     tmp.mkdir()
     tensors, tree = encode_state(state)
     tfile = tmp / TENSORS_FILE
-    save_file(tensors, str(tfile))
+    try:
+        save_file(tensors, str(tfile))
+    except SafetensorError as e:  # a full disk, for one, comes back as this
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f'cannot write checkpoint {path}: {e}') from None
+    set_default_mode(tfile)
     with open(tfile, 'rb+') as f:
         os.fsync(f.fileno())
     index = {
@@ -194,7 +206,7 @@ def save_checkpoint(state: Mapping[str, Any], path: Union[str, os.PathLike]) -> 
                     'count': len(tensors)},
         'state': tree,
     }
-    with open(tmp / INDEX_FILE, 'w') as f:
+    with named_os_errors(path / INDEX_FILE), open(tmp / INDEX_FILE, 'w') as f:
         json.dump(index, f)
         f.flush()
         os.fsync(f.fileno())
@@ -210,8 +222,57 @@ def save_checkpoint(state: Mapping[str, Any], path: Union[str, os.PathLike]) -> 
     return path
 
 
+# ---- checking what a checkpoint holds -------------------------------------------------------------
+_MISSING = object()
+
+
+def require(tree: Any, field: str, where: str, kind: str = 'any', low: Optional[float] = None,
+            high: Optional[float] = None, optional: bool = False) -> Any:
+    """The value at dotted ``field`` of ``tree``, checked; :class:`CheckpointError` naming ``where`` and
+    the field otherwise.  ``kind``: ``int`` (not bool), ``number`` (int or finite float), ``str``,
+    ``sha256``, ``dict``, ``list`` or ``any``; ``low``/``high`` bound numbers; ``optional`` allows
+    ``None`` and absence."""
+    value: Any = tree
+    for part in field.split('.'):
+        if not isinstance(value, Mapping):
+            raise CheckpointError(f'{where}: {field.rsplit(".", 1)[0] if "." in field else "the top level"} must be '
+                                  f'an object, got {type(value).__name__}')
+        value = value.get(part, _MISSING)
+        if value is _MISSING:
+            if optional:
+                return None
+            raise CheckpointError(f'{where}: field {field} is missing')
+    if value is None and optional:
+        return None
+    ok = {
+        'int': isinstance(value, int) and not isinstance(value, bool),
+        'number': isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        'str': isinstance(value, str),
+        'sha256': isinstance(value, str) and len(value) == 64 and all(c in '0123456789abcdef' for c in value),
+        'dict': isinstance(value, Mapping),
+        'list': isinstance(value, (list, tuple)),
+        'any': True,
+    }[kind]
+    want = {'int': 'an integer', 'number': 'a finite number', 'str': 'a string', 'sha256': '64 hex digits',
+            'dict': 'an object', 'list': 'a list', 'any': 'a value'}[kind]
+    if kind in ('int', 'number'):
+        if ok:
+            ok = (low is None or value >= low) and (high is None or value <= high)
+        if low is not None and high is not None:
+            want += f' in [{low:g}, {high:g}]'
+        elif low is not None:
+            want += f' >= {low:g}'
+    if not ok:
+        raise CheckpointError(f'{where}: field {field} must be {want}, got {value!r:.80}')
+    return value
+
+
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = 'cpu') -> Dict[str, Any]:
-    """Read and verify a checkpoint folder; raises :class:`CheckpointError` naming what is wrong."""
+    """Read and verify a checkpoint folder; raises :class:`CheckpointError` naming what is wrong.
+
+    ``state.json`` is checked against its schema (format, version, the tensors file's name, size,
+    SHA-256 and count), the tensors file against that size and hash, and every tensor reference in
+    the state against the tensors file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -225,30 +286,40 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
         index = json.loads(ipath.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f'checkpoint {path} is corrupt: {ipath.name} is not valid JSON ({e})') from None
-    if not isinstance(index, dict) or index.get('format') != CKPT_FORMAT:
-        raise CheckpointError(f'{ipath} is not a vitfree checkpoint index (format {index.get("format")!r} '
-                              f'if a dict), expected {CKPT_FORMAT!r}')
+    where = f'checkpoint {path}: {INDEX_FILE}'
+    if not isinstance(index, dict):
+        raise CheckpointError(f'{where} must hold a JSON object, got {type(index).__name__}')
+    if index.get('format') != CKPT_FORMAT:
+        raise CheckpointError(f'{where} is not a vitfree checkpoint index (format {index.get("format")!r}, '
+                              f'expected {CKPT_FORMAT!r})')
     if index.get('version') != CKPT_VERSION:
-        raise CheckpointError(f'{ipath}: checkpoint version {index.get("version")!r}; '
+        raise CheckpointError(f'{where}: checkpoint version {index.get("version")!r}; '
                               f'this vitfree reads {CKPT_VERSION}')
-    meta = index.get('tensors') or {}
+    if require(index, 'tensors.file', where, 'str') != TENSORS_FILE:
+        raise CheckpointError(f'{where}: field tensors.file must be {TENSORS_FILE!r}, got {index["tensors"]["file"]!r}')
+    expected_size = require(index, 'tensors.size', where, 'int', low=0)
+    expected_sha = require(index, 'tensors.sha256', where, 'sha256')
+    count = require(index, 'tensors.count', where, 'int', low=0)
+    require(index, 'state', where)
     if not tpath.is_file():
         raise CheckpointError(f'checkpoint {path} is incomplete: {TENSORS_FILE} is missing')
     size = tpath.stat().st_size
-    if size != meta.get('size'):
+    if size != expected_size:
         raise CheckpointError(f'checkpoint {path} is truncated or corrupt: {TENSORS_FILE} has {size} bytes, '
-                              f'expected {meta.get("size")}')
+                              f'expected {expected_size}')
     digest = sha256_file(tpath)
-    if digest != meta.get('sha256'):
+    if digest != expected_sha:
         raise CheckpointError(f'checkpoint {path} is corrupt: {TENSORS_FILE} has SHA-256 {digest[:16]}..., '
-                              f'expected {str(meta.get("sha256"))[:16]}...')
+                              f'expected {expected_sha[:16]}...')
     try:
         tensors = load_file(str(tpath), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f'checkpoint {path}: cannot read {TENSORS_FILE} ({e})') from None
+    if len(tensors) != count:
+        raise CheckpointError(f'{where}: field tensors.count is {count}, but {TENSORS_FILE} holds {len(tensors)}')
     try:
         return decode_state(index['state'], tensors)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f'checkpoint {path}: index does not match its tensors '
                               f'({type(e).__name__}: {e})') from None
 
@@ -295,9 +366,13 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def load_latest(self, map_location: Union[str, torch.device] = 'cpu') -> Optional[Tuple[Path, Dict[str, Any]]]:
+    def load_latest(self, map_location: Union[str, torch.device] = 'cpu',
+                    validate: Optional[Callable[[Path, Dict[str, Any]], None]] = None,
+                    ) -> Optional[Tuple[Path, Dict[str, Any]]]:
         """The newest checkpoint that loads and verifies, falling back past corrupt ones.
 
+        ``validate(path, state)`` may raise :class:`CheckpointError` for a checkpoint whose content
+        is wrong (schema, consistency); such a checkpoint is reported and skipped like a truncated one.
         Returns ``None`` when the folder holds no checkpoint; raises :class:`CheckpointError`
         listing every fault when checkpoints exist but none is valid.
         """
@@ -305,6 +380,8 @@ class CheckpointManager:
         for path in reversed(self.list()):
             try:
                 state = load_checkpoint(path, map_location)
+                if validate is not None:
+                    validate(path, state)
             except CheckpointError as e:
                 _logger.warning(f'{e}; trying the previous checkpoint')
                 errors.append(str(e))

@@ -18,26 +18,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import random
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (INDEX_FILE, CheckpointError, CheckpointManager, load_checkpoint, named_os_errors, require,
+                         rng_state, set_rng_state)
 from .distributed import DistState, EpochSampler, ShardSampler, all_reduce_sum, barrier, init_distributed
 
 __all__ = ['FinetuneConfig', 'FinetuneResult', 'finetune', 'create_finetune_model', 'evaluate']
 
 _logger = logging.getLogger(__name__)
 AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
+# options that say how a run is carried out, not what it trains: they may differ on --resume
+RUN_OPTIONS = frozenset({
+    'output', 'resume', 'progress', 'log_interval', 'export', 'threads', 'workers', 'device', 'checkpoint_every',
+    'keep_last', 'verify_images', 'strict', 'allow_changed', 'overwrite', 'deterministic', 'grad_checkpointing',
+    'attn_backend'})
+# what a run writes into its output folder, and whether each is a file or a folder
+RUN_ENTRIES = {'metrics.jsonl': 'file', 'finetune_config.json': 'file', 'checkpoints': 'dir', 'model': 'dir',
+               'model_ema': 'dir'}
 
 
 @dataclass
@@ -96,9 +108,19 @@ class FinetuneConfig:
     export: bool = True
     threads: Optional[int] = None
     deterministic: bool = False
+    strict: bool = False
+    allow_changed: bool = False
+    overwrite: bool = False
 
     def check(self) -> None:
-        """Raise ``ValueError`` naming the first option that cannot work."""
+        """Raise ``ValueError`` naming the first option that cannot work; warn about ones that work badly."""
+        if self.resume and self.overwrite:
+            raise ValueError('resume and overwrite exclude each other: resume continues the run in the output folder, '
+                             'overwrite replaces it')
+        for name in ('lr', 'ema_decay', 'warmup_lr', 'min_lr'):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float('inf'):
+                raise ValueError(f'{name} must be a number >= 0, got {v!r}')
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f'amp must be one of {sorted(AMP_DTYPES)} or None, got {self.amp!r}')
         for name in ('epochs', 'batch_size', 'keep_last', 'log_interval'):
@@ -117,6 +139,10 @@ class FinetuneConfig:
             raise ValueError(f'smoothing must be in [0, 1), got {self.smoothing!r}')
         if len(tuple(self.scale)) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ValueError(f'scale must be (min, max) with 0 < min <= max <= 1, got {self.scale!r}')
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            warnings.warn(f'warmup_epochs={self.warmup_epochs} is not shorter than epochs={self.epochs}: the whole run '
+                          f'is spent warming up and the learning rate never reaches lr={self.lr:g}', UserWarning,
+                          stacklevel=3)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -228,8 +254,13 @@ class _JsonLines:
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
 
-    def truncate_after(self, global_step: int) -> None:
+    def truncate_after(self, global_step: Optional[int]) -> None:
+        """Drop records after ``global_step`` (all of them for ``None``: a run that starts from scratch)."""
         if not self.enabled or not self.path.is_file():
+            return
+        if global_step is None:
+            with named_os_errors(self.path):
+                self.path.write_text('')
             return
         keep = []
         for line in self.path.read_text().splitlines():
@@ -239,13 +270,14 @@ class _JsonLines:
                 continue  # a line cut by the crash
             if rec.get('step', 0) <= global_step:
                 keep.append(line)
-        self.path.write_text(''.join(k + '\n' for k in keep))
+        with named_os_errors(self.path):
+            self.path.write_text(''.join(k + '\n' for k in keep))
 
     def write(self, **record: Any) -> None:
         if not self.enabled:
             return
         record.setdefault('time', round(time.time(), 3))
-        with open(self.path, 'a') as f:
+        with named_os_errors(self.path), open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')
 
 
@@ -298,13 +330,12 @@ def _run(cfg: FinetuneConfig, ds: DistState, on_step: Optional[Callable[[int], N
     device = ds.device
     out_dir = Path(cfg.output)
     ckpt_dir = out_dir / 'checkpoints'
-    if ds.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _check_output(cfg, out_dir)  # before any work; nothing is created until data and model are ready
 
     # data first: a bad folder fails here, before anything is written
-    train_base = build_dataset(cfg.data, 'train', verify=cfg.verify_images)
+    train_base = build_dataset(cfg.data, 'train', verify=cfg.verify_images, strict=cfg.strict)
     classes = list(train_base.classes)
-    val_base = build_dataset(cfg.data, 'val', classes=classes, verify=cfg.verify_images)
+    val_base = build_dataset(cfg.data, 'val', classes=classes, verify=cfg.verify_images, strict=cfg.strict)
 
     _seed_all(cfg.seed)  # same initial weights on every process
     model = create_finetune_model(cfg, len(classes))
@@ -361,30 +392,55 @@ def _run(cfg: FinetuneConfig, ds: DistState, on_step: Optional[Callable[[int], N
     # ---- resume -------------------------------------------------------------------------
     manager = CheckpointManager(ckpt_dir, keep_last=cfg.keep_last)
     start_epoch, start_batch, global_step, best_top1 = 0, 0, 0, None
+    resume_loss: Optional[Tuple[float, int]] = None
     history: List[Dict[str, Any]] = []
+    config_changes: List[Dict[str, Any]] = []
+    changes: Dict[str, Tuple[Any, Any]] = {}
     metrics_log = _JsonLines(out_dir / 'metrics.jsonl', ds.is_main)
     resumed_from = None
     if cfg.resume:
         found = _find_resume(cfg.resume, manager, ds)
         if found is not None:
             resumed_from, state = found
-            _restore(state, model, optimizer, scheduler, ema, scaler, ds)
+            changes = changed_flags(state['config'], cfg)
+            if changes and not cfg.allow_changed:
+                raise ValueError(
+                    f'{resumed_from} was written with other training flags, and resuming would silently mix two '
+                    f'runs:\n' + ''.join(f'    {_flag(k)}: {old!r} in the checkpoint, {new!r} now\n'
+                                         for k, (old, new) in changes.items())
+                    + 'pass the checkpoint\'s values to resume, or --allow-changed to continue with the new ones '
+                      '(the change is recorded in metrics.jsonl and the checkpoints)')
             prog = state['progress']
-            start_epoch, start_batch = int(prog['epoch']), int(prog['batch'])
-            global_step, best_top1 = int(prog['global_step']), prog.get('best_top1')
-            history = list(state.get('history', []))
-            if int(prog.get('steps_per_epoch', steps_per_epoch)) != steps_per_epoch:
+            if prog['steps_per_epoch'] != steps_per_epoch:
                 raise CheckpointError(
                     f'{resumed_from} was written with {prog["steps_per_epoch"]} steps per epoch, this run has '
                     f'{steps_per_epoch} (batch size, data set or number of processes changed): cannot resume exactly')
+            _restore(state, model, optimizer, scheduler, ema, scaler, ds, resumed_from, changes)
+            start_epoch, start_batch = prog['epoch'], prog['batch']
+            global_step, best_top1 = prog['global_step'], prog.get('best_top1')
+            if prog.get('loss_n') is not None:
+                resume_loss = (float(prog['loss_sum']), int(prog['loss_n']))
+            history = list(state['history'])
+            config_changes = list(state.get('config_changes') or [])
+            if changes:
+                config_changes.append({'step': global_step, 'checkpoint': resumed_from.name,
+                                       'changed': {k: [old, new] for k, (old, new) in changes.items()}})
+                if ds.is_main:
+                    _logger.warning(f'resuming {resumed_from} with changed training flags (--allow-changed): '
+                                    + ', '.join(f'{_flag(k)} {old!r} -> {new!r}' for k, (old, new) in changes.items()))
             if ds.is_main:
                 _logger.info(f'resumed from {resumed_from} (epoch {start_epoch}, step {global_step})')
         elif ds.is_main:
             _logger.info(f'no checkpoint in {ckpt_dir}: starting from scratch')
     if ds.is_main:
+        _start_output(out_dir, previous, cfg)
         manager.clean_temporary()
-        metrics_log.truncate_after(global_step)
-        (out_dir / 'finetune_config.json').write_text(json.dumps(cfg.to_dict(), indent=1) + '\n')
+        metrics_log.truncate_after(global_step if resumed_from is not None else None)
+        with named_os_errors(out_dir / 'finetune_config.json'):
+            (out_dir / 'finetune_config.json').write_text(json.dumps(cfg.to_dict(), indent=1) + '\n')
+        if changes:
+            metrics_log.write(event='config_change', step=global_step, checkpoint=str(resumed_from),
+                              changed={k: [old, new] for k, (old, new) in changes.items()})
         if resumed_from is None:
             metrics_log.write(event='start', step=0, model=cfg.model, data=cfg.data, classes=len(classes),
                               train_images=len(train_ds), val_images=len(val_ds), world_size=ds.world_size,
@@ -399,7 +455,7 @@ def _run(cfg: FinetuneConfig, ds: DistState, on_step: Optional[Callable[[int], N
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
 
-    def make_state(epoch: int, batch: int) -> Dict[str, Any]:
+    def make_state(epoch: int, batch: int, loss: Tuple[float, int]) -> Dict[str, Any]:
         rng = rng_state()
         if ds.distributed:
             import torch.distributed as dist
@@ -413,19 +469,22 @@ def _run(cfg: FinetuneConfig, ds: DistState, on_step: Optional[Callable[[int], N
             'scheduler': scheduler.state_dict(),
             'rng': rngs,
             'progress': {'epoch': epoch, 'batch': batch, 'global_step': global_step, 'best_top1': best_top1,
-                         'steps_per_epoch': steps_per_epoch, 'world_size': ds.world_size},
+                         'steps_per_epoch': steps_per_epoch, 'world_size': ds.world_size,
+                         'loss_sum': loss[0], 'loss_n': loss[1]},  # this epoch's train loss so far (rank 0's)
             'sampler': {'seed': cfg.seed, 'epoch': epoch, 'start': batch * cfg.batch_size},
             'history': history,
             'config': cfg.to_dict(),
         }
+        if config_changes:
+            state['config_changes'] = config_changes
         if ema is not None:
             state['ema'] = ema.module.state_dict()
         if scaler is not None:
             state['scaler'] = scaler.state_dict()
         return state
 
-    def checkpoint(epoch: int, batch: int, epoch_end: bool) -> None:
-        state = make_state(epoch, batch)  # collective in DDP: every rank takes part
+    def checkpoint(epoch: int, batch: int, epoch_end: bool, loss: Tuple[float, int]) -> None:
+        state = make_state(epoch, batch, loss)  # collective in DDP: every rank takes part
         if ds.is_main:
             manager.save(state, global_step, epoch_end=epoch_end)
         barrier()
@@ -440,6 +499,11 @@ def _run(cfg: FinetuneConfig, ds: DistState, on_step: Optional[Callable[[int], N
         bar = tqdm(total=steps_per_epoch, initial=skip, desc=f'epoch {epoch + 1}/{cfg.epochs}',
                    disable=not (cfg.progress and ds.is_main), dynamic_ncols=True, leave=True)
         t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+        if skip and resume_loss is not None:  # the resumed epoch's train loss covers the whole epoch
+            loss_sum, loss_n = resume_loss
+        elif skip and ds.is_main:
+            _logger.warning(f'{resumed_from} holds no partial train loss (written by an older vitfree): epoch '
+                            f'{epoch + 1}\'s train loss covers only the steps after the resume')
         batch = skip
         for x, y in train_loader:
             if batch >= steps_per_epoch:
@@ -482,7 +546,7 @@ def _run(cfg: FinetuneConfig, ds: DistState, on_step: Optional[Callable[[int], N
                 metrics_log.write(event='train', epoch=epoch + 1, step=global_step, loss=loss_val,
                                   loss_avg=loss_sum / loss_n, lr=optimizer.param_groups[0]['lr'], img_per_s=ips)
             if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, batch, epoch_end=False)
+                checkpoint(epoch, batch, epoch_end=False, loss=(loss_sum, loss_n))
             if on_step is not None:
                 on_step(global_step)
         bar.close()
@@ -505,13 +569,16 @@ def _run(cfg: FinetuneConfig, ds: DistState, on_step: Optional[Callable[[int], N
                 msg += f', EMA top-1 {record["ema_top1"]:.2f}%'
             (tqdm.write if cfg.progress else _logger.info)(msg)
         scheduler.step(epoch + 1, val['top1'])
-        checkpoint(epoch + 1, 0, epoch_end=True)
+        checkpoint(epoch + 1, 0, epoch_end=True, loss=(0.0, 0))
 
     export = None
     if cfg.export and ds.is_main:
         from ..hub import save_pretrained
         card = {'dataset': str(cfg.data), 'epochs': cfg.epochs, 'metrics': history[-1] if history else None,
-                'base_model': cfg.model}
+                'initialised_from': cfg.model if cfg.pretrained else None,
+                'initialisation': None if cfg.pretrained else f'random (trained from scratch, seed {cfg.seed})',
+                'changed_on_resume': '; '.join(f'step {c["step"]}: ' + ', '.join(
+                    f'{k} {v[0]!r} -> {v[1]!r}' for k, v in c['changed'].items()) for c in config_changes) or None}
         export = save_pretrained(model, out_dir / 'model', label_names=classes, data_config=dc, training=card)
         if ema is not None:
             save_pretrained(ema.module, out_dir / 'model_ema', label_names=classes, data_config=dc,
@@ -521,23 +588,143 @@ def _run(cfg: FinetuneConfig, ds: DistState, on_step: Optional[Callable[[int], N
                           global_step=global_step, output=out_dir, export=export, classes=classes)
 
 
+# ---- output folder -------------------------------------------------------------------------
+def _check_output(cfg: FinetuneConfig, out_dir: Path) -> List[str]:
+    """Check the output folder before any work: it is a folder (or can be made), what a run writes
+    there has the right kind, and a folder that already holds a run is used only with ``resume``
+    (continue it) or ``overwrite`` (replace it).  Returns the run entries already there."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f'output {str(out_dir)!r} exists and is not a folder; choose another -o/--output')
+    anchor = out_dir
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise ValueError(f'output {str(out_dir)!r} cannot be created: {anchor} is a file')
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, 'not writable, so the run cannot be written there', str(anchor))
+    found = []
+    for name, kind in RUN_ENTRIES.items():
+        p = out_dir / name
+        if p.exists():
+            if p.is_dir() != (kind == 'dir'):
+                raise ValueError(f'{p} is a {"folder" if p.is_dir() else "file"}, but a run writes its {name} '
+                                 f'{"folder" if kind == "dir" else "file"} there; move it away or choose another -o')
+            found.append(name)
+    if found and not cfg.resume and not cfg.overwrite:
+        raise ValueError(f'output {str(out_dir)!r} already holds a run ({", ".join(found)}); pass --resume to continue '
+                         f'it, --overwrite to replace it, or choose another -o/--output')
+    return found
+
+
+def _start_output(out_dir: Path, previous: List[str], cfg: FinetuneConfig) -> None:
+    """Create the output folder (rank 0, once data and model are ready); with ``overwrite``, remove
+    what the earlier run wrote there (and only that)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and not cfg.resume:
+        for name in previous:
+            p = out_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if previous:
+            _logger.warning(f'--overwrite: removed the earlier run in {out_dir} ({", ".join(previous)})')
+
+
+# ---- resume -----------------------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return name.upper() if name in ('model', 'data') else '--' + name.replace('_', '-')
+
+
+def _same(old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str) and (Path(old).exists() or Path(new).exists()):
+        try:
+            return Path(old).resolve() == Path(new).resolve()
+        except OSError:
+            return False
+    return False
+
+
+def changed_flags(saved: Mapping[str, Any], cfg: FinetuneConfig) -> Dict[str, Tuple[Any, Any]]:
+    """Training flags of ``cfg`` that differ from the ``saved`` config of a checkpoint: ``{name: (old, new)}``.
+    Options that do not change what is trained (:data:`RUN_OPTIONS`) and flags the checkpoint does
+    not record (an older vitfree) are not compared."""
+    new = json.loads(json.dumps(cfg.to_dict(), default=str))  # the form the checkpoint stored
+    return {k: (saved[k], v) for k, v in new.items()
+            if k not in RUN_OPTIONS and k in saved and not _same(saved[k], v)}
+
+
+def check_training_state(path: Path, state: Any) -> None:
+    """Check a fine-tuning checkpoint's state against its schema (types, ranges) and for internal
+    consistency (step = epoch x steps per epoch + batch, sampler position, history, RNG states);
+    :class:`CheckpointError` names the checkpoint and the field."""
+    where = f'checkpoint {path}: {INDEX_FILE}'
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f'{where}: the state must be an object, got {type(state).__name__}')
+    for key, kind in (('model', 'dict'), ('optimizer', 'dict'), ('scheduler', 'dict'), ('rng', 'list'),
+                      ('progress', 'dict'), ('sampler', 'dict'), ('history', 'list'), ('config', 'dict')):
+        require(state, key, where, kind)
+    require(state, 'optimizer.param_groups', where, 'list')
+    require(state, 'optimizer.state', where, 'dict')
+    epoch = require(state, 'progress.epoch', where, 'int', low=0)
+    batch = require(state, 'progress.batch', where, 'int', low=0)
+    step = require(state, 'progress.global_step', where, 'int', low=0)
+    spe = require(state, 'progress.steps_per_epoch', where, 'int', low=1)
+    world = require(state, 'progress.world_size', where, 'int', low=1)
+    require(state, 'progress.best_top1', where, 'number', low=0, high=100, optional=True)
+    loss_sum = require(state, 'progress.loss_sum', where, 'number', low=0, optional=True)
+    loss_n = require(state, 'progress.loss_n', where, 'int', low=0, optional=True)
+    epochs = require(state, 'config.epochs', where, 'int', low=1)
+    batch_size = require(state, 'config.batch_size', where, 'int', low=1)
+    seed = require(state, 'config.seed', where, 'int')
+    if batch >= spe:
+        raise CheckpointError(f'{where}: field progress.batch is {batch}, but an epoch has only '
+                              f'progress.steps_per_epoch = {spe} steps')
+    if step != epoch * spe + batch:
+        raise CheckpointError(f'{where}: field progress.global_step is {step}, but progress.epoch {epoch} x '
+                              f'steps_per_epoch {spe} + progress.batch {batch} = {epoch * spe + batch}; '
+                              f'the file was edited or damaged')
+    if epoch > epochs:
+        raise CheckpointError(f'{where}: field progress.epoch is {epoch}, but the run has config.epochs = {epochs}')
+    if (loss_sum is None) != (loss_n is None) or (loss_n is not None and loss_n > batch):
+        raise CheckpointError(f'{where}: fields progress.loss_sum / progress.loss_n ({loss_sum!r} / {loss_n!r}) '
+                              f'must both be given, with loss_n <= progress.batch = {batch}')
+    for name, expected in (('sampler.epoch', epoch), ('sampler.start', batch * batch_size), ('sampler.seed', seed)):
+        if require(state, name, where, 'int') != expected:
+            raise CheckpointError(f'{where}: field {name} is {state["sampler"][name.split(".")[1]]!r}, but the '
+                                  f'progress and config say {expected}')
+    if len(state['rng']) != world:
+        raise CheckpointError(f'{where}: field rng holds {len(state["rng"])} generator states for '
+                              f'progress.world_size = {world} processes')
+    for i, rng in enumerate(state['rng']):
+        for key in ('python', 'numpy', 'torch'):
+            require(rng, key, f'{where} (rng[{i}])')
+    if len(state['history']) != epoch:
+        raise CheckpointError(f'{where}: field history has {len(state["history"])} epoch records, but '
+                              f'progress.epoch = {epoch} epochs are done')
+    for i, rec in enumerate(state['history']):
+        if require(rec, 'epoch', f'{where} (history[{i}])', 'int') != i + 1:
+            raise CheckpointError(f'{where}: field history[{i}].epoch is {rec["epoch"]!r}, expected {i + 1}')
+
+
 def _find_resume(resume: Union[bool, str], manager: CheckpointManager, ds: DistState):
-    """Rank 0 picks the checkpoint (newest valid), every rank loads the same one."""
+    """Rank 0 picks the checkpoint (newest valid), every rank loads the same one.  A checkpoint that
+    fails its checks (files, schema, consistency) is reported and the previous one is tried; one
+    named explicitly must pass them."""
     path = None
     if ds.is_main:
         if isinstance(resume, (str, os.PathLike)) and not isinstance(resume, bool):
             p = Path(resume)
             if (p / 'state.json').is_file() or p.name.startswith('ckpt-'):
-                load_checkpoint(p)  # raises a clear error when it is broken
+                check_training_state(p, load_checkpoint(p))  # raises a clear error when it is broken
                 path = str(p)
             else:
                 sub = p / 'checkpoints' if (p / 'checkpoints').is_dir() else p
-                found = CheckpointManager(sub).load_latest()
+                found = CheckpointManager(sub).load_latest(validate=check_training_state)
                 path = str(found[0]) if found else None
                 if found is None:
                     raise CheckpointError(f'--resume {resume}: no checkpoint found there')
         else:
-            found = manager.load_latest()
+            found = manager.load_latest(validate=check_training_state)
             path = str(found[0]) if found else None
     if ds.distributed:
         import torch.distributed as dist
@@ -546,13 +733,41 @@ def _find_resume(resume: Union[bool, str], manager: CheckpointManager, ds: DistS
         path = box[0]
     if path is None:
         return None
-    return Path(path), load_checkpoint(path)
+    state = load_checkpoint(path)
+    check_training_state(Path(path), state)
+    return Path(path), state
 
 
-def _restore(state: Dict[str, Any], model, optimizer, scheduler, ema, scaler, ds: DistState) -> None:
-    model.load_state_dict(state['model'])
-    optimizer.load_state_dict(state['optimizer'])
-    scheduler.load_state_dict(state['scheduler'])
+OPTIMIZER_FLAGS = ('lr', 'weight_decay', 'momentum', 'layer_decay')
+SCHEDULE_FLAGS = ('lr', 'epochs', 'sched', 'warmup_epochs', 'warmup_lr', 'min_lr')
+
+
+def _restore(state: Dict[str, Any], model, optimizer, scheduler, ema, scaler, ds: DistState, path: Path,
+             changes: Mapping[str, Any]) -> None:
+    """Load a checkpoint into the run.  With changed flags (``allow_changed``), the new optimizer
+    hyper-parameters and schedule take effect from here on; the optimizer's moments are kept unless
+    the optimizer itself changed."""
+    try:
+        model.load_state_dict(state['model'])
+    except RuntimeError as e:
+        raise CheckpointError(f'{path}: its model weights do not fit the model of this run '
+                              f'({str(e).splitlines()[0]} ...)') from None
+    if 'opt' in changes:
+        _logger.warning(f'--opt changed: the optimizer starts afresh (the state in {path.name} is for '
+                        f'{changes["opt"][0]!r})')
+    else:
+        fresh = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(state['optimizer'])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f'{path}: its optimizer state does not fit this run ({e})') from None
+        if any(k in changes for k in OPTIMIZER_FLAGS):
+            for group, new in zip(optimizer.param_groups, fresh):
+                group.update(new)
+    if any(k in changes for k in SCHEDULE_FLAGS):
+        scheduler.step_update(num_updates=int(state['progress']['global_step']))  # the new schedule, from here on
+    else:
+        scheduler.load_state_dict(state['scheduler'])
     if ema is not None:
         if 'ema' in state:
             ema.module.load_state_dict(state['ema'])
