@@ -313,3 +313,27 @@ def test_pretrained_tags_use_timm_hub_checkpoints(monkeypatch, tmp_path, name, v
     for k, t in vit.state_dict().items():
         assert torch.equal(m.state_dict()[k], t), k
     assert m.window_spec.provenance['kind'] == 'prior'
+
+
+def test_window_resize_keep_through_timm_and_create_winft():
+    import timm
+    m = timm.create_model('winft_tiny_patch16_224', img_size=448, window_resize='keep', depth=2,
+                          windows=vitfree.WindowSpec.uniform(2, 14, 2, global_blocks=[1]))
+    assert m.window_spec.grid == (28, 28) and int(m.window_spec.blocks[0].max()) == 2
+    s = timm.create_model('winft_tiny_patch16_224', img_size=448, depth=2,
+                          windows=vitfree.WindowSpec.uniform(2, 14, 2, global_blocks=[1]))
+    assert int(s.window_spec.blocks[0].max()) == 4  # scale: ceil(2 * 28 / 14)
+    w = vitfree.create_winft('vit_tiny_patch16_224', windows=vitfree.WindowSpec.uniform(12, 14, 1), img_size=448,
+                             window_resize='keep')
+    assert int(w.window_spec.blocks[0].max()) == 1 and w._model_args['window_resize'] == 'keep'
+    with pytest.raises(vitfree.WindowSpecError, match='resize mode'):
+        vitfree.create_winft('vit_tiny_patch16_224', window_resize='stretch')
+
+
+def test_window_resize_keep_with_dynamic_image_size():
+    m = timm.create_model('winft_micro_patch2_28', dynamic_img_size=True, window_resize='keep',
+                          windows=vitfree.WindowSpec.uniform(6, 14, 1)).eval()
+    with torch.no_grad():
+        m(torch.randn(1, 3, 56, 42))
+    lw = m.blocks[0].attn.windows_for(28 * 21)
+    assert lw.grid == (28, 21) and int(lw.extents.max()) == 1

@@ -222,3 +222,19 @@ def test_checkpoint_files_have_normal_permissions(tmp_path):
     os.umask(mask)
     ckpt = CheckpointManager(tmp_path / 'run' / 'checkpoints').list()[-1]
     assert stat.S_IMODE((ckpt / 'state.safetensors').stat().st_mode) == 0o666 & ~mask
+
+
+def test_window_resize_flag_reaches_the_model():
+    from vitfree.train.finetune import FinetuneConfig, create_finetune_model
+    cfg = FinetuneConfig(model='winft_tiny_patch16_224', data='digits', img_size=64, window_resize='keep',
+                         windows='winft_prior_d12_g14')
+    import numpy as np
+    from vitfree.windows import get_spec
+    m = create_finetune_model(cfg, 10)
+    assert m.window_resize == 'keep' and m.window_spec.grid == (4, 4)
+    ref = get_spec('winft_prior_d12_g14')
+    kept, scaled = ref.resize((4, 4), mode='keep'), ref.resize((4, 4))
+    for i in range(12):
+        if not ref.is_global(i):
+            assert np.array_equal(m.window_spec.blocks[i], kept.blocks[i])
+    assert any(not np.array_equal(kept.blocks[i], scaled.blocks[i]) for i in range(12) if not ref.is_global(i))

@@ -190,3 +190,40 @@ def test_layer_windows_caches_masks():
     assert lw.mask(1).shape == (10, 10) and lw.mask(0).shape == (9, 9)
     assert lw.mean_area() == pytest.approx((4 + 6 + 4 + 6 + 9 + 6 + 4 + 6 + 4) / 9)
     assert torch.equal(lw.extents_tensor(), torch.ones(3, 3, 4, dtype=torch.int64))
+
+
+# ---- resize modes (issue 13): 'scale' keeps a window's share of the image, 'keep' its size in patches
+def test_resize_keep_keeps_extents_in_patches():
+    spec = WindowSpec.uniform(3, 14, 3, global_blocks=[2])
+    kept = spec.resize(64, mode='keep')
+    assert kept.grid == (64, 64) and kept.is_global(2)
+    assert np.all(kept.blocks[0] == 3) and kept.provenance['resize_mode'] == 'keep'
+    scaled = spec.resize(64)
+    assert np.all(scaled.blocks[0] == -(-3 * 64 // 14))  # ceil(3 * 64 / 14) = 14
+    assert 'resize_mode' not in scaled.provenance
+
+
+def test_resize_scale_keeps_whole_axis_windows_whole():
+    spec = WindowSpec.uniform(1, 14, [13, 0, 2, 13])  # whole axis up and right
+    e = spec.resize((64, 40)).blocks[0]
+    assert np.all(e[..., 0] == 63) and np.all(e[..., 3] == 39)  # still the whole axis
+    assert np.all(e[..., 1] == 0) and np.all(e[..., 2] == -(-2 * 40 // 14))
+    assert np.all(spec.resize((64, 40), mode='keep').blocks[0] == [13, 0, 2, 13])
+
+
+def test_resize_keep_to_a_smaller_grid_clips():
+    spec = WindowSpec.uniform(1, 14, 6)
+    assert np.all(spec.resize(4, mode='keep').blocks[0] == 3)
+
+
+def test_resize_mode_is_checked():
+    with pytest.raises(WindowSpecError, match="resize mode must be one of .*'scale', 'keep'.*got 'shrink'"):
+        WindowSpec.uniform(1, 14, 3).resize(28, mode='shrink')
+
+
+def test_extents_beyond_the_grid_are_clipped_and_huge_ones_refused():
+    spec = WindowSpec.uniform(1, (5, 7), 100)
+    assert spec.blocks[0].max() == 6 and spec.blocks[0][..., :2].max() == 4
+    for bad in (2 ** 31, 2 ** 32, [2 ** 40, 1, 1, 1], 10 ** 30, -1):
+        with pytest.raises(WindowSpecError, match=r'integers in \[0, 2\*\*31\), got ' + str(np.ravel(bad)[0])):
+            WindowSpec.uniform(1, 7, bad)

@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument('--windows', default=None,
                    help='window spec (shipped name or .yaml/.json file); default: --radius in every block')
     p.add_argument('--radius', type=int, default=3, help='uniform window radius when --windows is not given (3 = 7x7)')
+    p.add_argument('--window-resize', choices=['scale', 'keep'], default='scale',
+                   help="how --windows follow the image size: 'scale' (default) or 'keep' (size in patches)")
     p.add_argument('--img-size', type=int, nargs='+', default=[224, 448], help='image sizes in pixels')
     p.add_argument('--batch', type=int, default=None, help='images per batch (default: fewer for larger images)')
     p.add_argument('--train', action='store_true', help='also time one training step and measure its peak memory')
@@ -39,7 +41,7 @@ def default_batch(img_size: int) -> int:
     return max(1, min(16, (448 // img_size) ** 2 * 4)) if img_size <= 448 else 1
 
 
-def _build(model: str, img: int, windows: Any, radius: int):
+def _build(model: str, img: int, windows: Any, radius: int, window_resize: str = 'scale'):
     import timm
 
     from ..models import create_winft
@@ -47,7 +49,7 @@ def _build(model: str, img: int, windows: Any, radius: int):
     vit = timm.create_model(model, img_size=img, num_classes=1000)
     depth, grid = len(vit.blocks), tuple(vit.patch_embed.grid_size)
     spec = windows if windows is not None else WindowSpec.uniform(depth, grid, radius)
-    winft = create_winft(model, windows=spec, img_size=img, num_classes=1000)
+    winft = create_winft(model, windows=spec, img_size=img, num_classes=1000, window_resize=window_resize)
     winft.load_state_dict(vit.state_dict())
     return vit, winft
 
@@ -67,7 +69,7 @@ def run(args) -> int:
     amp = torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.bf16)
     for img in args.img_size:
         batch = args.batch or default_batch(img)
-        vit, winft = _build(args.model, img, args.windows, args.radius)
+        vit, winft = _build(args.model, img, args.windows, args.radius, args.window_resize)
         vit.eval(), winft.eval()
         x = torch.randn(batch, 3, img, img)
 
@@ -88,7 +90,8 @@ def run(args) -> int:
             tr = interleaved({'vit': lambda: train(vit), 'winft': lambda: train(winft)}, reps=args.reps)
             row['train_speedup'] = tr['vit']['median'] / tr['winft']['median']
             for name, spec in (('vit', None), ('winft', args.windows)):
-                setup = _train_setup(args.model, img, batch, name == 'winft', spec, args.radius, args.bf16)
+                setup = _train_setup(args.model, img, batch, name == 'winft', spec, args.radius, args.bf16,
+                                     args.window_resize)
                 row[f'{name}_train_peak_mb'] = peak_memory(setup, args.threads).get('peak_mb')
             if row['vit_train_peak_mb'] and row['winft_train_peak_mb']:
                 row['train_memory_ratio'] = row['winft_train_peak_mb'] / row['vit_train_peak_mb']
@@ -104,14 +107,15 @@ def run(args) -> int:
     return 0
 
 
-def _train_setup(model: str, img: int, batch: int, winft: bool, windows: Any, radius: int, bf16: bool) -> str:
+def _train_setup(model: str, img: int, batch: int, winft: bool, windows: Any, radius: int, bf16: bool,
+                 window_resize: str = 'scale') -> str:
     return textwrap.dedent(f'''
         import timm, vitfree
         from vitfree.windows import WindowSpec
         if {winft!r}:
             vit = timm.create_model({model!r}, img_size={img})
             spec = {windows!r} or WindowSpec.uniform(len(vit.blocks), tuple(vit.patch_embed.grid_size), {radius})
-            m = vitfree.create_winft({model!r}, windows=spec, img_size={img})
+            m = vitfree.create_winft({model!r}, windows=spec, img_size={img}, window_resize={window_resize!r})
             del vit
         else:
             m = timm.create_model({model!r}, img_size={img})

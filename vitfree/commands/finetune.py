@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
     g.add_argument('--pretrained', action='store_true', help='start from pretrained weights (Hub or local)')
     g.add_argument('--windows', help='window spec: shipped name or .yaml/.json file (default: the model\'s own)')
     g.add_argument('--img-size', type=int, help='train at this image size; the window spec is resized to match')
+    g.add_argument('--window-resize', choices=['scale', 'keep'], default=None,
+                   help="how windows follow another image size: 'scale' (default: each window keeps its share of "
+                        "the image) or 'keep' (each keeps its size in patches, so cost stays linear at high resolution)")
     g.add_argument('--model-kwargs', nargs='*', default=[], type=key_value, metavar='KEY=VALUE',
                    help='extra model arguments, e.g. depth=4 embed_dim=128')
     g.add_argument('--drop-path', type=float, help='stochastic depth rate')

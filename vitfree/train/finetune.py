@@ -61,6 +61,7 @@ class FinetuneConfig:
     # model
     pretrained: bool = False
     windows: Optional[str] = None
+    window_resize: Optional[str] = None  # 'scale' (the model's default) or 'keep'; see WindowSpec.resize
     img_size: Optional[int] = None
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     drop_path: Optional[float] = None
@@ -172,7 +173,8 @@ def create_finetune_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     kwargs = dict(cfg.model_kwargs)
     kwargs.update(num_classes=num_classes)
     for key, value in (('img_size', cfg.img_size), ('drop_path_rate', cfg.drop_path),
-                       ('attn_backend', cfg.attn_backend), ('windows', cfg.windows)):
+                       ('attn_backend', cfg.attn_backend), ('windows', cfg.windows),
+                       ('window_resize', cfg.window_resize)):
         if value is not None:
             kwargs[key] = value
     name = cfg.model
