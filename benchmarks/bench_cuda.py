@@ -50,6 +50,9 @@ from vitfree.ops.dispatch import _BACKENDS, explain_choice, prepare_backend  # n
 from vitfree.version import __version__  # noqa: E402
 from vitfree.windows import LayerWindows, WindowSpec  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_attention import _natten  # noqa: E402  (NATTEN if it imports, else None)
+
 GRIDS = (32, 48, 64, 96, 128)
 HEADS, DIM, RADIUS = 6, 64, 3
 OP_METHODS = ('flash', 'xformers-dense', 'flex', 'tiled', 'xformers', 'sdpa-tiles', 'auto', 'natten')
@@ -70,19 +73,8 @@ def log(msg: str) -> None:
     print(f'[{time.perf_counter() - T0:6.0f} s] {msg}', flush=True)
 
 
-def _natten():
-    try:
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            import natten
-        return natten
-    except Exception:
-        return None
-
-
 def _timer(fn: Callable[[], Any], min_time: float = 0.05) -> float:
-    return calib.cuda_timer(fn, warmup=2, min_time=min_time, max_reps=30)
+    return measure.cuda_timer(fn, warmup=2, min_time=min_time, max_reps=30)
 
 
 def _peak(fn: Callable[[], Any]) -> float:

@@ -63,6 +63,22 @@ inline void dot4(const float* __restrict a, const float* __restrict b0, const fl
     out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
 }
 
+// softmax numerators in place: s[j] <- exp(s[j] - max); returns (max, sum of numerators)
+inline void softmax_numerators(float* s, int64_t n, float* max_out, float* sum_out) {
+    float m = s[0];
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 1; j < n; ++j) m = s[j] > m ? s[j] : m;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+        const float e = exp_nonpos(s[j] - m);
+        s[j] = e;
+        sum += e;
+    }
+    *max_out = m;
+    *sum_out = sum;
+}
+
 inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t d) {
 #pragma omp simd
     for (int64_t i = 0; i < d; ++i) y[i] += alpha * x[i];
@@ -166,16 +182,8 @@ void forward_rows(const Geometry& g, const float* q, const float* k, const float
                         Row<V> qr;
                         qr.load_from(q + b * g.qs[0] + h * g.qs[1] + t * g.qs[2], scale);
                         row_logits(qr, kb, g.ks[2], idx.data(), n, s.data());
-                        float m = s[0];
-#pragma omp simd reduction(max : m)
-                        for (int64_t j = 1; j < n; ++j) m = s[j] > m ? s[j] : m;
-                        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                        for (int64_t j = 0; j < n; ++j) {
-                            const float e = exp_nonpos(s[j] - m);
-                            s[j] = e;
-                            sum += e;
-                        }
+                        float m, sum;
+                        softmax_numerators(s.data(), n, &m, &sum);
                         Row<V> acc, acc2;  // two sets of accumulators: half-length dependency chains
                         acc.zero();
                         acc2.zero();
@@ -282,16 +290,8 @@ int vitfree_window_attention_forward(const float* q, const float* k, const float
                 for (int64_t t = tb * blk; t < t1; ++t) {
                     const int64_t n = key_tokens(g, g.window(h, t), idx.data());
                     logits(qb + t * qs[2], kb, ks[2], idx.data(), n, D, scale, s.data());
-                    float m = s[0];
-#pragma omp simd reduction(max : m)
-                    for (int64_t j = 1; j < n; ++j) m = s[j] > m ? s[j] : m;
-                    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                    for (int64_t j = 0; j < n; ++j) {
-                        const float e = exp_nonpos(s[j] - m);
-                        s[j] = e;
-                        sum += e;
-                    }
+                    float m, sum;
+                    softmax_numerators(s.data(), n, &m, &sum);
                     std::fill(acc.begin(), acc.end(), 0.0f);
                     for (int64_t j = 0; j < n; ++j) axpy(s[j], vb + idx[j] * vs[2], acc.data(), D);
                     const float inv = 1.0f / sum;
