@@ -8,9 +8,9 @@ projection reads.  Logits, softmax and accumulation are fp32 (bf16/fp16 inputs a
 first).  The backward pass recomputes the probabilities from the saved log-sum-exp.
 
 The kernel (``csrc/window_attention.cpp``) is compiled the first time it is needed with the
-system C++ compiler (``$CXX`` or ``g++``; flags ``-O3 -march=native -fopenmp``) into a cache
-folder (``$VITFREE_CACHE`` or ``~/.cache/vitfree``), keyed by the source, compiler, flags and
-CPU, and loaded with ctypes; OpenMP threads follow ``torch.set_num_threads``.  Without a
+system C++ compiler (``$CXX`` or ``g++``; flags ``-O3 -march=native -fopenmp``) into vitfree's
+cache folder (``$VITFREE_CACHE_DIR``, else ``$XDG_CACHE_HOME/vitfree``, else ``~/.cache/vitfree``;
+subfolder ``kernels``), keyed by the source, compiler, flags and CPU, and loaded with ctypes; OpenMP threads follow ``torch.set_num_threads``.  Without a
 compiler (or with ``VITFREE_NATIVE=0``) the backend reports why it cannot run and the
 dispatcher uses the pure-PyTorch ``tiled`` backend instead.  To torch.compile the kernel is
 one opaque operator (``torch.ops.vitfree.window_attention``), so graphs do not break.
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..windows import LayerWindows
+from .calibration import cache_dir
 
 __all__ = ['native_window_attention', 'native_qkv_attention', 'native_supports', 'native_prepare', 'native_library',
            'window_bounds_tensor']
@@ -48,7 +49,7 @@ _lock = threading.Lock()
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get('VITFREE_CACHE') or Path.home() / '.cache' / 'vitfree') / 'kernels'
+    return cache_dir() / 'kernels'
 
 
 def _cpu_id() -> str:
