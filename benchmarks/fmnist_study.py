@@ -139,6 +139,9 @@ def evaluate_test(model, device: Optional[str] = None) -> Dict[str, float]:
 
 
 def cmd_train(args) -> int:
+    """Run the queue.  Several workers may run at once (one per GPU, or two one-thread workers on a
+    two-core CPU): each run is claimed with an exclusive lock on its folder, so no two workers
+    train the same run, and a worker that finds every ready run taken by others waits for one."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.threads:
@@ -156,7 +159,30 @@ def cmd_train(args) -> int:
         if not runnable:
             log(f'training queue: {len(todo)} run(s) wait for inputs (specs: run the "select" stage); stopping')
             return 0
-        train_one(work, runnable[0], args.device)
+        for run in runnable:
+            lock = _claim(run_dir(work, run['name'], run['seed']))
+            if lock is not None:
+                try:
+                    train_one(work, run, args.device)
+                finally:
+                    lock.close()
+                break
+        else:  # every ready run is being trained by another worker
+            time.sleep(60)
+
+
+def _claim(folder: Path):
+    """An open file holding an exclusive lock on ``folder`` (released when closed or when the
+    process ends, also by kill -9), or None when another worker holds it."""
+    import fcntl
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / '.worker.lock', 'w')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
 
 
 # ---- ERFs and specs at cost budgets ------------------------------------------------------------
