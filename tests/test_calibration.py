@@ -26,6 +26,7 @@ def _isolated(monkeypatch, tmp_path):
     yield
     calib._installed.clear()
     calib._found.clear()
+    calib._auto_tried.clear()
     calib._on_change()
 
 
@@ -117,16 +118,20 @@ def test_lookup_order_cache_then_shipped_and_round_trip(monkeypatch, tmp_path):
         calib.Calibration.load(bad)
 
 
-def test_uncalibrated_cuda_says_guess(monkeypatch):
-    """With a (pretended) CUDA device and no calibration, explain_choice says the costs are guesses."""
-    class FakeQ:
-        shape = torch.Size((1, 6, 1 + 32 * 32, 64))
-        dtype = torch.bfloat16
-        device = torch.device('cuda', 0)
-        requires_grad = False
+class FakeQ:
+    shape = torch.Size((1, 6, 1 + 32 * 32, 64))
+    dtype = torch.bfloat16
+    device = torch.device('cuda', 0)
+    requires_grad = False
 
-        def dim(self):
-            return 4
+    def dim(self):
+        return 4
+
+
+def test_uncalibrated_cuda_says_guess(monkeypatch):
+    """With a (pretended) CUDA device, no calibration and implicit calibration switched off,
+    explain_choice says the costs are guesses."""
+    monkeypatch.setenv(calib.ENV_AUTO, '0')
     monkeypatch.setattr(calib, 'device_name', lambda dev: 'Fake GPU')
     for name in list(dispatch._BACKENDS):
         b = dispatch._BACKENDS[name]
@@ -134,6 +139,53 @@ def test_uncalibrated_cuda_says_guess(monkeypatch):
     monkeypatch.setattr(dispatch, 'choose_backend', lambda q, w, p: 'dense')
     text = explain_choice(FakeQ(), LayerWindows(3, (32, 32)), 1)
     assert 'no calibration for Fake GPU' in text and 'GUESSES' in text and '(guess, not measured)' in text
+
+
+def test_uncalibrated_cuda_measures_once_and_uses_it(monkeypatch, tmp_path):
+    """An uncalibrated GPU is calibrated on its first use (once, saved to the user cache), so the
+    choice rests on its own timings; never inside a compile trace; a failed run leaves guesses."""
+    monkeypatch.setattr(calib, 'device_name', lambda dev: 'Fake GPU')
+    monkeypatch.setattr(calib, '_can_auto_calibrate', lambda: True)
+    calls = []
+    fits = {'dense': {'lowp-infer': calib.Fit(2e-5, 1e-12, 3, 0.01)}}
+
+    def fake_calibrate(device, **kw):
+        calls.append((device, kw))
+        cal = calib.Calibration('Fake GPU', '0.0', '0.0', '2026-11-24T00:00:00Z', fits)
+        cal.save(calib.cache_path('Fake GPU'))
+        return cal
+    monkeypatch.setattr(measure, 'calibrate', fake_calibrate)
+    with pytest.warns(RuntimeWarning, match='measuring one now'):
+        cal = calib.calibration_for(torch.device('cuda', 0))
+    assert cal is not None and cal.fit('dense', torch.bfloat16, False) == fits['dense']['lowp-infer']
+    assert len(calls) == 1 and calls[0][1]['fp32_shapes'] is None and calls[0][1]['shapes'] == measure.QUICK_SHAPES
+    assert calls[0][1]['budget_s'] == calib.AUTO_BUDGET_S and calls[0][1]['save'] is True
+    assert calib.calibration_for(torch.device('cuda', 0)) is cal and len(calls) == 1  # once per process
+    calib._found.clear()  # a later process finds the saved table without measuring again
+    calib._auto_tried.clear()
+    assert calib.calibration_for(torch.device('cuda', 0)).created == '2026-11-24T00:00:00Z' and len(calls) == 1
+    # only measured backends compete: the dispatcher's costs are labelled measured
+    for name in list(dispatch._BACKENDS):
+        b = dispatch._BACKENDS[name]
+        monkeypatch.setitem(dispatch._BACKENDS, name, dataclasses.replace(b, supports=lambda q, w: None, prepare=None))
+    labels = {n: lab for n, (_, lab) in dispatch._estimates(FakeQ(), LayerWindows(3, (32, 32)), 1).items()}
+    assert labels['dense'] == 'measured' and 'guess' not in ' '.join(labels.values())
+
+    def broken(device, **kw):
+        raise RuntimeError('no kernel image')
+    monkeypatch.setattr(measure, 'calibrate', broken)
+    monkeypatch.setattr(calib, 'device_name', lambda dev: 'Broken GPU')
+    with pytest.warns(RuntimeWarning):
+        assert calib.calibration_for(torch.device('cuda', 0)) is None
+
+
+def test_no_implicit_calibration_when_switched_off_or_compiling(monkeypatch):
+    monkeypatch.setenv(calib.ENV_AUTO, 'off')
+    assert not calib._can_auto_calibrate()
+    monkeypatch.setenv(calib.ENV_AUTO, '1')
+    assert calib._can_auto_calibrate()
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    assert not calib._can_auto_calibrate()
 
 
 def test_cli_writes_tables(tmp_path, monkeypatch):

@@ -140,7 +140,7 @@ def test_auto_picks_a_runnable_backend_and_says_where_costs_come_from():
     name = choose_backend(q, windows, 1)
     assert _BACKENDS[name].supports(q, windows) is None
     text = explain_choice(q, windows, 1)
-    assert ('measured on' in text) or ('GUESSES' in text)
+    assert 'measured on' in text, text  # a shipped or cached table, or the one measured on first use
     out = window_attention(q, k, v, windows, 1)
     ref = dense_window_attention(q.float(), k.float(), v.float(), windows, 1)
     assert _rel(out, ref) < TOL[torch.bfloat16]

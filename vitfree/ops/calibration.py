@@ -19,9 +19,15 @@ Where a device's calibration comes from, first match wins (the device is named b
 4. the tables shipped with vitfree, ``vitfree/ops/calibrations/<device>.json`` (measured on the
    device and committed; one for the same torch version is preferred).
 
-Without one, CUDA estimates come from a guess, and :func:`vitfree.ops.explain_choice` says so.
-A calibration is never made implicitly (it takes a minute, and would run inside a first forward
-pass or a ``torch.compile`` trace): run ``python -m vitfree.ops.calibrate`` once per machine.
+5. none of these: the first attention call on that device measures one (:func:`auto_calibrate`,
+   the quick shapes in low precision, at most about a minute), saves it to the user cache (3.)
+   and uses it from then on, so the choice on a GPU always rests on timings of that GPU.  It says
+   so once, on the ``vitfree`` logger and as a warning.  Run ``python -m vitfree.ops.calibrate``
+   ahead of time to avoid that pause (and for the float32 fits).
+
+Only where a calibration cannot be measured at that moment (inside a ``torch.compile`` trace
+or a CUDA-graph capture, or with ``VITFREE_AUTO_CALIBRATE=0``) do CUDA estimates fall back to
+fixed guesses, and :func:`vitfree.ops.explain_choice` labels them ``guess, not measured``.
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ __all__ = [
 
 TABLE_DIR = Path(__file__).resolve().parent / 'calibrations'
 ENV_FILE = 'VITFREE_CALIBRATION'
+ENV_AUTO = 'VITFREE_AUTO_CALIBRATE'   # '0': never measure implicitly (fixed guesses on an uncalibrated GPU)
+AUTO_BUDGET_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -201,7 +209,54 @@ def calibration_for(device: Union[torch.device, str, None]) -> Optional[Calibrat
         return _installed[name]
     if name not in _found:
         _found[name] = _find(name)
+    if _found[name] is None and name not in _auto_tried and _can_auto_calibrate():
+        _auto_tried.add(name)
+        _found[name] = auto_calibrate(dev, name)
     return _found[name]
+
+
+_auto_tried: set = set()   # devices measured (or tried) implicitly in this process
+
+
+def _can_auto_calibrate() -> bool:
+    if os.environ.get(ENV_AUTO, '1').strip().lower() in ('0', 'false', 'no', 'off'):
+        return False
+    try:
+        if torch.compiler.is_compiling():
+            return False
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return False
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def auto_calibrate(device: torch.device, name: Optional[str] = None) -> Optional[Calibration]:
+    """Measure a quick calibration for an uncalibrated ``device`` (called by :func:`calibration_for`
+    on the first attention call there): low precision, inference and training, the quick shapes,
+    within :data:`AUTO_BUDGET_S` seconds; saved to the user cache.  Runs outside autocast and
+    with gradients enabled, whatever the caller's context.  A failure is reported and leaves
+    the device on the fixed guesses."""
+    import logging
+    import warnings
+
+    from .calibrate import QUICK_SHAPES, calibrate
+    name = name or device_name(device)
+    path = cache_path(name)
+    msg = (f'vitfree: no attention-backend calibration for {name}; measuring one now (once, up to about '
+           f'{AUTO_BUDGET_S:.0f} s), cached in {path}. Run `python -m vitfree.ops.calibrate` ahead of time to '
+           f'skip this, or set {ENV_AUTO}=0 to use fixed guesses instead.')
+    log = logging.getLogger('vitfree')
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    try:
+        with torch.autocast(device.type, enabled=False), torch.enable_grad():
+            cal = calibrate(device, shapes=QUICK_SHAPES, fp32_shapes=None, budget_s=AUTO_BUDGET_S, save=True,
+                            install=False, progress=log.info)
+    except Exception as e:  # a GPU that cannot run the timing loop must not stop the user's forward pass
+        log.warning(f'vitfree: calibrating {name} failed ({type(e).__name__}: {e}); using fixed guesses')
+        return None
+    return cal
 
 
 def _find(name: str) -> Optional[Calibration]:
