@@ -313,17 +313,30 @@ def cmd_select(args) -> int:
 
 
 # ---- the seeds' other findings, on the strong ViT -----------------------------------------------
+def strongest_vit(work: Path) -> Dict[str, Any]:
+    """The seed-0 ViT the study ships and analyses: ``vit_s0`` or ``ft_vit_s0`` (the same run trained
+    on for the fine-tuning epochs), whichever has the higher validation top-1."""
+    vits = [r for name in ('vit', 'ft_vit') for r in _records(work, name) if r['seed'] == 0]
+    if not vits:
+        raise SystemExit('the seed-0 ViT has no result yet')
+    return max(vits, key=lambda r: r['val_top1'])
+
+
 def cmd_analyses(args) -> int:
     """Head entropy by depth, the attention lift of SIFT-dense patches and patch-removal curves of
-    the seed-0 ViT, on validation images (the same 1,000 that measured the ERFs)."""
+    the strongest seed-0 ViT (see :func:`strongest_vit`), on validation images (the same 1,000 that
+    measured the ERFs)."""
     from vitfree import distance_profiles, patch_removal, semantic_interrelation
     work = Path(args.work)
-    export = run_dir(work, 'vit', 0) / 'model'
+    run = args.run or strongest_vit(work)['name']
+    export = run_dir(work, run, 0) / 'model'
     if args.threads:
         torch.set_num_threads(args.threads)
     model = timm.create_model(f'local-dir:{export}', pretrained=True).eval()
     x, y = val_split(model, 0, args.images)
-    out: Dict[str, Any] = {'images': len(y), 'data': f'Fashion-MNIST validation images 0-{len(y) - 1}'}
+    out: Dict[str, Any] = {'images': len(y), 'data': f'Fashion-MNIST validation images 0-{len(y) - 1}',
+                           'model': f'run {run}_s0'}
+    log(f'analyses: on run {run}_s0')
     t0 = time.perf_counter()
     prof = distance_profiles(model, x, progress=False)
     ent = prof.mean_entropy  # (blocks, heads)
@@ -500,14 +513,19 @@ def _plot(arms: Dict[str, Any], path: Path) -> None:
 def _erf_pictures(work: Path, sel: Dict[str, Any]) -> Dict[str, Dict[str, str]]:
     """Pictures of the chosen specs' ERFs (rectangles, excess tendency, interaction matrices)."""
     from vitfree.analysis import erf_from_interaction
+    from vitfree.analysis.interaction import InteractionResult
     from vitfree.analysis.report.plots import erf_pictures
     out = RESULTS / 'fmnist_study_erf'
     out.mkdir(parents=True, exist_ok=True)
+    model = timm.create_model(f'local-dir:{run_dir(work, "vit", 0) / "model"}', pretrained=True).eval()
+    image = val_split(model, 0, 1)[0][0]
     made = {}
     for b, c in sel.get('budgets', {}).items():
         maps = torch.load(work / 'erf' / f'interaction_{c["estimator"]}.pt', weights_only=True)
-        erf = erf_from_interaction(maps, grid=(14, 14), tau=c['tau'], gamma=c['gamma'])
-        files = erf_pictures(erf, out, prefix=f'b{b}_{c["estimator"]}_')
+        inter = InteractionResult(maps=maps, grid=(14, 14), estimator=c['estimator'], num_images=sel['erf_images'],
+                                  num_prefix_tokens=1, data='Fashion-MNIST validation images', model='run vit_s0')
+        erf = erf_from_interaction(inter, tau=c['tau'], gamma=c['gamma'])
+        files = erf_pictures(erf, out, image=image, model=model, prefix=f'b{b}_{c["estimator"]}_')
         made[b] = {k: str(v.relative_to(RESULTS)) for k, v in files.items()}
         made[b]['summary'] = erf.format_summary('markdown')
     return made
@@ -553,17 +571,21 @@ def _markdown(res: Dict[str, Any], pictures: Dict[str, Dict[str, str]]) -> str:
             lines.append(f'| {b} % | {c["estimator"]} | {c["tau"]} | {c["gamma"]} | {c["cost"]:.3f} | '
                          f'{c["global_blocks"]} | {c["val_top1_imposed"]:.2f} | {c["uniform_cost"]:.3f}, '
                          f'{c["uniform_val_top1_imposed"]:.2f} |')
-        lines += ['', 'Best per estimator (same rule, one estimator at a time):', '',
-                  '| estimator, budget | tau | gamma | cost | imposed val top-1 |', '|---|---|---|---|---|']
+        lines += ['', 'Best per estimator (same rule, one estimator at a time), with the mean ERF area of every '
+                      'block in patches (of 196):', '',
+                  '| estimator, budget | tau | gamma | cost | global blocks | mean ERF area, blocks 0-5 | '
+                  'imposed val top-1 |', '|---|---|---|---|---|---|---|']
         for k, c in sel['per_estimator'].items():
-            lines.append(f'| {k} | {c["tau"]} | {c["gamma"]} | {c["cost"]:.3f} | {c["val_top1_imposed"]:.2f} |')
+            lines.append(f'| {k} | {c["tau"]} | {c["gamma"]} | {c["cost"]:.3f} | {c["global_blocks"]} | '
+                         f'{", ".join(f"{a:.1f}" for a in c["mean_erf_area"])} | {c["val_top1_imposed"]:.2f} |')
         for b, pics in pictures.items():
             lines += ['', f'### ERFs behind the {b} % spec', '', pics['summary'], '']
             lines += [f'![{k}]({v})' for k, v in pics.items() if k != 'summary']
     an = res.get('analyses')
     if an:
         e, s, r = an['entropy'], an['sift'], an['removal']
-        lines += ['', f'## The seeds\' other findings on the strong ViT ({an["images"]} validation images)', '',
+        lines += ['', f'## The seeds\' other findings on the strong ViT ({an.get("model", "run vit_s0")}, {an["images"]} '
+                  f'validation images)', '',
                   f'- Head entropy by block (mean over heads; max ln 14 = {e["max_possible"]:.3f}): '
                   f'{", ".join(f"{v:.3f}" for v in e["per_block"])}; Spearman with depth {e["spearman_depth"]:+.2f}.',
                   f'- SIFT: {s["keypoints_per_image_mean"]:.1f} keypoints per 28x28 image on average, '
@@ -577,28 +599,48 @@ def _markdown(res: Dict[str, Any], pictures: Dict[str, Dict[str, str]]) -> str:
 
 
 # ---- ship the trained pair -------------------------------------------------------------------------
+ERF_MAPS_FILE = 'winft_micro_patch2_28.fmnist.erf_maps.safetensors'
+
+
+def _recipe_of(rec: Dict[str, Any]) -> Dict[str, Any]:
+    plain = lambda r: {k: list(v) if isinstance(v, tuple) else v for k, v in r.items()}  # noqa: E731
+    if not rec['init']:
+        return plain(RECIPE)
+    return {'first': plain(RECIPE), 'then': plain(FT_RECIPE),
+            'note': 'trained from scratch with the first recipe (run vit_s0), then on with the second'}
+
+
 def cmd_ship(args) -> int:
-    """Copy the seed-0 ViT and the best WinfT (highest validation top-1 among the WinfT runs of seed
-    0) into weights/, the WinfT's spec into configs/, and record SHA-256, recipe, test top-1 and
-    the top-1 on the 1,000 bundled test images in weights/manifest.json."""
+    """Ship the strongest seed-0 ViT and the best seed-0 WinfT, both chosen by validation top-1.
+
+    The ViT is the 30-epoch run ``vit_s0`` or the same run trained on for the fine-tuning epochs
+    (``ft_vit_s0``), whichever scores higher on validation; the WinfT is the best of the seed-0
+    WinfT runs.  Writes weights/*.fmnist.safetensors, the WinfT's spec to configs/, the interaction
+    maps the spec was measured from (weights/%s, read by ``make demo``), and records SHA-256,
+    recipe, test top-1 and the top-1 on the 1,000 bundled test images in weights/manifest.json.
+    """ % ERF_MAPS_FILE
     from safetensors.torch import load_file, save_file
     from vitfree.data import FASHION_MNIST_CLASSES
     from vitfree.weights import add_to_manifest
     work = Path(args.work)
-    vit = _records(work, 'vit')
-    if not vit or vit[0]['seed'] != 0:
-        log('ship: the seed-0 ViT has no result yet')
-        return 1
+    vit = strongest_vit(work)
     winfts = [r for name, spec, _ in ARMS.values() if spec for r in _records(work, name) if r['seed'] == 0]
     best = max(winfts, key=lambda r: r['val_top1']) if winfts else None
     subset = np.load(ROOT / 'tests' / 'data' / 'fashion_mnist_test_first1000.npz')
-    shipped = [('vit_micro_patch2_28', vit[0], None)]
+    shipped = [('vit_micro_patch2_28', vit, None)]
     if best is not None:
         spec = WindowSpec.load(best['windows'])
         spec.provenance['shipped_from'] = f'benchmarks/fmnist_study.py run {best["name"]}_s0 (best validation top-1 of ' \
                                           f'the seed-0 WinfT runs)'
         spec.save(ROOT / 'configs' / 'winft_micro_fmnist.yaml')
         shipped.append(('winft_micro_patch2_28', best, spec))
+        est = spec.provenance['estimator']
+        maps = torch.load(work / 'erf' / f'interaction_{est}.pt', weights_only=True)
+        save_file({f'block_{b}': m.float().contiguous() for b, m in maps.items()},
+                  str(ROOT / 'weights' / ERF_MAPS_FILE),
+                  metadata={'estimator': est, 'tau': str(spec.provenance['tau']),
+                            'gamma': str(spec.provenance['gamma']), 'grid': '14,14',
+                            'data': str(spec.provenance.get('data')), 'model': 'vit_micro_patch2_28, run vit_s0'})
     for arch, rec, spec in shipped:
         sd = load_file(str(Path(rec['export']) / 'model.safetensors'))
         dst = ROOT / 'weights' / f'{arch}.fmnist.safetensors'
@@ -606,15 +648,16 @@ def cmd_ship(args) -> int:
         m = timm.create_model(arch, windows=spec) if spec is not None else timm.create_model(arch)
         m.load_state_dict(sd)
         acc = _subset_top1(m.eval(), subset)
-        recipe = FT_RECIPE if rec['init'] else RECIPE
         add_to_manifest(dst, name=f'{arch}.fmnist', test_top1_full=round(rec['test_top1'], 2),
                         test_top1_first1000=acc, val_top1=round(rec['val_top1'], 2), seed=rec['seed'],
-                        recipe={k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
-                        initialised_from='the shipped ViT' if rec['init'] else 'random (trained from scratch)',
+                        recipe=_recipe_of(rec),
+                        initialised_from=('the seed-0 ViT after the 30-epoch recipe (run vit_s0)' if rec['init']
+                                          else 'random (trained from scratch)'),
                         windows='winft_micro_fmnist' if spec is not None else 'global',
                         source=f'benchmarks/fmnist_study.py run {rec["name"]}_s{rec["seed"]}',
                         label_names=list(FASHION_MNIST_CLASSES))
-        log(f'ship: {dst.name}: test top-1 {rec["test_top1"]:.2f}% (full), {acc:.2f}% (bundled 1,000)')
+        log(f'ship: {dst.name} from {rec["name"]}_s0: test top-1 {rec["test_top1"]:.2f}% (full), {acc:.2f}% '
+            f'(bundled 1,000), val top-1 {rec["val_top1"]:.2f}%')
     return 0
 
 
@@ -640,11 +683,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     an = sub.add_parser('analyses', help='head entropy, SIFT lift and patch removal of the seed-0 ViT')
     an.add_argument('--threads', type=int, default=None)
     an.add_argument('--images', type=int, default=ERF_IMAGES)
+    an.add_argument('--run', default=None, help='vit or ft_vit (default: the higher validation top-1 of the two)')
     sp = sub.add_parser('speed', help="every arm's train and inference images/s, side by side")
     sp.add_argument('--threads', type=int, default=2)
     sp.add_argument('--reps', type=int, default=5)
     sub.add_parser('report', help='results, plot and ERF pictures under benchmarks/results/')
-    sub.add_parser('ship', help='copy the seed-0 ViT and the best WinfT into weights/ and configs/')
+    sub.add_parser('ship', help='copy the best seed-0 ViT and WinfT (by validation) into weights/ and configs/')
     args = p.parse_args(argv)
     stages = {'train': cmd_train, 'select': cmd_select, 'analyses': cmd_analyses, 'speed': cmd_speed,
               'report': cmd_report, 'ship': cmd_ship}

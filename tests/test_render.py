@@ -85,3 +85,27 @@ def test_block_and_patch_pickers():
     assert render.pick_blocks([3, 4], 6) == [3, 4]
     assert render.default_patches((1, 1)) == [(0, 0)]
     assert len(render.default_patches((14, 14))) == 4
+
+
+def test_self_only_block_draws_no_tendency_and_keeps_the_scale(tmp_path, monkeypatch):
+    """A block whose every ERF is the patch itself (e.g. the last block under the attribution
+    estimator: its patch outputs never reach the logit) has no measured tendency: no arrows, and
+    it does not set the arrow scale shared with the other blocks."""
+    from vitfree.analysis import erf_from_interaction
+    n = 25
+    near = torch.zeros(n, n)
+    for i in range(n):  # block 0: each patch interacts with itself and its right neighbour
+        near[i, i] = 0.5
+        near[i, i - 1 if i % 5 == 4 else i + 1] = 0.5
+    res = erf_from_interaction({0: near, 1: torch.eye(n)}, grid=(5, 5), tau=0.9, gamma=2.0)
+    assert render._self_only(res, 1) and not render._self_only(res, 0)
+    fields, top = render._fields_and_top(res, [0, 1], None)
+    assert top == pytest.approx(float(np.hypot(fields[0][..., 0], fields[0][..., 1]).max()))
+    assert top < float(np.hypot(fields[1][..., 0], fields[1][..., 1]).max())  # the self-only block would dominate
+    quivers = []
+    import matplotlib.axes
+    orig = matplotlib.axes.Axes.quiver
+    monkeypatch.setattr(matplotlib.axes.Axes, 'quiver', lambda self, *a, **k: quivers.append(a) or orig(self, *a, **k))
+    assert_png(render.plot_tendency_arrows(res, tmp_path / 'arrows.png'))
+    assert len(quivers) == 1  # block 0 only
+    assert_png(render.plot_tendency_flow(res, tmp_path / 'flow.png'))

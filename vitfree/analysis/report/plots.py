@@ -362,6 +362,24 @@ def _excess(result, b: int, head: Optional[int]) -> np.ndarray:
     return t
 
 
+SELF_ONLY = 'every ERF is the patch itself:\nno tendency to draw'
+
+
+def _self_only(result, b: int) -> bool:
+    """True when every ERF of block ``b`` is its own patch (area 1), e.g. a last block whose patch
+    outputs never reach the logit (attribution) or rows without any interaction: the excess
+    tendency is then only the patch's offset from its window's centre, not something measured, so
+    it is neither drawn nor allowed to set the common arrow scale."""
+    return bool(np.all(np.asarray(result.blocks[b].area) <= 1))
+
+
+def _fields_and_top(result, blocks, head):
+    fields = {b: _excess(result, b, head) for b in blocks}
+    scaled = [f for b, f in fields.items() if not _self_only(result, b)] or list(fields.values())
+    top = max(float(np.hypot(f[..., 0], f[..., 1]).max()) for f in scaled)
+    return fields, top
+
+
 @_styled
 def plot_tendency_arrows(result, path: PathLike, blocks: Optional[Sequence[int]] = None,
                          head: Optional[int] = None, title: Optional[str] = None) -> Path:
@@ -373,8 +391,7 @@ def plot_tendency_arrows(result, path: PathLike, blocks: Optional[Sequence[int]]
     h, w = grid
     n = h * w
     blocks = pick_blocks(range(len(result.blocks)) if blocks is None else list(blocks), 12)
-    fields = {b: _excess(result, b, head) for b in blocks}
-    top = max(float(np.hypot(f[..., 0], f[..., 1]).max()) for f in fields.values())
+    fields, top = _fields_and_top(result, blocks, head)
     step = max(1, math.ceil(max(h, w) / 12))
     scale = top / (0.9 * step) if top > 0 else 1.0
     ys, xs = np.mgrid[0:h:step, 0:w:step]
@@ -386,11 +403,14 @@ def plot_tendency_arrows(result, path: PathLike, blocks: Optional[Sequence[int]]
         area = result.blocks[b].area
         area = area.mean(0) if area.ndim == 3 else area
         im = ax.imshow(area / n, extent=(0, w, h, 0), cmap=greys, vmin=0, vmax=1, interpolation='nearest')
+        _grid_axes(ax, grid, lines=False)
+        ax.set_title(_block_title(result, b))
+        if _self_only(result, b):
+            ax.text(w / 2, h / 2, SELF_ONLY, ha='center', va='center', fontsize=SMALL_FONT)
+            continue
         t = fields[b][::step, ::step]
         q = ax.quiver(xs + 0.5, ys + 0.5, t[..., 1], t[..., 0], angles='xy', scale_units='xy', scale=scale,
                       color='tab:red', width=0.012, headwidth=3.5, minlength=0.05)
-        _grid_axes(ax, grid, lines=False)
-        ax.set_title(_block_title(result, b))
     if q is not None:
         key = float(f'{top:.1g}') if top > 0 else 1.0
         panels[0].quiverkey(q, 0.05, -0.1, key, f'key arrow: {key:g} patches', labelpos='E', coordinates='axes',
@@ -422,13 +442,15 @@ def plot_tendency_flow(result, path: PathLike, blocks: Optional[Sequence[int]] =
     grid = result.grid
     h, w = grid
     blocks = pick_blocks(range(len(result.blocks)) if blocks is None else list(blocks), 12)
-    fields = {b: _excess(result, b, head) for b in blocks}
-    top = max(float(np.hypot(f[..., 0], f[..., 1]).max()) for f in fields.values())
+    fields, top = _fields_and_top(result, blocks, head)
     fig, axes, panels, extra = _grid_panels(len(blocks), extra=1)
     for ax, b in zip(panels, blocks):
-        ax.imshow(flow_colors(fields[b], top), extent=(0, w, h, 0), interpolation='nearest')
+        self_only = _self_only(result, b)
+        ax.imshow(flow_colors(fields[b] * (0 if self_only else 1), top), extent=(0, w, h, 0), interpolation='nearest')
         _grid_axes(ax, grid, lines=False)
         ax.set_title(_block_title(result, b))
+        if self_only:
+            ax.text(w / 2, h / 2, SELF_ONLY, ha='center', va='center', fontsize=SMALL_FONT)
     key = extra[0]
     span = top if top > 0 else 1.0
     r = np.linspace(-1, 1, 121)
