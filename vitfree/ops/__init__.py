@@ -12,6 +12,7 @@ kernel here: it names the attention layers' own explicit-softmax path, whose pro
 can read (:class:`vitfree.layers.WindowAttention`).  On CUDA the automatic choice uses costs
 measured on the device (:mod:`vitfree.ops.calibration`).
 """
+from . import calibration as _calibration
 from .calibration import Calibration, calibration_for, set_calibration
 from .dense import dense_prepare, dense_window_attention
 from .dispatch import (
@@ -56,6 +57,16 @@ register_backend('flex', flex_window_attention, supports=flex_supports, cost=fle
                  work=flex_work,
                  description='FlexAttention with a block-sparse mask of the windows, tokens in tile-major order; '
                              'compiled on CUDA; chosen automatically on CUDA only')
+
+
+def _auto_measure(device, name):
+    # imported on first need: calibrate is also a script (python -m vitfree.ops.calibrate), and
+    # importing it here would make runpy warn that it was imported before it ran
+    from .calibrate import auto_calibrate
+    return auto_calibrate(device, name)
+
+
+_calibration._auto_measure = _auto_measure
 
 __all__ = [
     'window_attention', 'dense_window_attention',

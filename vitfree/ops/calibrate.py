@@ -16,7 +16,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 from . import dispatch
-from .calibration import TABLE_DIR, Calibration, Fit, _key, _slug, _versions, cache_path, device_name, set_calibration
+from .calibration import (
+    AUTO_BUDGET_S, ENV_AUTO, TABLE_DIR, Calibration, Fit, _key, _slug, _versions, cache_path, device_name,
+    set_calibration,
+)
 
 __all__ = ['calibrate', 'fit_linear', 'cuda_timer', 'wall_timer', 'default_backends', 'DEFAULT_SHAPES',
            'FP32_SHAPES', 'QUICK_SHAPES']
@@ -217,6 +220,33 @@ def calibrate(
         say(f'saved {cal.source}')
     if install:
         set_calibration(cal, dev)
+    return cal
+
+
+def auto_calibrate(device: torch.device, name: Optional[str] = None) -> Optional[Calibration]:
+    """Measure a quick calibration for an uncalibrated ``device``, called by
+    :func:`~vitfree.ops.calibration.calibration_for` on the first attention call there: low
+    precision, inference and training, the quick shapes, within ``AUTO_BUDGET_S`` seconds; saved
+    to the user cache.  Runs outside autocast and with gradients enabled, whatever the caller's
+    context.  A failure is reported and leaves the device on the fixed guesses."""
+    import logging
+    import warnings
+
+    name = name or device_name(device)
+    path = cache_path(name)
+    msg = (f'vitfree: no attention-backend calibration for {name}; measuring one now (once, up to about '
+           f'{AUTO_BUDGET_S:.0f} s), cached in {path}. Run `python -m vitfree.ops.calibrate` ahead of time to '
+           f'skip this, or set {ENV_AUTO}=0 to use fixed guesses instead.')
+    log = logging.getLogger('vitfree')
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    try:
+        with torch.autocast(device.type, enabled=False), torch.enable_grad():
+            cal = calibrate(device, shapes=QUICK_SHAPES, fp32_shapes=None, budget_s=AUTO_BUDGET_S, save=True,
+                            install=False, progress=log.info)
+    except Exception as e:  # a GPU that cannot run the timing loop must not stop the user's forward pass
+        log.warning(f'vitfree: calibrating {name} failed ({type(e).__name__}: {e}); using fixed guesses')
+        return None
     return cal
 
 

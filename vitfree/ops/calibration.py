@@ -19,8 +19,9 @@ Where a device's calibration comes from, first match wins (the device is named b
 4. the tables shipped with vitfree, ``vitfree/ops/calibrations/<device>.json`` (measured on the
    device and committed; one for the same torch version is preferred).
 
-5. none of these: the first attention call on that device measures one (:func:`auto_calibrate`,
-   the quick shapes in low precision, at most about a minute), saves it to the user cache (3.)
+5. none of these: the first attention call on that device measures one
+   (:func:`vitfree.ops.calibrate.auto_calibrate`, the quick shapes in low precision, at most
+   about a minute), saves it to the user cache (3.)
    and uses it from then on, so the choice on a GPU always rests on timings of that GPU.  It says
    so once, on the ``vitfree`` logger and as a warning.  Run ``python -m vitfree.ops.calibrate``
    ahead of time to avoid that pause (and for the float32 fits).
@@ -211,11 +212,15 @@ def calibration_for(device: Union[torch.device, str, None]) -> Optional[Calibrat
         _found[name] = _find(name)
     if _found[name] is None and name not in _auto_tried and _can_auto_calibrate():
         _auto_tried.add(name)
-        _found[name] = auto_calibrate(dev, name)
+        if _auto_measure is not None:
+            _found[name] = _auto_measure(dev, name)
     return _found[name]
 
 
 _auto_tried: set = set()   # devices measured (or tried) implicitly in this process
+# the implicit measurement (vitfree.ops.calibrate.auto_calibrate), wired in by the vitfree.ops package:
+# the measuring code runs the dispatcher, which reads this module, so this module cannot import it
+_auto_measure: Optional[Callable[[torch.device, str], Optional[Calibration]]] = None
 
 
 def _can_auto_calibrate() -> bool:
@@ -229,34 +234,6 @@ def _can_auto_calibrate() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
-
-
-def auto_calibrate(device: torch.device, name: Optional[str] = None) -> Optional[Calibration]:
-    """Measure a quick calibration for an uncalibrated ``device`` (called by :func:`calibration_for`
-    on the first attention call there): low precision, inference and training, the quick shapes,
-    within :data:`AUTO_BUDGET_S` seconds; saved to the user cache.  Runs outside autocast and
-    with gradients enabled, whatever the caller's context.  A failure is reported and leaves
-    the device on the fixed guesses."""
-    import logging
-    import warnings
-
-    from .calibrate import QUICK_SHAPES, calibrate
-    name = name or device_name(device)
-    path = cache_path(name)
-    msg = (f'vitfree: no attention-backend calibration for {name}; measuring one now (once, up to about '
-           f'{AUTO_BUDGET_S:.0f} s), cached in {path}. Run `python -m vitfree.ops.calibrate` ahead of time to '
-           f'skip this, or set {ENV_AUTO}=0 to use fixed guesses instead.')
-    log = logging.getLogger('vitfree')
-    log.warning(msg)
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
-    try:
-        with torch.autocast(device.type, enabled=False), torch.enable_grad():
-            cal = calibrate(device, shapes=QUICK_SHAPES, fp32_shapes=None, budget_s=AUTO_BUDGET_S, save=True,
-                            install=False, progress=log.info)
-    except Exception as e:  # a GPU that cannot run the timing loop must not stop the user's forward pass
-        log.warning(f'vitfree: calibrating {name} failed ({type(e).__name__}: {e}); using fixed guesses')
-        return None
-    return cal
 
 
 def _find(name: str) -> Optional[Calibration]:
