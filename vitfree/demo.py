@@ -6,10 +6,12 @@ With the checkpoints this project trained and ships (``weights/``, from
 1. loads the trained micro ViT and WinfT (Fashion-MNIST, 28x28, 14x14 patch grid) offline through
    timm (``timm.create_model('winft_micro_patch2_28.fmnist', pretrained=True)``),
 2. classifies the 100 Fashion-MNIST test images bundled with the package with both,
-3. records the trained ViT's attention and measures its ERFs on those images
-   (``vitfree.measure_erf``), and
-4. writes pictures (window sizes of the shipped measured spec, ERF rectangles, tendency fields,
-   interaction maps over an image) and the measured spec into the output folder, and
+3. draws the ERFs behind the shipped WinfT's windows (the study's interaction maps of the trained
+   ViT on 1,000 validation images, shipped beside the weights): window sizes, ERF rectangles,
+   excess tendency (against uniform attention over the same window), interaction matrices and
+   maps over an image,
+4. measures the trained ViT's ERFs again, live, on the bundled images (``vitfree.measure_erf``)
+   and writes their window sizes and spec, and
 5. writes the analysis report of the shipped WinfT on the first bundled test images
    (``report/report.html``, the page ``vitfree analyze`` writes).
 
@@ -86,6 +88,39 @@ def run_demo(out_dir: Union[str, Path] = 'vitfree-out', model_name: Optional[str
     return result
 
 
+ERF_MAPS_FILE = 'winft_micro_patch2_28.fmnist.erf_maps.safetensors'  # written by fmnist_study.py ship
+
+
+def shipped_erf(log=print):
+    """The ERFs behind the shipped WinfT's windows: the interaction maps the study measured on the
+    trained ViT (``weights/winft_micro_patch2_28.fmnist.erf_maps.safetensors``) turned into ERFs
+    with the shipped spec's tau and gamma.  Returns an :class:`~vitfree.analysis.erf.ErfResult`
+    whose spec has exactly the shipped windows, or ``None`` when the maps are not shipped."""
+    from safetensors import safe_open
+
+    from .analysis.erf import erf_from_interaction
+    from .analysis.interaction import InteractionResult
+    from .weights import shipped_weights_file
+    from .windows import get_spec
+    path = Path(shipped_weights_file(ERF_MAPS_FILE))
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework='pt') as f:
+        meta = f.metadata()
+        maps = {int(k.split('_')[1]): f.get_tensor(k) for k in f.keys()}
+    spec = get_spec('winft_micro_fmnist')
+    prov = spec.provenance
+    inter = InteractionResult(maps=maps, grid=(14, 14), estimator=meta['estimator'],
+                              num_images=int(prov.get('num_images', 0)), num_prefix_tokens=1,
+                              data=prov.get('data'), model=meta.get('model'))
+    res = erf_from_interaction(inter, tau=float(prov['tau']), gamma=float(prov['gamma']), provenance=dict(prov))
+    same = all((x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
+               for x, y in zip(res.spec.blocks, spec.blocks))
+    if not same:
+        log(f'warning: the shipped interaction maps ({path.name}) do not reproduce the shipped windows')
+    return res
+
+
 def _demo_trained(out: Path, log) -> Dict[str, object]:
     import timm
 
@@ -107,26 +142,40 @@ def _demo_trained(out: Path, log) -> Dict[str, object]:
         log(f'{name}: top-1 {accs[name]:.0f}% on the {len(labels)} bundled Fashion-MNIST test images '
             f'(trained here, see weights/manifest.json)')
     winft, x, pred = models['winft_micro_patch2_28.fmnist']
+    vit, xv, _ = models['vit_micro_patch2_28.fmnist']
     spec = winft.window_spec
-    log(f'WinfT windows: {spec.provenance.get("kind")} spec (measured on the trained micro ViT, '
-        f'estimator {spec.provenance.get("estimator")}, tau {spec.provenance.get("tau")}); backends per block: '
-        + ' '.join(winft.attn_backends()))
+    prov = spec.provenance
+    log(f'WinfT windows: {prov.get("kind")} on the trained micro ViT ({prov.get("num_images")} '
+        f'{prov.get("data")}; estimator {prov.get("estimator")}, tau {prov.get("tau")}, gamma {prov.get("gamma")}); '
+        f'backends per block: ' + ' '.join(winft.attn_backends()))
     log(format_spec(spec))
     shown = ', '.join(f'{FMNIST_CLASSES[p]}' + ('' if p == t else f' (true: {FMNIST_CLASSES[t]})')
                       for p, t in zip(pred[:6].tolist(), labels[:6].tolist()))
     log(f'WinfT predictions, first 6 images: {shown}')
     files = {'shipped_window_sizes': plot_window_sizes(
         spec, out / 'shipped_window_sizes.png', title='winft_micro_patch2_28.fmnist: shipped measured windows')}
-    vit, xv, _ = models['vit_micro_patch2_28.fmnist']
-    log('measuring the trained ViT\'s ERFs on the bundled images (attention estimator, tau 0.9, gamma 0.6) ...')
-    res = measure_erf(vit, (xv, labels), return_result=True, progress=False,
+    shipped = shipped_erf(log)
+    if shipped is not None:
+        log('the ERFs behind the shipped windows (the study\'s interaction maps, shipped beside the weights):')
+        log(shipped.format_summary())
+        files.update(erf_pictures(shipped, out, image=xv[0], model=vit, prefix='shipped_erf_'))
+    est = prov.get('estimator') if prov.get('estimator') in ('attention', 'attribution') else 'attention'
+    tau, gamma = float(prov.get('tau', 0.9)), float(prov.get('gamma', 0.6))
+    log(f'measuring the trained ViT\'s ERFs again, live, on the {len(labels)} bundled test images '
+        f'({est} estimator, tau {tau}, gamma {gamma}) ...')
+    res = measure_erf(vit, (xv, labels), estimator=est, tau=tau, gamma=gamma, return_result=True, progress=False,
                       data=f'{len(labels)} bundled Fashion-MNIST test images',
                       checkpoint='vit_micro_patch2_28.fmnist (trained here)')
     log(res.format_summary())
-    files.update(erf_pictures(res, out, image=xv[0], model=vit, prefix='vit_erf_'))
+    files['live_window_sizes'] = plot_window_sizes(
+        res.spec, out / 'live_window_sizes.png',
+        title=f'vit_micro_patch2_28.fmnist: windows measured live ({est}, {len(labels)} test images)')
+    if shipped is None:
+        files.update(erf_pictures(res, out, image=xv[0], model=vit, prefix='vit_erf_'))
     files['measured_spec'] = res.spec.save(out / 'vit_measured_spec.yaml')
     files['report'] = _demo_report(winft, x, labels, out / 'report', log)
-    return {'model': 'winft_micro_patch2_28.fmnist', 'accuracy': accs, 'files': files}
+    return {'model': 'winft_micro_patch2_28.fmnist', 'accuracy': accs, 'files': files,
+            'shipped_erf': shipped, 'live_erf': res}
 
 
 REPORT_IMAGES = 8  # the report's head pruning and pattern clustering keep the demo within ~30 s on 2 CPU cores
