@@ -4,6 +4,7 @@
     python benchmarks/fmnist_study.py train --device cuda
     python benchmarks/fmnist_study.py select           # ERFs of the seed-0 ViT, specs at the budgets
     python benchmarks/fmnist_study.py analyses         # head entropy, SIFT lift, patch removal (seed-0 ViT)
+    python benchmarks/fmnist_study.py recheck          # the specs' ERFs again on the shipped ViT run
     python benchmarks/fmnist_study.py speed            # every arm's images/s, side by side (pause the queue)
     python benchmarks/fmnist_study.py report           # results JSON/markdown, plot, ERF pictures
     python benchmarks/fmnist_study.py ship             # the seed-0 ViT and the best WinfT into weights/
@@ -11,8 +12,8 @@
 Protocol: README, section "Measured windows on Fashion-MNIST".  The training queue runs, in order
 of priority, every run whose inputs exist: per seed the ViT baseline, the ViT trained on, the
 fine-tuning WinfT arms with measured windows (once the specs have been selected), the ViT trained
-on with lighter augmentation, the fine-tuning arms with uniform windows, the from-scratch WinfT
-arms; seed 0 first, then seeds 1 and 2.  Each run
+on with lighter augmentation, the fine-tuning arms with uniform windows, the 50 % WinfT with the
+lighter recipe, the from-scratch WinfT arms; seed 0 first, then seeds 1 and 2.  Each run
 keeps its checkpoints under ``--work`` and is skipped once its ``result.json`` exists, so the
 queue can be stopped at any time (kill, crash, end of a session) and restarted later.
 
@@ -99,6 +100,8 @@ def queue(work: Path) -> List[Dict[str, Any]]:
         for b in BUDGETS:
             runs.append(dict(name=f'ft_winft_uniform_b{b}', seed=seed, windows=spec_path(work, f'uniform_b{b}'),
                              init=init, recipe=FT_RECIPE))
+        runs.append(dict(name='ft_light_winft_measured_b50', seed=seed, windows=spec_path(work, 'measured_b50'),
+                         init=init, recipe=LIGHT_RECIPE))
         for b in BUDGETS:
             for kind in ('measured', 'uniform'):
                 runs.append(dict(name=f'winft_{kind}_b{b}', seed=seed, windows=spec_path(work, f'{kind}_b{b}'),
@@ -169,7 +172,8 @@ def cmd_train(args) -> int:
             return 0
         runnable = [r for r in todo if ready(r)]
         if not runnable:
-            log(f'training queue: {len(todo)} run(s) wait for inputs (specs: run the "select" stage); stopping')
+            log(f'training queue: {len(todo)} run(s) wait for inputs (the trained ViT of their seed, or the specs '
+                f'of the "select" stage); stopping')
             return 0
         for run in runnable:
             lock = _claim(run_dir(work, run['name'], run['seed']))
@@ -385,6 +389,44 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def cmd_recheck(args) -> int:
+    """Measure the ERFs of another seed-0 ViT run (default: the shipped ViT, by validation) with the
+    estimator, tau and gamma of each chosen spec, on the same validation images, and compare them
+    with the ERFs of ``vit_s0`` the specs were made from: mean ERF area per block, cost, and the
+    share of patches whose window comes out identical."""
+    from vitfree.analysis import erf_from_interaction, interaction
+    work = Path(args.work)
+    run = args.run or strongest_vit(work)['name']
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = timm.create_model(f'local-dir:{run_dir(work, run, 0) / "model"}', pretrained=True).eval()
+    x, y = val_split(model, 0, ERF_IMAGES)
+    out: Dict[str, Any] = {'run': f'{run}_s0', 'against': 'vit_s0', 'images': ERF_IMAGES, 'budgets': {}}
+    maps: Dict[str, Any] = {}
+    for b in BUDGETS:
+        prov = WindowSpec.load(spec_path(work, f'measured_b{b}')).provenance
+        est, tau, gamma = prov['estimator'], float(prov['tau']), float(prov['gamma'])
+        if est not in maps:
+            t0 = time.perf_counter()
+            res = interaction(model, (x, y), est, num_images=ERF_IMAGES, batch_size=100, progress=False)
+            maps[est] = {k: res[k].float() for k in range(len(model.blocks))}
+            log(f'recheck: {est} interaction maps of {run}_s0 in {time.perf_counter() - t0:.0f} s')
+        old = torch.load(work / 'erf' / f'interaction_{est}.pt', weights_only=True)
+        a = erf_from_interaction(old, grid=(14, 14), tau=tau, gamma=gamma)
+        n = erf_from_interaction(maps[est], grid=(14, 14), tau=tau, gamma=gamma)
+        same = np.mean([np.array_equal(p, q) for ea, en in zip(a.blocks, n.blocks)
+                        for p, q in zip(ea.rects.reshape(-1, 4), en.rects.reshape(-1, 4))])
+        out['budgets'][str(b)] = {'estimator': est, 'tau': tau, 'gamma': gamma,
+                                  'vit_s0_mean_area': [round(e.mean_area, 1) for e in a.blocks],
+                                  'mean_area': [round(e.mean_area, 1) for e in n.blocks],
+                                  'vit_s0_cost': spec_cost(a.spec), 'cost': spec_cost(n.spec),
+                                  'same_windows_share': float(same)}
+        log(f'recheck {b} %: cost {spec_cost(n.spec):.3f} (vit_s0 {spec_cost(a.spec):.3f}), '
+            f'{100 * same:.0f} % of the windows identical')
+    (work / 'erf_recheck.json').write_text(json.dumps(out, indent=1) + '\n')
+    return 0
+
+
 # ---- attention cost and speed of every arm ------------------------------------------------------
 ARMS = {  # arm -> (run name, spec name or None for the ViT, from scratch?)
     'ViT': ('vit', None, True),
@@ -398,6 +440,7 @@ ARMS = {  # arm -> (run name, spec name or None for the ViT, from scratch?)
     'WinfT measured 50 % from the ViT (fine-tune)': ('ft_winft_measured_b50', 'measured_b50', False),
     'WinfT uniform 50 % from the ViT (fine-tune)': ('ft_winft_uniform_b50', 'uniform_b50', False),
     'ViT trained on, lighter augmentation': ('ft_vit_light', None, False),
+    'WinfT measured 50 % from the ViT, lighter augmentation': ('ft_light_winft_measured_b50', 'measured_b50', False),
 }
 
 
@@ -472,6 +515,7 @@ def cmd_report(args) -> int:
     sel = json.loads(sel_file.read_text()) if sel_file.is_file() else None
     speed = json.loads((work / 'speed.json').read_text()) if (work / 'speed.json').is_file() else None
     analyses = json.loads((work / 'analyses.json').read_text()) if (work / 'analyses.json').is_file() else None
+    recheck = json.loads((work / 'erf_recheck.json').read_text()) if (work / 'erf_recheck.json').is_file() else None
     arms: Dict[str, Any] = {}
     # the speed run times each architecture once (under its from-scratch arm); fine-tuned arms share it
     timed = {s: a for a, (_, s, scratch) in ARMS.items() if scratch}
@@ -500,7 +544,8 @@ def cmd_report(args) -> int:
                                  'dim 64, depth 6, 4 heads, 0.31M parameters); WinfT = the same with windows',
                         'seeds': list(SEEDS), 'budgets_percent': list(BUDGETS)},
            'versions': f'vitfree {vitfree.__version__}, timm {timm.__version__}, torch {torch.__version__}',
-           'arms': arms, 'selection': sel, 'speed_machine': (speed or {}).get('machine'), 'analyses': analyses}
+           'arms': arms, 'selection': sel, 'speed_machine': (speed or {}).get('machine'), 'analyses': analyses,
+           'erf_recheck': recheck}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / 'fmnist_study.json').write_text(json.dumps(res, indent=1) + '\n')
     pictures = _erf_pictures(work, sel) if sel else {}
@@ -515,8 +560,9 @@ def _plot(arms: Dict[str, Any], path: Path) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8.5, 5.2), dpi=110)
+    missing = [arm for arm, a in arms.items() if not a['test_top1'] or a['attention_pairs'] is None]
     for arm, a in arms.items():
-        if not a['test_top1'] or a['attention_pairs'] is None:
+        if arm in missing:
             continue
         err = a['test_top1_std'] or 0.0
         marker = 'o' if a['from_scratch'] else 's'
@@ -527,7 +573,11 @@ def _plot(arms: Dict[str, Any], path: Path) -> None:
     ax.set_title('Fashion-MNIST: accuracy against attention cost (circles: from scratch; squares: fine-tuned)')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc='lower right')
-    fig.tight_layout()
+    if missing:  # every arm is named on the plot, the ones without a finished run too
+        fig.text(0.01, 0.01, 'not run yet: ' + '; '.join(missing), fontsize=7, wrap=True, va='bottom')
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
@@ -564,7 +614,7 @@ def _markdown(res: Dict[str, Any], pictures: Dict[str, Dict[str, str]]) -> str:
              f'Recipe (every from-scratch arm, seeds {p["seeds"]}): {p["recipe"]}.', '',
              f'Fine-tuning arms start from the trained ViT of the same seed: {p["fine_tune_recipe"]}.', '',
              'The ViT trained on with lighter augmentation (a last attempt at a stronger baseline, from the same '
-             f'ViT): {p.get("light_recipe")}.', '',
+             f'ViT), and the 50 % WinfT fine-tuned with the same recipe: {p.get("light_recipe")}.', '',
              '## Arms', '',
              '| arm | windows | seeds done | test top-1 mean ± std | per seed | attention pairs / image | cost (share of '
              'grid) | train img/s | infer img/s | train hours per run | ran on |', '|' + '---|' * 11]
@@ -606,6 +656,16 @@ def _markdown(res: Dict[str, Any], pictures: Dict[str, Dict[str, str]]) -> str:
         for k, c in sel['per_estimator'].items():
             lines.append(f'| {k} | {c["tau"]} | {c["gamma"]} | {c["cost"]:.3f} | {c["global_blocks"]} | '
                          f'{", ".join(f"{a:.1f}" for a in c["mean_erf_area"])} | {c["val_top1_imposed"]:.2f} |')
+        rc = res.get('erf_recheck')
+        if rc:
+            lines += ['', f'The same ERFs measured on {rc["run"]} (the same images, estimator, tau and gamma) '
+                          f'against {rc["against"]}, which the specs were made from:', '',
+                      '| budget | mean ERF area, blocks 0-5 | vit_s0 | cost | vit_s0 | identical windows (all blocks) |',
+                      '|---|---|---|---|---|---|']
+            for b, c in rc['budgets'].items():
+                lines.append(f'| {b} % | {", ".join(f"{v:.1f}" for v in c["mean_area"])} | '
+                             f'{", ".join(f"{v:.1f}" for v in c["vit_s0_mean_area"])} | {c["cost"]:.3f} | '
+                             f'{c["vit_s0_cost"]:.3f} | {100 * c["same_windows_share"]:.0f} % |')
         for b, pics in pictures.items():
             lines += ['', f'### ERFs behind the {b} % spec', '', pics['summary'], '']
             lines += [f'![{k}]({v})' for k, v in pics.items() if k != 'summary']
@@ -719,11 +779,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     sp = sub.add_parser('speed', help="every arm's train and inference images/s, side by side")
     sp.add_argument('--threads', type=int, default=2)
     sp.add_argument('--reps', type=int, default=5)
+    rc = sub.add_parser('recheck', help="the chosen specs' ERFs measured again on another seed-0 ViT run")
+    rc.add_argument('--threads', type=int, default=None)
+    rc.add_argument('--run', default=None, help='seed-0 ViT run (default: the one shipped, by validation)')
     sub.add_parser('report', help='results, plot and ERF pictures under benchmarks/results/')
     sub.add_parser('ship', help='copy the best seed-0 ViT and WinfT (by validation) into weights/ and configs/')
     args = p.parse_args(argv)
-    stages = {'train': cmd_train, 'select': cmd_select, 'analyses': cmd_analyses, 'speed': cmd_speed,
-              'report': cmd_report, 'ship': cmd_ship}
+    stages = {'train': cmd_train, 'select': cmd_select, 'analyses': cmd_analyses, 'recheck': cmd_recheck,
+              'speed': cmd_speed, 'report': cmd_report, 'ship': cmd_ship}
     return stages[args.stage](args)
 
 
