@@ -109,6 +109,11 @@ def queue(work: Path) -> List[Dict[str, Any]]:
     return runs
 
 
+def load_run(work: Path, name: str, seed: int = 0):
+    """The trained model of one run, through timm's ``local-dir:`` path, in eval mode."""
+    return timm.create_model(f'local-dir:{run_dir(work, name, seed) / "model"}', pretrained=True).eval()
+
+
 def ready(run: Dict[str, Any]) -> bool:
     init_ok = run['init'] is None or (Path(run['init']) / 'model.safetensors').is_file()
     return Path(run['windows']).is_file() and init_ok
@@ -265,7 +270,7 @@ def cmd_select(args) -> int:
         return 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = timm.create_model(f'local-dir:{export}', pretrained=True).eval()
+    model = load_run(work, 'vit')
     x_erf, y_erf = val_split(model, 0, ERF_IMAGES)
     x_sel, y_sel = val_split(model, ERF_IMAGES)
     base = imposed_top1(model, None, x_sel, y_sel)
@@ -349,10 +354,9 @@ def cmd_analyses(args) -> int:
     from vitfree import distance_profiles, patch_removal, semantic_interrelation
     work = Path(args.work)
     run = args.run or 'vit'
-    export = run_dir(work, run, 0) / 'model'
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = timm.create_model(f'local-dir:{export}', pretrained=True).eval()
+    model = load_run(work, run)
     x, y = val_split(model, 0, args.images)
     out: Dict[str, Any] = {'images': len(y), 'data': f'Fashion-MNIST validation images 0-{len(y) - 1}',
                            'model': f'run {run}_s0'}
@@ -399,7 +403,7 @@ def cmd_recheck(args) -> int:
     run = args.run or strongest_vit(work)['name']
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = timm.create_model(f'local-dir:{run_dir(work, run, 0) / "model"}', pretrained=True).eval()
+    model = load_run(work, run)
     x, y = val_split(model, 0, ERF_IMAGES)
     out: Dict[str, Any] = {'run': f'{run}_s0', 'against': 'vit_s0', 'images': ERF_IMAGES, 'budgets': {}}
     maps: Dict[str, Any] = {}
@@ -589,7 +593,7 @@ def _erf_pictures(work: Path, sel: Dict[str, Any]) -> Dict[str, Dict[str, str]]:
     from vitfree.analysis.report.plots import erf_pictures
     out = RESULTS / 'fmnist_study_erf'
     out.mkdir(parents=True, exist_ok=True)
-    model = timm.create_model(f'local-dir:{run_dir(work, "vit", 0) / "model"}', pretrained=True).eval()
+    model = load_run(work, 'vit')
     image = val_split(model, 0, 1)[0][0]
     made = {}
     for b, c in sel.get('budgets', {}).items():
