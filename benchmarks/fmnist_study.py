@@ -7,6 +7,7 @@
     python benchmarks/fmnist_study.py recheck          # the specs' ERFs again on the shipped ViT run
     python benchmarks/fmnist_study.py speed            # every arm's images/s, side by side (pause the queue)
     python benchmarks/fmnist_study.py report           # results JSON/markdown, plot, ERF pictures
+    python benchmarks/fmnist_study.py snapshot         # finished state -> benchmarks/results/ (to continue)
     python benchmarks/fmnist_study.py ship             # the seed-0 ViT and the best WinfT into weights/
 
 Protocol: README, section "Measured windows on Fashion-MNIST".  The training queue runs, in order
@@ -690,6 +691,32 @@ def _markdown(res: Dict[str, Any], pictures: Dict[str, Dict[str, str]]) -> str:
     return '\n'.join(lines) + '\n'
 
 
+# ---- the study's state, committed so that another workspace can continue it ------------------------
+STATE = RESULTS / 'fmnist_study_state.tar.gz'
+
+
+def cmd_snapshot(args) -> int:
+    """Pack what the study has finished into ``benchmarks/results/fmnist_study_state.tar.gz``: the
+    specs, the ERF interaction maps, the analyses, speed and recheck results, every finished run's
+    record and metrics, and the seed-0 ViT (the ERF pictures and any re-selection read it).  Runs
+    still in progress and checkpoints stay out.  Continue elsewhere with
+    ``tar -xzf benchmarks/results/fmnist_study_state.tar.gz -C bench-out/fmnist-v2``."""
+    import tarfile
+    work = Path(args.work)
+    files = sorted(p for p in (work / 'specs').glob('*.yaml'))
+    files += sorted((work / 'erf').glob('*.pt')) + [work / f for f in ('analyses.json', 'speed.json',
+                                                                        'erf_recheck.json')]
+    for res in sorted((work / 'runs').glob('*/result.json')):
+        files += [res, res.parent / 'metrics.jsonl', res.parent / 'finetune_config.json']
+    files += sorted((run_dir(work, 'vit', 0) / 'model').glob('*'))
+    with tarfile.open(STATE, 'w:gz') as tar:
+        for f in files:
+            if f.is_file():
+                tar.add(f, arcname=str(f.relative_to(work)))
+    log(f'snapshot: {len(files)} files -> {STATE} ({STATE.stat().st_size / 1e6:.1f} MB)')
+    return 0
+
+
 # ---- ship the trained pair -------------------------------------------------------------------------
 ERF_MAPS_FILE = 'winft_micro_patch2_28.fmnist.erf_maps.safetensors'
 
@@ -787,10 +814,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     rc.add_argument('--threads', type=int, default=None)
     rc.add_argument('--run', default=None, help='seed-0 ViT run (default: the one shipped, by validation)')
     sub.add_parser('report', help='results, plot and ERF pictures under benchmarks/results/')
+    sub.add_parser('snapshot', help="pack the finished state into benchmarks/results/ (to continue elsewhere)")
     sub.add_parser('ship', help='copy the best seed-0 ViT and WinfT (by validation) into weights/ and configs/')
     args = p.parse_args(argv)
     stages = {'train': cmd_train, 'select': cmd_select, 'analyses': cmd_analyses, 'recheck': cmd_recheck,
-              'speed': cmd_speed, 'report': cmd_report, 'ship': cmd_ship}
+              'speed': cmd_speed, 'report': cmd_report, 'snapshot': cmd_snapshot, 'ship': cmd_ship}
     return stages[args.stage](args)
 
 
