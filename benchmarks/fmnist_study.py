@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 import timm  # noqa: E402
 
 import vitfree  # noqa: E402,F401  (registers the models)
+from vitfree.demo import ERF_MAPS_FILE  # noqa: E402  (make demo reads what ship writes)
 from vitfree.windows import WindowSpec  # noqa: E402
 
 MODEL = 'winft_micro_patch2_28'           # run with an all-global spec it is exactly vit_micro_patch2_28
@@ -718,7 +719,6 @@ def cmd_snapshot(args) -> int:
 
 
 # ---- ship the trained pair -------------------------------------------------------------------------
-ERF_MAPS_FILE = 'winft_micro_patch2_28.fmnist.erf_maps.safetensors'
 
 
 def _recipe_of(rec: Dict[str, Any]) -> Dict[str, Any]:
