@@ -11,10 +11,9 @@
     python benchmarks/fmnist_study.py ship             # the seed-0 ViT and the best WinfT into weights/
 
 Protocol: README, section "Measured windows on Fashion-MNIST".  The training queue runs, in order
-of priority, every run whose inputs exist: per seed the ViT baseline, the ViT trained on, the
-fine-tuning WinfT arms with measured windows (once the specs have been selected), the ViT trained
-on with lighter augmentation, the fine-tuning arms with uniform windows, the 50 % WinfT with the
-lighter recipe, the from-scratch WinfT arms; seed 0 first, then seeds 1 and 2.  Each run
+of priority (``queue``), every run whose inputs exist: seed 0's ViT and fine-tuning arms, then the
+decisive from-scratch table at 25 % (measured and uniform windows and the ViT, three seeds), then
+the fine-tuning arms of seeds 1 and 2, the from-scratch 50 % arms and the lighter-recipe arms.  Each run
 keeps its checkpoints under ``--work`` and is skipped once its ``result.json`` exists, so the
 queue can be stopped at any time (kill, crash, end of a session) and restarted later.
 
@@ -88,26 +87,47 @@ def run_dir(work: Path, name: str, seed: int) -> Path:
 
 
 def queue(work: Path) -> List[Dict[str, Any]]:
-    """Every run of the study in priority order, each with the inputs it needs: per seed the
-    ViT, then the fine-tuning arms (a few epochs from that ViT), then the from-scratch WinfTs."""
-    runs = []
-    for seed in SEEDS:
-        runs.append(dict(name='vit', seed=seed, windows=all_global(work), init=None, recipe=RECIPE))
+    """Every run of the study in priority order (issue 19), each with the inputs it needs:
+
+    0. seed 0: the ViT and every fine-tuning arm (a few epochs from that ViT);
+    1. from scratch, seed 0: the measured and the uniform 25 % WinfT;
+    2. from scratch: the ViT at seeds 1 and 2;
+    3. from scratch: the measured and the uniform 25 % WinfT at seeds 1 and 2
+       (groups 1-3 are the decisive table: three seeds of each arm at 25 %);
+    4. the fine-tuning arms at seeds 1 and 2 (from the ViT of their seed);
+    5. from scratch at 50 %, seeds 0-2;
+    6. the lighter-recipe arms at seeds 1 and 2.
+    """
+    glob = all_global(work)
+
+    def vit(seed):
+        return dict(name='vit', seed=seed, windows=glob, init=None, recipe=RECIPE)
+
+    def scratch(kind, b, seed):
+        return dict(name=f'winft_{kind}_b{b}', seed=seed, windows=spec_path(work, f'{kind}_b{b}'), init=None,
+                    recipe=RECIPE)
+
+    def finetuning(seed):
         init = run_dir(work, 'vit', seed) / 'model'
-        runs.append(dict(name='ft_vit', seed=seed, windows=all_global(work), init=init, recipe=FT_RECIPE))
-        for b in BUDGETS:
-            runs.append(dict(name=f'ft_winft_measured_b{b}', seed=seed, windows=spec_path(work, f'measured_b{b}'),
-                             init=init, recipe=FT_RECIPE))
-        runs.append(dict(name='ft_vit_light', seed=seed, windows=all_global(work), init=init, recipe=LIGHT_RECIPE))
-        for b in BUDGETS:
-            runs.append(dict(name=f'ft_winft_uniform_b{b}', seed=seed, windows=spec_path(work, f'uniform_b{b}'),
-                             init=init, recipe=FT_RECIPE))
-        runs.append(dict(name='ft_light_winft_measured_b50', seed=seed, windows=spec_path(work, 'measured_b50'),
-                         init=init, recipe=LIGHT_RECIPE))
-        for b in BUDGETS:
-            for kind in ('measured', 'uniform'):
-                runs.append(dict(name=f'winft_{kind}_b{b}', seed=seed, windows=spec_path(work, f'{kind}_b{b}'),
-                                 init=None, recipe=RECIPE))
+        runs = [dict(name='ft_vit', seed=seed, windows=glob, init=init, recipe=FT_RECIPE)]
+        runs += [dict(name=f'ft_winft_{kind}_b{b}', seed=seed, windows=spec_path(work, f'{kind}_b{b}'), init=init,
+                      recipe=FT_RECIPE) for kind in ('measured', 'uniform') for b in BUDGETS]
+        return runs
+
+    def light(seed):
+        init = run_dir(work, 'vit', seed) / 'model'
+        return [dict(name='ft_vit_light', seed=seed, windows=glob, init=init, recipe=LIGHT_RECIPE),
+                dict(name='ft_light_winft_measured_b50', seed=seed, windows=spec_path(work, 'measured_b50'),
+                     init=init, recipe=LIGHT_RECIPE)]
+
+    later = SEEDS[1:]
+    runs = [vit(0)] + finetuning(0) + light(0)                                        # group 0 (done)
+    runs += [scratch(kind, 25, 0) for kind in ('measured', 'uniform')]                 # group 1
+    runs += [vit(s) for s in later]                                                    # group 2
+    runs += [scratch(kind, 25, s) for s in later for kind in ('measured', 'uniform')]  # group 3
+    runs += [r for s in later for r in finetuning(s)]                                  # group 4
+    runs += [scratch(kind, 50, s) for s in SEEDS for kind in ('measured', 'uniform')]  # group 5
+    runs += [r for s in later for r in light(s)]                                       # group 6
     return runs
 
 
