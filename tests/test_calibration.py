@@ -1,6 +1,6 @@
-"""Measured costs: the fit, a calibration run (with a fake clock, and with real CPU timings on
-tiny shapes), the stored tables and their lookup, and how the dispatcher uses and labels them."""
-import dataclasses
+"""Cost tables: the fit, a calibration run (with a fake clock, and with real CPU timings on tiny
+shapes), the stored tables and their lookup per device, how the dispatcher uses and labels them,
+and that nothing ever measures implicitly."""
 import json
 
 import pytest
@@ -9,7 +9,7 @@ import torch
 import vitfree.ops.calibrate as measure
 import vitfree.ops.calibration as calib
 import vitfree.ops.dispatch as dispatch
-from vitfree.ops import choose_backend, estimate_costs, explain_choice
+from vitfree.ops import choose_backend, estimate_costs, explain_choice, get_backend, make_query
 from vitfree.windows import LayerWindows
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -21,13 +21,17 @@ TINY = (((6, 6), 1, 1), ((8, 8), 2, 1), ((10, 10), 1, 2))
 def _isolated(monkeypatch, tmp_path):
     monkeypatch.setenv('VITFREE_CACHE_DIR', str(tmp_path / 'cache'))
     monkeypatch.delenv(calib.ENV_FILE, raising=False)
-    monkeypatch.setattr(calib, 'TABLE_DIR', tmp_path / 'shipped')
+    shipped = tmp_path / 'shipped'
+    shipped.mkdir()
+    for name in ('defaults-cpu.json', 'defaults-cuda.json'):
+        (shipped / name).write_text((calib.TABLE_DIR / name).read_text())
+    monkeypatch.setattr(calib, 'TABLE_DIR', shipped)
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    calib._found.clear()
     yield
     calib._installed.clear()
     calib._found.clear()
-    calib._auto_tried.clear()
-    calib._on_change()
+    calib._version[0] += 1
 
 
 def test_fit_recovers_constants_and_stays_non_negative():
@@ -44,21 +48,17 @@ def test_fit_recovers_constants_and_stays_non_negative():
 
 
 def _fake_timer(rates):
-    """A clock where backend ``name`` takes ``call + rate * work`` seconds; reads the backend from
-    the closure the calibration hands it."""
+    """A clock where backend ``name`` takes ``call + rate * work`` seconds."""
     def timer(fn):
-        name = fn.__defaults__[0]
-        q, windows = fn.__defaults__[1], fn.__defaults__[4]
-        work = dispatch._BACKENDS[name].work(q, windows, 1)
-        call, rate = rates[name]
-        return call + rate * work
+        call, rate = rates[fn.backend]
+        return call + rate * fn.work
     return timer
 
 
 def test_calibration_with_a_fake_clock_drives_the_choice():
     rates = {'dense': (1e-5, 1e-12), 'tiled': (1e-4, 1e-13)}
     cal = measure.calibrate('cpu', ['dense', 'tiled'], TINY, TINY[:2], timer=_fake_timer(rates), progress=None)
-    assert cal.device == 'cpu' and set(cal.backends()) == {'dense', 'tiled'}
+    assert cal.device == calib.device_name('cpu') and cal.measured and set(cal.backends()) == {'dense', 'tiled'}
     for name, (call, rate) in rates.items():
         for key in ('lowp-infer', 'lowp-train', 'fp32-infer', 'fp32-train'):
             f = cal.fits[name][key]
@@ -71,12 +71,12 @@ def test_calibration_with_a_fake_clock_drives_the_choice():
     q = torch.empty(1, 6, 1 + 64 * 64, 64)
     w = LayerWindows(3, (64, 64))
     est = estimate_costs(q, w, 1)
-    work_dense = dispatch.dense_work(q, w, 1)
+    work_dense = get_backend('dense').work(make_query(q, w.grid, 1, 6, 64), w)
     assert est['dense'] == pytest.approx(1e-5 + 1e-12 * work_dense)
-    assert 'not in the calibration' in estimate_costs(q, LayerWindows(64, (64, 64)), 1)['global']
+    assert 'no cost for it in the table' in estimate_costs(q, LayerWindows(64, (64, 64)), 1)['global']
     text = explain_choice(q, w, 1)
-    assert 'measured on cpu' in text and '(measured)' in text
-    # a calibration in which tiles are slow flips the choice
+    assert f'measured on {cal.device}' in text and '(measured)' in text
+    # a table in which tiles are slow flips the choice
     slow = {'dense': (1e-5, 1e-12), 'tiled': (1e-4, 1e-9)}
     measure.calibrate('cpu', ['dense', 'tiled'], TINY, TINY, timer=_fake_timer(slow), progress=None, save=False)
     assert choose_backend(q, w, 1) == 'dense'
@@ -85,21 +85,22 @@ def test_calibration_with_a_fake_clock_drives_the_choice():
 
 
 def test_calibration_with_real_cpu_timings():
-    cal = measure.calibrate('cpu', ['dense', 'tiled', 'global'], TINY, None, modes=(False,), progress=None,
-                          save=False, install=False)
-    for name in ('dense', 'tiled', 'global'):
+    cal = measure.calibrate('cpu', ['dense', 'tiled', 'global', 'native'], TINY, None, modes=(False,),
+                            progress=None, save=False, install=False)
+    for name in ('dense', 'tiled', 'global', 'native'):
         f = cal.fits[name]['lowp-infer']
         assert f.samples == 3 and f.call >= 0 and f.per_unit >= 0 and f.predict(1e6) > 0
     assert all('seconds' in s and s['seconds'] > 0 for s in cal.samples)
-    assert calib.calibration_for('cpu') is None
+    assert not calib.calibration_for('cpu').measured  # not installed: the defaults still apply
 
 
-def test_lookup_order_cache_then_shipped_and_round_trip(monkeypatch, tmp_path):
-    name = 'Fake GPU 80GB'
+def test_lookup_order_installed_env_cache_shipped_defaults(monkeypatch, tmp_path):
+    name = calib.device_name('cpu')
     fits = {'dense': {'lowp-infer': calib.Fit(1e-5, 1e-12, 3, 0.01)}}
+    assert calib.calibration_for('cpu').device == 'any CPU'  # nothing else: the shipped defaults
     shipped = calib.Calibration(name, '0.0', '0.0', '2026-01-01T00:00:00Z', fits)
-    shipped.save(calib.TABLE_DIR / 'fake-gpu-80gb.json')
-    assert [c.device for c in calib.shipped_tables()] == [name]
+    shipped.save(calib.TABLE_DIR / f'{calib.slug(name)}.json')
+    assert [c.device for c in calib.shipped_tables()] == [name]  # the defaults are not listed
     assert calib._find(name).created == '2026-01-01T00:00:00Z'
     mine = calib.Calibration(name, '0.0', '0.0', '2026-06-01T00:00:00Z', fits)
     mine.save(calib.cache_path(name))
@@ -108,90 +109,44 @@ def test_lookup_order_cache_then_shipped_and_round_trip(monkeypatch, tmp_path):
     calib.Calibration(name, '0.0', '0.0', '2027-01-01T00:00:00Z', fits).save(other)
     monkeypatch.setenv(calib.ENV_FILE, str(other))
     assert calib._find(name).created == '2027-01-01T00:00:00Z'
-    assert calib._find('Another GPU') is None
+    assert calib._find('Another CPU [avx2]') is None
     back = calib.Calibration.load(other)
-    assert back.fit('dense', torch.bfloat16, False) == fits['dense']['lowp-infer']
-    assert back.fit('dense', torch.float32, False) is None and back.fit('dense', torch.float64, False) is None
+    assert back.fit('dense', 'lowp', False) == fits['dense']['lowp-infer']
+    assert back.fit('dense', 'fp32', False) is None and back.fit('dense', None, False) is None
     bad = tmp_path / 'bad.json'
     bad.write_text('{"format": "other"}')
     with pytest.raises(ValueError, match='not a vitfree calibration'):
         calib.Calibration.load(bad)
 
 
-class FakeQ:
-    shape = torch.Size((1, 6, 1 + 32 * 32, 64))
-    dtype = torch.bfloat16
-    device = torch.device('cuda', 0)
-    requires_grad = False
-
-    def dim(self):
-        return 4
+def test_cpu_tables_are_named_by_model_and_vector_extension(monkeypatch):
+    monkeypatch.setattr(calib, '_cpuinfo', lambda: ('Some CPU 9000', {'avx2', 'fma'}))
+    assert calib.device_name('cpu') == 'Some CPU 9000 [avx2]'
+    monkeypatch.setattr(calib, '_cpuinfo', lambda: ('Some CPU 9000', {'avx2', 'avx512f'}))
+    assert calib.device_name('cpu') == 'Some CPU 9000 [avx512]'
+    assert calib.slug('Some CPU 9000 [avx512]') == 'some-cpu-9000-avx512'
 
 
-def test_uncalibrated_cuda_says_guess(monkeypatch):
-    """With a (pretended) CUDA device, no calibration and implicit calibration switched off,
-    explain_choice says the costs are guesses."""
-    monkeypatch.setenv(calib.ENV_AUTO, '0')
-    monkeypatch.setattr(calib, 'device_name', lambda dev: 'Fake GPU')
-    for name in list(dispatch._BACKENDS):
-        b = dispatch._BACKENDS[name]
-        monkeypatch.setitem(dispatch._BACKENDS, name, dataclasses.replace(b, supports=lambda q, w: None, prepare=None))
-    monkeypatch.setattr(dispatch, 'choose_backend', lambda q, w, p: 'dense')
-    text = explain_choice(FakeQ(), LayerWindows(3, (32, 32)), 1)
-    assert 'no calibration for Fake GPU' in text and 'GUESSES' in text and '(guess, not measured)' in text
+def test_a_forward_pass_never_measures(monkeypatch):
+    """The dispatcher only reads tables; the measuring tool is never called from a forward pass."""
+    called = []
+    monkeypatch.setattr(measure, 'calibrate', lambda *a, **k: called.append(1))
+    q, k, v = (torch.randn(1, 2, 1 + 49, 8) for _ in range(3))
+    dispatch.window_attention(q, k, v, LayerWindows(1, (7, 7)), 1)
+    assert called == []
 
 
-def test_uncalibrated_cuda_measures_once_and_uses_it(monkeypatch, tmp_path):
-    """An uncalibrated GPU is calibrated on its first use (once, saved to the user cache), so the
-    choice rests on its own timings; never inside a compile trace; a failed run leaves guesses."""
-    monkeypatch.setattr(calib, 'device_name', lambda dev: 'Fake GPU')
-    monkeypatch.setattr(calib, '_can_auto_calibrate', lambda: True)
-    calls = []
-    fits = {'dense': {'lowp-infer': calib.Fit(2e-5, 1e-12, 3, 0.01)}}
-
-    def fake_calibrate(device, **kw):
-        calls.append((device, kw))
-        cal = calib.Calibration('Fake GPU', '0.0', '0.0', '2026-11-24T00:00:00Z', fits)
-        cal.save(calib.cache_path('Fake GPU'))
-        return cal
-    monkeypatch.setattr(measure, 'calibrate', fake_calibrate)
-    with pytest.warns(RuntimeWarning, match='measuring one now'):
-        cal = calib.calibration_for(torch.device('cuda', 0))
-    assert cal is not None and cal.fit('dense', torch.bfloat16, False) == fits['dense']['lowp-infer']
-    assert len(calls) == 1 and calls[0][1]['fp32_shapes'] is None and calls[0][1]['shapes'] == measure.QUICK_SHAPES
-    assert calls[0][1]['budget_s'] == calib.AUTO_BUDGET_S and calls[0][1]['save'] is True
-    assert calib.calibration_for(torch.device('cuda', 0)) is cal and len(calls) == 1  # once per process
-    calib._found.clear()  # a later process finds the saved table without measuring again
-    calib._auto_tried.clear()
-    assert calib.calibration_for(torch.device('cuda', 0)).created == '2026-11-24T00:00:00Z' and len(calls) == 1
-    # only measured backends compete: the dispatcher's costs are labelled measured
-    for name in list(dispatch._BACKENDS):
-        b = dispatch._BACKENDS[name]
-        monkeypatch.setitem(dispatch._BACKENDS, name, dataclasses.replace(b, supports=lambda q, w: None, prepare=None))
-    labels = {n: lab for n, (_, lab) in dispatch._estimates(FakeQ(), LayerWindows(3, (32, 32)), 1).items()}
-    assert labels['dense'] == 'measured' and 'guess' not in ' '.join(labels.values())
-
-    def broken(device, **kw):
-        raise RuntimeError('no kernel image')
-    monkeypatch.setattr(measure, 'calibrate', broken)
-    monkeypatch.setattr(calib, 'device_name', lambda dev: 'Broken GPU')
-    with pytest.warns(RuntimeWarning):
-        assert calib.calibration_for(torch.device('cuda', 0)) is None
-
-
-def test_no_implicit_calibration_when_switched_off_or_compiling(monkeypatch):
-    monkeypatch.setenv(calib.ENV_AUTO, 'off')
-    assert not calib._can_auto_calibrate()
-    monkeypatch.setenv(calib.ENV_AUTO, '1')
-    assert calib._can_auto_calibrate()
-    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
-    assert not calib._can_auto_calibrate()
+def test_cuda_default_table_is_labelled_as_not_measured(monkeypatch):
+    monkeypatch.setattr(calib, 'device_name', lambda d: 'Fake GPU' if torch.device(d).type == 'cuda' else 'cpu')
+    cal = calib.calibration_for(torch.device('cuda', 0))
+    assert not cal.measured and 'guesses' in cal.note and 'shipped defaults' in cal.describe()
 
 
 def test_cli_writes_tables(tmp_path, monkeypatch):
-    monkeypatch.setattr(measure, 'DEFAULT_SHAPES', TINY)
+    from vitfree.cli import main
     monkeypatch.setattr(measure, 'QUICK_SHAPES', TINY[:2])
     out = tmp_path / 'out'
-    assert measure.main(['--device', 'cpu', '--quick', '--backends', 'dense', 'tiled', '--out', str(out)]) == 0
-    table = calib.Calibration.load(out / 'cpu.json')
-    assert set(table.fits) == {'dense', 'tiled'}
+    assert main(['calibrate', '--device', 'cpu', '--quick', '--backends', 'dense', 'tiled', '--out', str(out)]) == 0
+    table = calib.Calibration.load(out / f'{calib.slug(calib.device_name("cpu"))}.json')
+    assert set(table.fits) == {'dense', 'tiled'} and table.measured
+    assert main(['calibrate', '--threads', '0']) == 2

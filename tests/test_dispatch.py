@@ -1,5 +1,7 @@
-"""The dispatcher: precedence, the automatic choice (never a backend that cannot run), the cost
-model's crossovers, and that the chosen backend is visible afterwards."""
+"""The dispatcher: precedence, the automatic choice (never a backend that cannot run, never one its
+table says is slower), costs from tables, the input contract, and that what ran is visible."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,16 +9,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vitfree
+import vitfree.ops.calibration as calib
 import vitfree.ops.dispatch as dispatch
 import vitfree.ops.xformers_attn as xfa
 from vitfree.ops import (
-    BackendError, choose_backend, dense_window_attention, estimate_costs, explain_choice, list_backends,
-    register_backend, resolve_backend, use_backend, window_attention,
+    Backend, BackendError, Calibration, Fit, Query, available_backends, choose_backend, estimate_costs,
+    explain_choice, list_backends, make_query, plan, register_backend, set_calibration, use_backend,
+    window_attention,
 )
 from vitfree.windows import LayerWindows, WindowSpec
 
-
 pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+@pytest.fixture
+def defaults_table():
+    """The shipped CPU defaults installed as this CPU's table (so choices do not depend on the CPU)."""
+    set_calibration(dataclasses.replace(calib.defaults_for('cpu'), measured=True), 'cpu')
+    yield
+    set_calibration(None, 'cpu')
 
 
 @pytest.fixture
@@ -25,71 +36,116 @@ def restore_registry():
     yield
     dispatch._BACKENDS.clear()
     dispatch._BACKENDS.update(saved)
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    """Pretend q lives on a CUDA device on which xformers works."""
-    monkeypatch.setattr(xfa, '_on_cuda', lambda q: True)
-    monkeypatch.setattr(xfa, '_probe', lambda *a: None)
-    monkeypatch.setattr(dispatch, 'cost_model', lambda q: dispatch.COST_MODELS['cuda'])
+    dispatch._REGISTRY_VERSION[0] += 1
 
 
 def _q(b, heads, grid, prefix=1, d=64):
     return torch.empty(b, heads, prefix + grid[0] * grid[1], d)
 
 
+def _picked(q, w, prefix=1, backend=None):
+    return plan(w, make_query(q, w.grid, prefix, q.shape[1], q.shape[-1], override=backend)).name
+
+
 def test_all_backends_registered():
-    assert set(list_backends()) >= {'auto', 'dense', 'eager', 'tiled', 'global', 'xformers'}
+    assert set(list_backends()) >= {'auto', 'dense', 'eager', 'tiled', 'global', 'native', 'xformers',
+                                    'xformers-dense', 'sdpa-tiles', 'flex'}
+    assert all(vitfree.ops.describe_backends().values())
 
 
 @pytest.mark.parametrize('grid,radius,batch,expect', [
-    ((64, 64), 3, 1, 'native'),    # 1024 px, 7x7 windows: measured 17x faster than dense
+    ((64, 64), 3, 1, 'native'),    # 1024 px, 7x7 windows
     ((48, 48), 3, 2, 'native'),
-    ((14, 14), 1, 16, 'native'),   # 224 px, 3x3 windows: measured ~3x faster than dense
-    ((14, 14), 7, 10, 'dense'),    # 15x15 windows on a 14x14 grid: native measured 2x slower than dense
+    ((14, 14), 1, 16, 'native'),   # 224 px, 3x3 windows
+    ((14, 14), 7, 10, 'dense'),    # 15x15 windows on a 14x14 grid: every pair is inside anyway
     ((14, 14), 20, 16, 'global'),  # windows cover the grid
     ((64, 64), 63, 1, 'global'),
 ])
-def test_cpu_choice_at_the_measured_crossovers(grid, radius, batch, expect):
+def test_cpu_choice_at_the_default_tables_crossovers(defaults_table, grid, radius, batch, expect):
     assert choose_backend(_q(batch, 6, grid), LayerWindows(radius, grid), 1) == expect
 
 
-@pytest.mark.parametrize('grid,radius,batch,expect', [((64, 64), 3, 1, 'tiled'), ((48, 48), 3, 2, 'tiled')])
-def test_without_the_native_kernel_tiled_takes_over(monkeypatch, grid, radius, batch, expect):
+@pytest.mark.parametrize('grid,radius,batch', [((64, 64), 3, 1), ((48, 48), 3, 2)])
+def test_without_the_native_kernel_tiled_takes_over(defaults_table, monkeypatch, grid, radius, batch):
     import vitfree.ops.native as native
     monkeypatch.setattr(native, 'native_library', lambda: (None, 'no compiler (test)'))
     q, w = _q(batch, 6, grid), LayerWindows(radius, grid)
-    assert choose_backend(q, w, 1) == expect
+    assert choose_backend(q, w, 1) == 'tiled'
     assert 'no compiler (test)' in estimate_costs(q, w, 1)['native']
 
 
-def test_never_xformers_on_cpu():
+def test_auto_follows_the_table_never_a_slower_backend(restore_registry):
+    """With a table that makes one backend cheapest, auto picks it; it never picks one the table prices higher."""
+    w, q = LayerWindows(2, (16, 16)), _q(2, 4, (16, 16))
+    base = calib.defaults_for('cpu')
+    for cheapest in ('dense', 'tiled', 'native'):
+        fits = {n: {k: Fit(1.0, 0.0) for k in per} for n, per in base.fits.items()}
+        fits[cheapest] = {k: Fit(1e-6, 0.0) for k in base.fits[cheapest]}
+        set_calibration(Calibration('test', '-', '-', 'now', fits), 'cpu')
+        try:
+            assert choose_backend(q, w, 1) == cheapest
+            costs = estimate_costs(q, w, 1)
+            assert all(costs[cheapest] <= c for c in costs.values() if isinstance(c, float))
+        finally:
+            set_calibration(None, 'cpu')
+
+
+def test_no_table_uses_the_defaults_and_says_so_once(monkeypatch):
+    monkeypatch.setattr(calib, 'device_name', lambda device: 'Imaginary CPU [avx2]')
+    monkeypatch.setattr(dispatch._tables, 'device_name', calib.device_name)
+    calib._found.clear()
+    dispatch._warned.discard('Imaginary CPU [avx2]')
+    q, w = _q(1, 2, (9, 9), d=16), LayerWindows(1, (9, 9))
+    with pytest.warns(RuntimeWarning, match=r'no attention cost table measured on Imaginary CPU.*vitfree calibrate'):
+        choose_backend(q, w, 1)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        choose_backend(q, w, 1)  # said once
+    assert 'shipped defaults' in explain_choice(q, w, 1)
+    calib._found.clear()
+
+
+def test_never_xformers_or_flex_automatically_on_cpu():
     for grid, r in [((64, 64), 3), ((14, 14), 5), ((32, 32), 15)]:
         costs = estimate_costs(_q(1, 6, grid), LayerWindows(r, grid), 1)
         assert 'CUDA' in costs['xformers']
-        assert choose_backend(_q(1, 6, grid), LayerWindows(r, grid), 1) != 'xformers'
+        assert isinstance(costs['flex'], str) and isinstance(costs['sdpa-tiles'], str)
+        assert choose_backend(_q(1, 6, grid), LayerWindows(r, grid), 1) not in ('xformers', 'flex', 'sdpa-tiles')
 
 
-def test_cuda_with_xformers(fake_cuda):
+def _cuda_query(batch, grid, d=64):
+    return Query(grid, 1, batch, 6, d, d, torch.float16, torch.device('cuda', 0), False)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Pretend the query is on a CUDA device on which xformers works (the CUDA default table)."""
+    monkeypatch.setattr(xfa, '_probe', lambda *a: None)
+    real = calib.device_name
+    monkeypatch.setattr(calib, 'device_name', lambda d: 'Fake GPU' if torch.device(d).type == 'cuda' else real(d))
+    dispatch._warned.add('Fake GPU')
+    yield
+    calib._found.pop('Fake GPU', None)
+
+
+def test_cuda_choice_from_its_default_table(fake_cuda):
     w = LayerWindows(5, (14, 14))  # 11x11 windows on a 14x14 grid: the dense bias is cheaper than tiles
-    assert choose_backend(_q(8, 6, (14, 14)), w, 1) == 'xformers-dense'
+    assert dispatch._choose(_cuda_query(8, (14, 14)), w).name == 'xformers-dense'
     # tiny windows on a huge grid and batch: a linear backend, never a T^2 one
-    assert choose_backend(_q(64, 6, (64, 64)), LayerWindows(1, (64, 64)), 1) in ('xformers', 'sdpa-tiles', 'flex',
-                                                                                  'tiled')
-    # covering windows still go to the unmasked kernel
-    assert choose_backend(_q(8, 6, (14, 14)), LayerWindows(20, (14, 14)), 1) == 'global'
+    assert dispatch._choose(_cuda_query(64, (64, 64)), LayerWindows(1, (64, 64))).name in (
+        'xformers', 'sdpa-tiles', 'flex', 'tiled')
+    assert dispatch._choose(_cuda_query(8, (14, 14)), LayerWindows(20, (14, 14))).name == 'global'
+    assert dispatch._choose(_cuda_query(8, (14, 14)), w).name != 'native'
 
 
-def test_cuda_without_a_usable_xformers_falls_back(monkeypatch):
-    monkeypatch.setattr(xfa, '_on_cuda', lambda q: True)
+def test_cuda_without_a_usable_xformers_falls_back(fake_cuda, monkeypatch):
     monkeypatch.setattr(xfa, '_probe', lambda *a: 'xformers has no kernel for this GPU')
-    monkeypatch.setattr(dispatch, 'cost_model', lambda q: dispatch.COST_MODELS['cuda'])
-    q, w = _q(8, 6, (14, 14)), LayerWindows(5, (14, 14))
-    assert choose_backend(q, w, 1) in ('dense', 'tiled')
-    assert 'no kernel' in estimate_costs(q, w, 1)['xformers']
-    with pytest.raises(BackendError, match="'xformers' cannot run here: xformers has no kernel"):
-        resolve_backend(q, w, 1, backend='xformers')
+    q, w = _cuda_query(8, (14, 14)), LayerWindows(5, (14, 14))
+    assert dispatch._choose(q, w).name not in ('xformers', 'xformers-dense')
+    assert 'no kernel' in dispatch._estimates(q, w)['xformers'][1]
+    with pytest.raises(BackendError, match="'xformers' cannot run .*xformers has no kernel.*backends that can"):
+        dispatch._make_plan(w, q, 'xformers')
 
 
 @st.composite
@@ -110,38 +166,39 @@ def test_auto_only_picks_backends_that_run_and_agree(case):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, prefix + windows.num_patches, 8, generator=g) for _ in range(3))
     name = choose_backend(q, windows, prefix)
-    assert dispatch._BACKENDS[name].supports(q, windows) is None and dispatch._BACKENDS[name].auto
+    assert name in available_backends(q, windows, prefix) and dispatch.get_backend(name).auto
     out = window_attention(q, k, v, windows, prefix)
-    torch.testing.assert_close(out, dense_window_attention(q, k, v, windows, prefix), rtol=1e-5, atol=1e-5)
+    ref = window_attention(q.double(), k.double(), v.double(), windows, prefix, backend='eager')
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_precedence(monkeypatch):
     q, w = _q(1, 2, (8, 8), d=8), LayerWindows(1, (8, 8))
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    assert resolve_backend(q, w, 1) == choose_backend(q, w, 1)
+    assert _picked(q, w) == choose_backend(q, w, 1)
     monkeypatch.setenv(dispatch.ENV_VAR, 'eager')
-    assert resolve_backend(q, w, 1) == 'eager'
-    assert resolve_backend(q, w, 1, backend='tiled') == 'tiled'  # module beats env
+    assert _picked(q, w) == 'eager'
+    assert _picked(q, w, backend='tiled') == 'tiled'  # module beats env
     with use_backend('dense'):
-        assert resolve_backend(q, w, 1, backend='tiled') == 'dense'  # context beats module
+        assert _picked(q, w, backend='tiled') == 'dense'  # context beats module
         with use_backend('auto'):  # an inner 'auto' restores the automatic choice
-            assert resolve_backend(q, w, 1, backend='tiled') == choose_backend(q, w, 1)
+            assert _picked(q, w, backend='tiled') == choose_backend(q, w, 1)
 
 
 def test_errors_say_what_would_work(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     q, w = _q(1, 2, (8, 8), d=8), LayerWindows(1, (8, 8))
-    with pytest.raises(BackendError, match=r"'global' cannot run here: windows do not cover .*backends that can"):
-        resolve_backend(q, w, 1, backend='global')
+    with pytest.raises(BackendError, match=r"'global' cannot run .*windows do not cover .*backends that can"):
+        _picked(q, w, backend='global')
     with pytest.raises(BackendError, match='unknown attention backend'):
         with use_backend('flash9'):
             pass
     monkeypatch.setenv(dispatch.ENV_VAR, 'nope')
     with pytest.raises(BackendError, match='VITFREE_BACKEND'):
-        resolve_backend(q, w, 1)
+        _picked(q, w)
 
 
-def test_training_changes_the_estimate_not_the_support():
+def test_training_changes_the_estimate_not_the_support(defaults_table):
     w = LayerWindows(3, (32, 32))
     q = _q(2, 6, (32, 32))
     infer = estimate_costs(q, w, 1)
@@ -151,26 +208,48 @@ def test_training_changes_the_estimate_not_the_support():
         assert estimate_costs(q, w, 1)['tiled'] == infer['tiled']
 
 
-def test_bf16_autocast_uses_the_low_precision_model():
-    q = _q(1, 6, (32, 32))
-    assert dispatch.cost_model(q) is dispatch.COST_MODELS['cpu']
+def test_bf16_autocast_uses_the_low_precision_fits(defaults_table):
+    q, w = _q(1, 6, (32, 32)), LayerWindows(3, (32, 32))
+    fp32 = estimate_costs(q, w, 1)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert dispatch.cost_model(q) is dispatch.COST_MODELS['cpu-lowp']
+        assert make_query(q, w.grid, 1, 6, 64).dtype == torch.bfloat16
+        lowp = estimate_costs(q, w, 1)
+    assert lowp['dense'] < fp32['dense']  # the defaults' lowp fit of dense is cheaper
+
+
+class _Free(Backend):
+    name = 'free'
+    description = 'a test backend'
+
+    def work(self, query, windows):
+        return 0.0
+
+    def run(self, plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None):
+        return window_attention(q, k, v, plan.windows, plan.query.prefix, scale, backend='dense')
 
 
 def test_custom_backend_costs_and_auto_flag(restore_registry):
-    w = LayerWindows(1, (8, 8))
-    q = _q(1, 2, (8, 8), d=8)
-    register_backend('free', dense_window_attention, cost=lambda q, w, p: 0.0)
-    assert choose_backend(q, w, 1) == 'free'
-    register_backend('free', dense_window_attention, cost=lambda q, w, p: 0.0, auto=False)
-    assert choose_backend(q, w, 1) != 'free'
-    assert 'only when named' in estimate_costs(q, w, 1)['free']
+    w, q = LayerWindows(1, (8, 8)), _q(1, 2, (8, 8), d=8)
+    register_backend(_Free())
+    assert 'no cost for it' in estimate_costs(q, w, 1)['free']
+    fits = dict(calib.defaults_for('cpu').fits, free={'fp32-infer': Fit(0.0, 0.0)})
+    set_calibration(Calibration('test', '-', '-', 'now', fits), 'cpu')
+    try:
+        assert choose_backend(q, w, 1) == 'free'
+        manual = _Free()
+        manual.auto = False
+        register_backend(manual)
+        assert choose_backend(q, w, 1) != 'free'
+        assert 'only when named' in estimate_costs(q, w, 1)['free']
+    finally:
+        set_calibration(None, 'cpu')
     with pytest.raises(BackendError, match='reserved'):
-        register_backend('auto', dense_window_attention)
+        bad = _Free()
+        bad.name = 'auto'
+        register_backend(bad)
 
 
-def test_explain_choice_names_the_pick():
+def test_explain_choice_names_the_pick(defaults_table):
     text = explain_choice(_q(1, 6, (64, 64)), LayerWindows(3, (64, 64)), 1)
     assert "auto picks 'native'" in text and '* native' in text and 'xformers' in text and 'tiled' in text
 
@@ -185,11 +264,12 @@ def test_model_reports_what_ran_and_backends_agree(monkeypatch):
         auto = model.attn_backends()
         assert auto[10:] == ['global', 'global'] and all(b in list_backends() for b in auto[:10])
         outs = {}
-        for name in ('dense', 'tiled'):
+        for name in ('dense', 'tiled', 'native', 'eager'):
             model.set_attn_backend(name)
             outs[name] = model(x)
             assert model.attn_backends() == [name] * 10 + ['global'] * 2
-    torch.testing.assert_close(outs['tiled'], outs['dense'], rtol=1e-4, atol=1e-4)
+    for name in ('tiled', 'native', 'eager'):
+        torch.testing.assert_close(outs[name], outs['dense'], rtol=1e-4, atol=1e-4)
 
 
 def test_model_training_gradients_match():
@@ -197,10 +277,13 @@ def test_model_training_gradients_match():
     model = vitfree.create_winft('vit_tiny_patch16_224', windows=spec, img_size=96, depth=2)
     x = torch.randn(2, 3, 96, 96)
     grads = {}
-    for name in ('dense', 'tiled'):
+    for name in ('dense', 'tiled', 'native'):
         model.zero_grad()
         model.set_attn_backend(name)
         model(x).logsumexp(-1).sum().backward()
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for n in grads['dense']:
-        torch.testing.assert_close(grads['tiled'][n], grads['dense'][n], rtol=1e-4, atol=1e-5, msg=n)
+    for name in ('tiled', 'native'):
+        for n in grads['dense']:
+            scale = grads['dense'][n].abs().max().item()
+            torch.testing.assert_close(grads[name][n], grads['dense'][n], rtol=1e-4, atol=1e-5 * max(scale, 1.0),
+                                       msg=n)

@@ -7,8 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vitfree.ops import choose_backend, dense_window_attention, estimate_costs, flex_window_attention, window_attention
-from vitfree.ops.flex import FLEX_BLOCK, block_structure, flex_plan, flex_supports, tile_major_order, window_mask_mod
+from vitfree.ops import (
+    available_backends, choose_backend, dense_window_attention, estimate_costs, flex_window_attention, window_attention,
+)
+from vitfree.ops.flex import FLEX_BLOCK, block_structure, flex_plan, tile_major_order, window_mask_mod
 from vitfree.windows import LayerWindows
 
 create_block_mask = pytest.importorskip('torch.nn.attention.flex_attention').create_block_mask
@@ -113,9 +115,9 @@ def test_auto_never_picks_flex_on_cpu_and_grad_is_refused():
     q = torch.empty(1, 6, 4097, 64)
     assert choose_backend(q, windows, 1) != 'flex'
     assert 'not chosen automatically on cpu' in estimate_costs(q, windows, 1)['flex']
-    assert 'no backward pass on CPU' in flex_supports(q.requires_grad_(), windows)
+    assert 'no backward pass on CPU' in estimate_costs(q.requires_grad_(), windows, 1)['flex']
     with torch.no_grad():
-        assert flex_supports(q, windows) is None
+        assert 'flex' in available_backends(q, windows, 1)
 
 
 def test_named_flex_runs_and_plan_is_cached():

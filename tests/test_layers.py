@@ -15,7 +15,7 @@ from typing import Dict, List, Set
 PACKAGE = Path(__file__).resolve().parents[1] / 'vitfree'
 
 RANK = {
-    'version': 0, 'windows': 0, 'data': 0,
+    'version': 0, '_util': 0, 'windows': 0, 'data': 0,
     'ops': 1,
     'layers': 2,
     'weights': 3,
@@ -115,3 +115,22 @@ def test_no_import_circles():
         if m not in state:
             visit(m, [])
     assert not cycles, 'import circles:\n' + '\n'.join(' -> '.join(c) for c in cycles)
+
+
+def _reachable(g: Dict[str, Set[str]], start: str) -> Set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        for d in g.get(m, ()):
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+
+def test_the_dispatcher_never_measures():
+    """Calibration is a tool: nothing the dispatcher (or a layer) imports reaches the measuring code,
+    directly or through other modules, so no forward pass can start a measurement."""
+    g = graph()
+    for start in ('vitfree.ops.dispatch', 'vitfree.ops.backend', 'vitfree.layers.window_attention'):
+        assert 'vitfree.ops.calibrate' not in _reachable(g, start), start

@@ -105,14 +105,18 @@ def test_bounds_are_the_clipped_rectangles():
     assert b[0, 1 + 2 * 5 + 4].tolist() == [1, 2, 2, 4]  # patch (2, 4)
 
 
-def test_dropout_falls_back_to_tiled():
+def test_dropout_is_never_given_to_native():
+    """The kernel has no attention dropout: auto never picks it for a call with dropout, and naming it
+    is a clear error that lists what can run it."""
+    from vitfree.ops import BackendError, choose_backend, make_query, plan
     windows = LayerWindows(2, (5, 5))
     q, k, v = (torch.randn(1, 2, 26, 8) for _ in range(3))
-    torch.manual_seed(1)
-    out = native_window_attention(q, k, v, windows, 1, dropout_p=0.5)
-    torch.manual_seed(1)
-    ref = window_attention(q, k, v, windows, 1, dropout_p=0.5, backend='tiled')
-    torch.testing.assert_close(out, ref)
+    query = make_query(q, windows.grid, 1, 2, 8, dropout=True)
+    assert plan(windows, query).name != 'native'
+    with pytest.raises(BackendError, match=r"'native' cannot run .*has no attention dropout.*backends that can"):
+        native_window_attention(q, k, v, windows, 1, dropout_p=0.5)
+    out = window_attention(q, k, v, windows, 1, dropout_p=0.5)
+    assert out.shape == q.shape and choose_backend(q, windows, 1) in ('native', 'dense', 'tiled')
 
 
 def test_model_on_native_equals_dense_and_compiles():

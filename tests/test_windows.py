@@ -184,9 +184,11 @@ def test_shipped_priors_are_consistent():
         get_spec('nope')
 
 
-def test_layer_windows_caches_masks():
+def test_layer_windows_is_an_interned_value():
     lw = LayerWindows(np.ones((3, 3, 4), dtype=np.int32), (3, 3))
-    assert lw.mask(1) is lw.mask(1)
+    assert LayerWindows(np.ones((3, 3, 4), dtype=np.int64), (3, 3)) is lw  # equal windows: one object
+    assert not hasattr(lw, '_cache') and not hasattr(lw, 'cached')  # nothing derived is stored on it
+    assert torch.equal(lw.mask(1), lw.mask(1)) and lw.mask(1) is not lw.mask(1)
     assert lw.mask(1).shape == (10, 10) and lw.mask(0).shape == (9, 9)
     assert lw.mean_area() == pytest.approx((4 + 6 + 4 + 6 + 9 + 6 + 4 + 6 + 4) / 9)
     assert torch.equal(lw.extents_tensor(), torch.ones(3, 3, 4, dtype=torch.int64))

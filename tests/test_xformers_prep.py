@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import vitfree.ops.xformers_attn as xfa
-from vitfree.ops import dense_window_attention, window_bias, xformers_inputs, xformers_supports
+from vitfree.ops import Plan, dense_window_attention, get_backend, make_query
+from vitfree.ops.xformers_attn import window_bias, xformers_inputs, xformers_supports
 from vitfree.windows import LayerWindows
 
 
@@ -19,6 +20,13 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 def _windows(per_head=False, grid=(5, 7), heads=3, seed=0):
     shape = ((heads,) if per_head else ()) + (*grid, 4)
     return LayerWindows(np.random.default_rng(seed).integers(0, 3, size=shape), grid)
+
+
+def _run(name, q, k, v, windows, prefix, scale=None):
+    """Backend ``name`` on CPU tensors, its CUDA-only support check bypassed (the kernel is faked)."""
+    b = get_backend(name)
+    query = make_query(q, windows.grid, prefix, q.shape[1], q.shape[-1], v.shape[-1])
+    return Plan(b, windows, query, b.prepare(windows, query))(q, k, v, scale)
 
 
 def _xformers_alignment_problems(bias: torch.Tensor):
@@ -104,7 +112,7 @@ def fake_xformers(monkeypatch):
 def test_wrapper_with_reference_kernel_equals_dense(fake_xformers, per_head):
     windows = _windows(per_head)
     q, k, v = (torch.randn(2, 3, 36, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out = xfa.xformers_window_attention(q, k, v, windows, 1, scale=0.3)
+    out = _run('xformers', q, k, v, windows, 1, scale=0.3)
     ref = dense_window_attention(q, k, v, windows, 1, scale=0.3)
     assert out.shape == q.shape
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -127,7 +135,8 @@ def test_probe_reports_unsupported_kernels(fake_xformers):
 
 def test_supports_refuses_cpu_without_importing():
     q = torch.randn(1, 2, 36, 8)
-    assert 'CUDA' in xformers_supports(q, _windows())
+    windows = _windows()
+    assert 'CUDA' in xformers_supports(make_query(q, windows.grid, 1, 2, 8), windows)
 
 
 def test_missing_xformers_gives_install_hint(monkeypatch):
@@ -138,13 +147,14 @@ def test_missing_xformers_gives_install_hint(monkeypatch):
     mod, reason = xfa.import_xformers()
     assert mod is None and 'vitfree[gpu]' in reason
     with pytest.raises(RuntimeError, match='not usable'):
-        xfa.xformers_window_attention(*(torch.randn(1, 1, 35, 8) for _ in range(3)), _windows(), 0)
+        _run('xformers', *(torch.randn(1, 1, 35, 8) for _ in range(3)), _windows(), 0)
 
 
 def test_cpu_users_never_import_xformers():
     code = (
         'import sys, warnings, torch, timm, vitfree\n'
         'warnings.simplefilter("error")\n'
+        'warnings.filterwarnings("ignore", message="vitfree: no attention cost table")  # a CPU without its table\n'
         'from vitfree.windows import WindowSpec\n'
         'm = vitfree.create_winft("vit_tiny_patch16_224", windows=WindowSpec.uniform(12, 4, 1), img_size=64)\n'
         'm.eval()\n'
@@ -255,8 +265,10 @@ def test_batched_tiles_equal_dense_outputs_and_gradients(case):
     ref = dense_window_attention(q, k, v, windows, prefix, scale=0.4)
     g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
     kernel = lambda q_, k_, v_, bias, scale, p: _reference_mea(q_, k_, v_, attn_bias=bias, p=p, scale=scale)  # noqa: E731
+    tiles = tile_batch(windows, prefix, 'cpu', tile)
+    bias = tile_bias(windows, prefix, 'cpu', q.dtype, tiles.tile)
     for kern in (kernel, None):
-        out = fused_tiles_attention(q, k, v, windows, prefix, 0.4, kernel=kern, tile=tile)
+        out = fused_tiles_attention(q, k, v, tiles, bias, prefix, windows.per_head, 0.4, kernel=kern)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
         for a, b in zip(torch.autograd.grad(out.square().sum(), (q, k, v)), g_ref):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -280,16 +292,16 @@ def test_xformers_tiles_and_dense_through_the_fake_kernel(fake_xformers):
     windows = _windows(grid=(9, 7))
     q, k, v = (torch.randn(2, 3, 64, 8, dtype=torch.float64) for _ in range(3))
     ref = dense_window_attention(q, k, v, windows, 1)
-    for fn in (xfa.xformers_window_attention, xfa.xformers_dense_attention):
-        torch.testing.assert_close(fn(q, k, v, windows, 1), ref, rtol=1e-10, atol=1e-10)
+    for name in ('xformers', 'xformers-dense'):
+        torch.testing.assert_close(_run(name, q, k, v, windows, 1), ref, rtol=1e-10, atol=1e-10)
 
 
 def test_prepare_builds_what_a_call_reads():
-    """After prepare, a call is a cache hit: the same index and bias tensors come back."""
+    """A plan's prepared data are the backend's cached tensors: preparing again returns the same objects."""
     windows = _windows(grid=(9, 7))
-    xfa.xformers_prepare(windows, 1, torch.device('cpu'), torch.float16)
-    before = dict(windows._cache)
-    b = tile_batch(windows, 1, 'cpu')
-    assert b is tile_batch(windows, 1, 'cpu')
-    assert tile_bias(windows, 1, 'cpu', torch.float16).data_ptr() == tile_bias(windows, 1, 'cpu', torch.float16).data_ptr()
-    assert set(windows._cache) == set(before)
+    query = make_query(torch.empty(1, 3, 64, 8, dtype=torch.float16), windows.grid, 1, 3, 8)
+    b = get_backend('xformers')
+    batch, bias = b.prepare(windows, query)
+    again = b.prepare(windows, query)
+    assert again[0] is batch and again[1].data_ptr() == bias.data_ptr()
+    assert tile_batch(windows, 1, 'cpu') is batch

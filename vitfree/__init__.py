@@ -15,7 +15,7 @@ from .version import __version__
 __all__ = [
     '__version__', 'WindowSpec', 'LayerWindows', 'WindowSpecError', 'get_spec', 'list_specs', 'resolve_spec',
     'use_backend', 'window_attention', 'available_backends', 'list_backends', 'BackendError',
-    'WindowAttention', 'WinfT', 'create_winft',
+    'WindowAttention', 'WinfT', 'create_winft', 'to_winft',
 ]
 
 # every public name -> the module that defines it; loaded on first use
@@ -27,6 +27,7 @@ _LAZY = {
     'WindowAttention': 'vitfree.layers',
     'WinfT': 'vitfree.models',
     'create_winft': 'vitfree.models',
+    'to_winft': 'vitfree.models',
     # analysis entry points (they pull in matplotlib, tqdm, ...)
     'record': 'vitfree.analysis.capture',
     'Recorder': 'vitfree.analysis.capture',

@@ -22,7 +22,7 @@ import sys
 import warnings
 from typing import List, Optional, Tuple
 
-COMMANDS = ['demo', 'erf', 'analyze', 'finetune', 'bench', 'push', 'specs']
+COMMANDS = ['demo', 'erf', 'analyze', 'finetune', 'bench', 'push', 'specs', 'calibrate']
 IMAGE_COMMANDS = ('erf', 'analyze')  # commands that read image files (finetune declares its own --strict)
 
 

@@ -36,7 +36,7 @@ __all__ = [
     'prepare_factory_kwargs', 'secure_pretrained_cfg', 'strict_filter', 'check_state_dict',
     'load_manifest', 'verify_weights', 'add_to_manifest', 'manifest_path', 'shipped_weights_file',
     'sha256_file', 'set_default_mode', 'check_weights_file', 'read_weights', 'load_weights', 'recorded_weights',
-    'parse_windows',
+    'parse_windows', 'secure_factory_kwargs', 'check_loaded_weights',
     'CONFIG_NAME', 'WEIGHTS_NAME', 'PICKLE_SUFFIXES',
 ]
 
@@ -326,15 +326,10 @@ def parse_windows(windows: Any, where: str) -> Optional[WindowSpec]:
 
 
 # ---- what the factories call before building ----------------------------------------------------------
-def prepare_factory_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any],
-                           filter_fn: Optional[Callable] = None) -> Dict[str, Any]:
-    """Check a spec that came from a ``config.json``, make the pretrained source safe and loading strict.
-
-    Called by the model entry points with their keyword arguments and their checkpoint filter;
-    returns the arguments to build with (``pretrained_filter_fn`` included).  A malformed
-    ``model_args.windows`` raises :class:`WindowSpecError` naming the config file and the field;
-    with ``pretrained=True`` the weight source is resolved by :func:`secure_pretrained_cfg`.
-    """
+def secure_factory_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """A model entry point's keyword arguments with a spec from ``config.json`` decoded (errors name that
+    file) and, with ``pretrained=True``, the weight source resolved to a checked local file
+    (:func:`secure_pretrained_cfg`)."""
     kwargs = dict(kwargs)
     cfg = kwargs.get('pretrained_cfg')
     saved = kwargs.get('pretrained_model_args') or {}
@@ -347,11 +342,73 @@ def prepare_factory_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any
     if pretrained:
         kwargs['pretrained_cfg'] = secure_pretrained_cfg(
             variant, kwargs.get('pretrained_cfg'), kwargs.pop('pretrained_cfg_overlay', None), kwargs.get('cache_dir'))
+    return kwargs
+
+
+def prepare_factory_kwargs(variant: str, pretrained: bool, kwargs: Dict[str, Any],
+                           filter_fn: Optional[Callable] = None) -> Dict[str, Any]:
+    """:func:`secure_factory_kwargs`, and loading made strict: the ``pretrained_filter_fn`` to build with
+    (``filter_fn`` wrapped by :func:`strict_filter` unless ``pretrained_strict=False``)."""
+    kwargs = secure_factory_kwargs(variant, pretrained, kwargs)
     if kwargs.get('pretrained_strict', True):
         kwargs['pretrained_filter_fn'] = strict_filter(filter_fn)
     elif filter_fn is not None:
         kwargs['pretrained_filter_fn'] = filter_fn
     return kwargs
+
+
+def _weights_file_of(cfg: Mapping[str, Any]) -> Optional[Path]:
+    """The local weight file a resolved (:func:`secure_pretrained_cfg`) pretrained config loads."""
+    if cfg.get('source') == 'local-dir':
+        folder = Path(cfg.get('file') or '')
+        record = recorded_weights(folder)
+        if record is not None:
+            return folder / record['file']
+        return next((folder / n for n in (WEIGHTS_NAME, 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
+                     if (folder / n).is_file()), None)
+    return Path(cfg['file']) if cfg.get('file') else None
+
+
+def _shapes_only(path: Path) -> Dict[str, Any]:
+    """The state dict of a weight file as meta tensors (names, shapes, dtypes; no data read)."""
+    import torch
+    if path.name.endswith('.safetensors'):
+        from safetensors import safe_open
+        out = {}
+        with safe_open(str(path), framework='pt') as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = torch.empty(sl.get_shape(), dtype=getattr(torch, _ST_DTYPES.get(sl.get_dtype(), 'float32')),
+                                     device='meta')
+        return out
+    return read_weights(path)
+
+
+_ST_DTYPES = {'F32': 'float32', 'F16': 'float16', 'BF16': 'bfloat16', 'F64': 'float64', 'I64': 'int64',
+              'I32': 'int32', 'I16': 'int16', 'I8': 'int8', 'U8': 'uint8', 'BOOL': 'bool'}
+
+
+def check_loaded_weights(model: Any, pretrained_cfg: Mapping[str, Any], filter_fn: Optional[Callable] = None) -> None:
+    """After timm loaded pretrained weights its own way, check they fit the model exactly: the file's
+    keys, after the family's ``filter_fn``, against the model's (only the classifier may differ).
+    timm's own loading relaxes to non-strict when the number of classes changes; this closes that gap."""
+    path = _weights_file_of(pretrained_cfg)
+    if path is None or not path.is_file():
+        return
+    def filtered(sd):
+        if filter_fn is None:
+            return sd
+        try:
+            return filter_fn(sd, model)
+        except TypeError:  # one-argument filters, as timm allows
+            return filter_fn(sd)
+    try:
+        sd = filtered(_shapes_only(path))
+    except Exception:  # noqa: BLE001 - a filter that needs real values: read them
+        sd = filtered(read_weights(path))
+    first_conv = pretrained_cfg.get('first_conv')
+    convs = (first_conv,) if isinstance(first_conv, str) else tuple(first_conv or ())
+    check_state_dict(sd, model, str(path), skip_shapes=[f'{c}.weight' for c in convs])
 
 
 def secure_pretrained_cfg(

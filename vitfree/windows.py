@@ -9,9 +9,9 @@ and it always holds the query patch itself, so no attention row can be empty.
 Prefix tokens (class token, register tokens) are never constrained: they see every token and
 every token sees them.  A block may also be ``global``: then it is an unmodified ViT block.
 
-This module holds plain data (NumPy arrays), builds masks with torch and keeps, per
-:class:`LayerWindows`, the one cache of everything derived from its windows; it has no
-``torch.nn`` in it.  The file format is documented in :meth:`WindowSpec.to_dict`.
+This module holds plain values (NumPy arrays) and builds masks with torch; it caches nothing
+(every backend keeps what it prepares for some windows in its own room, :mod:`vitfree.ops`) and
+has no ``torch.nn`` in it.  The file format is documented in :meth:`WindowSpec.to_dict`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -183,20 +183,18 @@ def extents_mask(extents: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
 
 
 class LayerWindows:
-    """The windows of one (non-global) block at one grid size, and everything derived from them.
+    """The windows of one (non-global) block at one grid size: a value.
 
     ``extents`` is an int32 array ``(H, W, 4)`` or ``(heads, H, W, 4)``.  Instances are
-    immutable and interned: constructing equal windows twice gives the same object.  Every object derived from the windows (device tensors, masks, additive biases,
-    resized windows, the backends' tile plans and block masks, the dispatcher's backend choice
-    per shape, device and dtype) lives in one cache on the instance, filled by :meth:`cached`.
-    Blocks with identical windows share one instance, so they share the cache too.
+    immutable and interned by content: constructing equal windows twice gives the same object,
+    in one model or many, so whatever a backend prepares for them (tile plans, biases; each
+    backend keeps its own, see :class:`vitfree.ops.backend.PreparedCache`) is made once.  Nothing
+    derived from the windows is stored here.
     """
 
     _live: 'weakref.WeakValueDictionary[str, LayerWindows]' = weakref.WeakValueDictionary()
 
     def __new__(cls, extents: np.ndarray, grid: Grid) -> 'LayerWindows':
-        # instances are interned by content: equal windows are one object with one cache, in one
-        # model or many, and compiled graphs see the same constant key for them
         grid = to_grid(grid)
         ext = _as_extents(extents, grid, 'LayerWindows')
         digest = hashlib.blake2b(ext.tobytes(), digest_size=12).hexdigest()
@@ -211,8 +209,7 @@ class LayerWindows:
             obj.per_head = ext.ndim == 4
             obj.num_heads = int(ext.shape[0]) if obj.per_head else None
             obj.num_patches = grid[0] * grid[1]
-            obj._cache = {}
-            cls._live[key] = obj
+            obj = cls._live.setdefault(key, obj)  # another thread may have made the same windows meanwhile
         return obj
 
     def __init__(self, extents: np.ndarray, grid: Grid) -> None:
@@ -227,11 +224,6 @@ class LayerWindows:
     def __deepcopy__(self, memo) -> 'LayerWindows':
         return self
 
-    @classmethod
-    def by_key(cls, key: str) -> 'LayerWindows':
-        """The live instance with this :attr:`key` (how compiled code reaches it by a constant)."""
-        return cls._live[key]
-
     def max_extents(self) -> Tuple[int, int, int, int]:
         """Largest (up, down, left, right) over all patches (and heads); extents are stored
         clipped to the grid."""
@@ -242,44 +234,23 @@ class LayerWindows:
         """Mean number of patches per window after clipping to the grid."""
         return float(window_areas(self.extents, self.grid).mean())
 
-    def cached(self, key: Any, make: Callable[[], Any]) -> Any:
-        """The cached value for ``key``, made by ``make()`` on first use."""
-        val = self._cache.get(key)
-        if val is None:
-            val = make()
-            self._cache[key] = val
-        return val
-
     def extents_tensor(self, device: Union[str, torch.device, None] = None) -> torch.Tensor:
-        """The extents as an int32 tensor on ``device``."""
-        dev = _device(device)
-        return self.cached(('extents', str(dev)), lambda: torch.from_numpy(np.array(self.extents)).to(dev))
+        """The extents as a new int32 tensor on ``device``."""
+        return torch.from_numpy(np.array(self.extents)).to(_device(device))
 
     def mask(self, num_prefix_tokens: int = 0, device: Union[str, torch.device, None] = None) -> torch.Tensor:
-        """Boolean ``(T, T)`` (or ``(heads, T, T)``) mask, ``True`` = may attend."""
-        dev = _device(device)
-        if num_prefix_tokens < 0:
-            raise WindowSpecError(f'num_prefix_tokens must be >= 0, got {num_prefix_tokens}')
-        return self.cached(('mask', num_prefix_tokens, str(dev)),
-                           lambda: extents_mask(self.extents_tensor(dev), num_prefix_tokens))
-
-    def bias(self, num_prefix_tokens: int = 0, device: Union[str, torch.device, None] = None,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The mask as an additive bias in ``dtype``: 0 where attention is allowed, -inf elsewhere."""
-        dev = _device(device)
-
-        def make() -> torch.Tensor:
-            allowed = self.mask(num_prefix_tokens, dev)
-            return torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float('-inf'))
-        return self.cached(('bias', num_prefix_tokens, str(dev), dtype), make)
+        """Boolean ``(T, T)`` (or ``(heads, T, T)``) mask, ``True`` = may attend (a new tensor)."""
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, (int, np.integer)) \
+                or num_prefix_tokens < 0:
+            raise WindowSpecError(f'num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}')
+        return extents_mask(self.extents_tensor(device), int(num_prefix_tokens))
 
     def resize(self, grid: Union[int, Sequence[int]], mode: str = 'scale') -> 'LayerWindows':
-        """These windows on another grid (see :func:`resize_extents`); cached; same grid -> ``self``."""
+        """These windows on another grid (see :func:`resize_extents`); same grid -> ``self``."""
         grid = to_grid(grid)
         if grid == self.grid:
             return self
-        return self.cached(('resized', grid, check_resize_mode(mode)),
-                           lambda: LayerWindows(resize_extents(self.extents, self.grid, grid, mode), grid))
+        return LayerWindows(resize_extents(self.extents, self.grid, grid, check_resize_mode(mode)), grid)
 
     def __repr__(self) -> str:
         shape = 'x'.join(str(s) for s in self.extents.shape)

@@ -1,34 +1,43 @@
-"""``WindowAttention``: timm's ``Attention`` with per-patch windows, and the one attention forward.
+"""``WindowAttention``: timm's ``Attention`` with per-patch windows, and the one windowed attention core.
 
-Same constructor, same parameters (names and shapes) as :class:`timm.layers.Attention`, so
-state dicts move between the two untouched; the windows are never parameters or persistent
-buffers.  A block without windows (``global``) computes exactly what timm's ``Attention`` does.
+Same parameters (names and shapes) as :class:`timm.layers.Attention`, so state dicts move between
+the two untouched; the windows are never parameters or persistent buffers.  A block without
+windows (``global``) computes exactly what timm's ``Attention`` does.  A timm ``Attention`` becomes
+a ``WindowAttention`` in place with :meth:`WindowAttention.from_attention` (its modules and
+parameters move over as they are), which is how models are given windows.
 
-There is one forward.  Its fused path runs a kernel chosen by the dispatcher
-(:mod:`vitfree.ops.dispatch`); its explicit-softmax path (``fused_attn = False``, as in timm, or
-``vitfree.use_backend('eager')``) passes the post-softmax probabilities through ``attn_drop``,
-an identity outside training.  That module is the hook point: timm's ``AttentionExtract``
-(``method='hook'``) and vitfree's recorder attach to it, so what they read is what the
-forward computes.
+:class:`WindowedCore` is what every windowed layer shares, whatever its family (timm's
+``Attention`` here; EVA's rotary attention and the position-bias attentions elsewhere): the
+windows, the grid of the current input, and :meth:`WindowedCore.attend`, the one windowed
+attention forward.  It asks the dispatcher (:mod:`vitfree.ops.dispatch`) for a plan with one
+query and runs it.  On the explicit-softmax path (``fused_attn = False``, as in timm, or
+``vitfree.use_backend('eager')``) the post-softmax probabilities pass through ``attn_drop``, an
+identity outside training: that module is the hook point, so timm's ``AttentionExtract``
+(``method='hook'``) and vitfree's recorder read what the forward computes.
 
-Traced and scripted forms (TorchScript, FX, ``torch.jit.trace``, ``torch.export``, ONNX) run a
-windowed block on one exact path built from plain tensor operations: the window mask is
-built from the ``window_extents`` buffer at the grid the model was made for.
-``torch.compile`` keeps the dispatcher: the backend is chosen, and its tile plans or masks
-built, once while the graph is traced (see :func:`vitfree.ops.dispatch.layer_backend`).
+Graphs: ``torch.compile`` keeps the dispatcher (the plan is made while the graph is traced).
+Symbolic FX tracing (timm's feature extraction, ``AttentionExtract(method='fx')``) calls the
+dispatched kernel as one leaf function on the fused path, so the graph computes bit for bit
+what the module does, and traces the explicit-softmax path op by op.  TorchScript,
+``torch.jit.trace``, ``torch.export`` and ONNX run windowed blocks on plain tensor operations: the
+window mask is built from the ``window_extents`` buffer at the grid the model was made for.
 """
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
-from ..ops.dispatch import layer_backend, qkv_entry, run_backend
+from ..ops.dispatch import AUTO, make_query, plan
+from ..ops.eager import apply_probs, softmax_probs
 from ..windows import LayerWindows, WindowSpecError, check_resize_mode, extents_mask, to_grid
 
-__all__ = ['WindowAttention', 'graph_window_bias', 'is_fx_tracing']
+__all__ = ['WindowAttention', 'WindowedCore', 'graph_window_bias', 'is_fx_tracing', 'fx_window_attention']
+
+torch.fx.wrap('resolve_self_attn_mask')  # timm's own wrap covers only calls from timm's module
 
 
 @torch.fx.wrap
@@ -59,36 +68,59 @@ def is_fx_tracing() -> bool:
 
 
 @torch.jit.unused
-def _graph_mode() -> bool:
-    """True while the forward is being traced into a graph that must be pure tensor operations."""
-    return bool(torch.jit.is_tracing() or is_fx_tracing() or torch.compiler.is_exporting())
+def _plain_graph() -> bool:
+    """True while the forward is traced into a graph of plain tensor operations (jit.trace, export)."""
+    return bool(torch.jit.is_tracing() or torch.compiler.is_exporting())
 
 
-class WindowAttention(Attention):
+def grid_for(native: Optional[LayerWindows], grid: Tuple[int, int], num_patches: int) -> Tuple[int, int]:
+    """The patch grid of an input with ``num_patches`` patch tokens, given the grid the layer was told."""
+    if grid[0] * grid[1] != num_patches:
+        if native is not None and native.num_patches == num_patches:
+            return native.grid
+        raise WindowSpecError(
+            f'{num_patches} patch tokens do not match the grid {grid[0]}x{grid[1]} this layer was told about; '
+            f'call set_grid((H, W)) before running it on another image size')
+    return grid
+
+
+def run_windows(windows: LayerWindows, grid: Tuple[int, int], resize_mode: str, num_prefix_tokens: int,
+                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: Optional[torch.Tensor], scale: float,
+                dropout_p: float, attn_mask: Optional[torch.Tensor], backend: str, explicit_softmax: bool,
+                probs_hook=None) -> Tuple[torch.Tensor, str]:
+    """The windowed attention of a layer, eagerly or inside ``torch.compile``: ``(B, heads, T, d)`` q, k,
+    v (and the packed ``qkv`` projection when the fused entry may be used, else None) -> ``(B, T, heads
+    * value_dim)`` and the backend that ran."""
+    b, h, t, d = q.shape
+    query = make_query(q, grid, num_prefix_tokens, h, d, v.shape[-1], dropout=dropout_p > 0,
+                       caller_mask=attn_mask is not None, override=backend, explicit_softmax=explicit_softmax)
+    p = plan(windows, query, resize_mode)
+    if qkv is not None and p.has_qkv_entry:
+        return p.from_qkv(qkv, scale).reshape(b, t, h * d), p.name
+    x = p(q, k, v, scale, dropout_p, attn_mask, probs_hook)
+    return x.transpose(1, 2).reshape(b, t, h * v.shape[-1]), p.name
+
+
+@torch.fx.wrap
+def fx_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: Optional[torch.Tensor],
+                        extents: torch.Tensor, native_h: int, native_w: int, resize_mode: str, num_prefix_tokens: int,
+                        scale: float, dropout_p: float, attn_mask: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    """:func:`run_windows` as one FX leaf: an FX graph of a windowed model runs the very kernel the
+    module runs (the windows come back from the ``window_extents`` buffer, interned to the same object)."""
+    windows = LayerWindows(extents.cpu().numpy().astype(np.int64), (native_h, native_w))
+    grid = grid_for(windows, windows.grid, q.shape[-2] - num_prefix_tokens)
+    return run_windows(windows, grid, resize_mode, num_prefix_tokens, q, k, v, qkv, scale, dropout_p, attn_mask,
+                       backend, False)[0]
+
+
+class WindowedCore:
+    """The windows of an attention layer and the one windowed attention forward (a mixin for
+    ``nn.Module`` attention classes that define ``num_heads``, ``scale``, ``attn_drop`` and ``fused_attn``)."""
     __jit_unused_properties__ = ['windows']
-    """Multi-head self-attention in which each patch query sees only its window.
 
-    Args (beyond timm's ``Attention``):
-        windows: this block's :class:`~vitfree.windows.LayerWindows` at the model's native
-            grid, or ``None`` for a global block.
-        num_prefix_tokens: leading class/register tokens (always global).
-        backend: attention backend name (``'auto'``, ``'dense'``, ``'tiled'``, ``'eager'``, ...);
-            see :mod:`vitfree.ops.dispatch` for how it combines with ``vitfree.use_backend``.
-    """
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            *,
-            windows: Optional[LayerWindows] = None,
-            num_prefix_tokens: int = 1,
-            backend: Optional[str] = None,
-            **kwargs,
-    ) -> None:
-        super().__init__(dim, num_heads=num_heads, **kwargs)
+    def init_windows(self, windows: Optional[LayerWindows], num_prefix_tokens: int, backend: Optional[str]) -> None:
         self.num_prefix_tokens = num_prefix_tokens
-        self.backend = backend
+        self.backend = backend or AUTO
         self.resize_mode = 'scale'
         self.last_backend: Optional[str] = None
         self.windowed = False
@@ -98,7 +130,6 @@ class WindowAttention(Attention):
         self.register_buffer('window_extents', torch.zeros(0, 0, 4, dtype=torch.int32), persistent=False)
         self.set_windows(windows)
 
-    # ---- windows ------------------------------------------------------------------------
     @property
     def windows(self) -> Optional[LayerWindows]:
         """Windows at the native grid (``None`` = global block)."""
@@ -117,12 +148,12 @@ class WindowAttention(Attention):
             self.num_prefix_tokens = num_prefix_tokens
         if resize_mode is not None:
             self.resize_mode = check_resize_mode(resize_mode)
+        dev = self.window_extents.device
         if windows is not None:
             self.grid = windows.grid
-            ext = windows.extents_tensor(self.window_extents.device)
+            self.window_extents = windows.extents_tensor(dev)
         else:
-            ext = torch.zeros(0, 0, 4, dtype=torch.int32, device=self.window_extents.device)
-        self.window_extents = ext.clone()
+            self.window_extents = torch.zeros(0, 0, 4, dtype=torch.int32, device=dev)
 
     def set_grid(self, grid) -> None:
         """Tell the layer the patch grid of the coming input (the model does this)."""
@@ -132,49 +163,103 @@ class WindowAttention(Attention):
         """The windows resized (``resize_mode``, METHODS §1.4) to the grid of the current input."""
         if self._windows is None:
             return None
-        return self._windows.resize(self._grid_for(num_patches), self.resize_mode)
+        return self._windows.resize(grid_for(self._windows, self.grid, num_patches), self.resize_mode)
 
-    def _grid_for(self, num_patches: int) -> Tuple[int, int]:
-        grid = self.grid
-        if grid[0] * grid[1] != num_patches:
-            if self._windows is not None and self._windows.num_patches == num_patches:
-                return self._windows.grid
-            raise WindowSpecError(
-                f'{num_patches} patch tokens do not match the grid {grid[0]}x{grid[1]} this layer was told '
-                f'about; call set_grid((H, W)) before running it on another image size')
-        return grid
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+               is_causal: bool = False, qkv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Windowed attention of this layer on ``(B, heads, T, d)`` q, k, v (after any q/k norm or rotary
+        embedding); ``qkv``: the packed projection, when the q, k, v are plain slices of it (lets a fused
+        kernel read it in place).  Returns ``(B, T, heads * value_dim)``."""
+        if torch.jit.is_scripting() or _plain_graph() or (is_fx_tracing() and not self.fused_attn):
+            b, h, t, _ = q.shape
+            dropout_p = self.attn_drop.p if self.training else 0.0
+            bias = graph_window_bias(self.window_extents, self.num_prefix_tokens, q, attn_mask, is_causal)
+            if self.fused_attn:
+                x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scale)
+            else:
+                x = apply_probs(self.attn_drop(softmax_probs(q, k, self.scale, bias)), v)
+            return x.transpose(1, 2).reshape(b, t, h * v.shape[-1])
+        return self._dispatched(q, k, v, attn_mask, is_causal, qkv)
 
-    # ---- forward ------------------------------------------------------------------------
-    def forward(
-            self,
-            x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
+    @torch.jit.unused
+    def _dispatched(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                    is_causal: bool, qkv: Optional[torch.Tensor]) -> torch.Tensor:
+        """Outside plain graphs: the dispatcher's plan (inside an FX trace, as one leaf function)."""
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        mask = resolve_self_attn_mask(q.shape[-2], q, attn_mask, is_causal)
+        if is_fx_tracing():
+            native = self._windows.grid
+            return fx_window_attention(q, k, v, qkv, self.window_extents, native[0], native[1], self.resize_mode,
+                                       self.num_prefix_tokens, self.scale, dropout_p, mask, self.backend)
+        grid = grid_for(self._windows, self.grid, q.shape[-2] - self.num_prefix_tokens)
+        x, self.last_backend = run_windows(self._windows, grid, self.resize_mode, self.num_prefix_tokens, q, k, v,
+                                           qkv, self.scale, dropout_p, mask, self.backend, not self.fused_attn,
+                                           self.attn_drop)
+        return x
+
+
+class WindowAttention(WindowedCore, Attention):
+    """Multi-head self-attention in which each patch query sees only its window.
+
+    Args (beyond timm's ``Attention``):
+        windows: this block's :class:`~vitfree.windows.LayerWindows` at the model's native
+            grid, or ``None`` for a global block.
+        num_prefix_tokens: leading class/register tokens (always global).
+        backend: attention backend name (``'auto'``, ``'dense'``, ``'tiled'``, ``'eager'``, ...);
+            see :mod:`vitfree.ops.dispatch` for how it combines with ``vitfree.use_backend``.
+    """
+    __jit_unused_properties__ = ['windows']
+
+    def __init__(self, dim: int, num_heads: int = 8, *, windows: Optional[LayerWindows] = None,
+                 num_prefix_tokens: int = 1, backend: Optional[str] = None, **kwargs) -> None:
+        super().__init__(dim, num_heads=num_heads, **kwargs)
+        self.init_windows(windows, num_prefix_tokens, backend)
+
+    @classmethod
+    def from_attention(cls, attn: Attention, windows: Optional[LayerWindows] = None, num_prefix_tokens: int = 1,
+                       backend: Optional[str] = None) -> 'WindowAttention':
+        """The windowed layer holding ``attn``'s own modules and parameters (nothing is copied: the
+        state dict stays the same)."""
+        if not isinstance(attn, Attention):
+            raise TypeError(f'expected a timm.layers.Attention, got {type(attn).__name__}')
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for key, val in vars(attn).items():
+            if key not in ('_parameters', '_buffers', '_modules', '_non_persistent_buffers_set'):
+                object.__setattr__(new, key, val)
+        for name, m in attn._modules.items():
+            new._modules[name] = m
+        for name, p in attn._parameters.items():
+            new._parameters[name] = p
+        for name, b in attn._buffers.items():
+            new._buffers[name] = b
+        new._non_persistent_buffers_set = set(attn._non_persistent_buffers_set)
+        new.init_windows(windows, num_prefix_tokens, backend)
+        return new
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         B, N, C = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        dropout_p = self.attn_drop.p if self.training else 0.0
-
-        if self.windowed and not (torch.jit.is_scripting() or _graph_mode()):
-            x = self._dispatched(qkv, attn_mask, is_causal, dropout_p)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.windowed:
+            plain = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+            x = self.attend(q, k, v, attn_mask, is_causal, qkv if plain else None)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            q, k = self.q_norm(q), self.k_norm(k)
-            if not self.windowed:
-                if self.fused_attn:
-                    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                       is_causal=is_causal)
-                else:
-                    x = self.softmax_attention(q, k, v, None, attn_mask, is_causal)
+            dropout_p = self.attn_drop.p if self.training else 0.0
+            if self.fused_attn:
+                x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                   is_causal=is_causal)
             else:
-                bias = graph_window_bias(self.window_extents, self.num_prefix_tokens, q, attn_mask, is_causal)
-                if self.fused_attn:
-                    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scale)
-                else:
-                    x = self.softmax_attention(q, k, v, bias)
+                q = q * self.scale
+                attn = q @ k.transpose(-2, -1)
+                attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+                attn = attn.softmax(dim=-1)
+                attn = self.attn_drop(attn)
+                x = attn @ v
             x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
-
         x = self.norm(x)
         if gate is not None:
             x = x * gate
@@ -182,59 +267,6 @@ class WindowAttention(Attention):
         x = self.proj_drop(x)
         return x
 
-    def softmax_attention(
-            self,
-            q: torch.Tensor,
-            k: torch.Tensor,
-            v: torch.Tensor,
-            window_bias: Optional[torch.Tensor] = None,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
-        """The explicit-softmax path; the probabilities pass through ``attn_drop``, the hook point.
-
-        Logits and softmax are computed in fp32 (fp64 for fp64 inputs), whatever the input dtype,
-        so the probabilities that hooks read are never rounded to half precision."""
-        wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-        q = q.to(wide) * self.scale
-        attn = q @ k.to(wide).transpose(-2, -1)
-        attn = maybe_add_mask(attn, window_bias)
-        attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
-        attn = attn.softmax(dim=-1)
-        attn = self.attn_drop(attn)
-        return (attn @ v.to(wide)).to(v.dtype)
-
-    @torch.jit.unused
-    def _dispatched(self, qkv: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
-                    dropout_p: float) -> torch.Tensor:
-        """Windowed attention outside traced graphs: the dispatcher's kernel, or the softmax path.
-        ``qkv`` is the ``(B, N, 3, heads, head_dim)`` projection; returns ``(B, N, attn_dim)``."""
-        B, N = qkv.shape[:2]
-        p = self.num_prefix_tokens
-        grid = self._grid_for(N - p)
-        force = 'eager' if not self.fused_attn else 'dense' if attn_mask is not None or is_causal else ''
-        name = layer_backend(self._windows.key, grid[0], grid[1], self.resize_mode, p,
-                             0 if torch.compiler.is_compiling() else B, self.num_heads, self.head_dim,
-                             qkv.dtype, qkv.device.type, -1 if qkv.device.index is None else qkv.device.index,
-                             torch.is_grad_enabled() and qkv.requires_grad, self.backend or '', force)
-        windows = self._windows.resize(grid, self.resize_mode)
-        self.last_backend = name
-        fused = qkv_entry(name)
-        if (fused is not None and dropout_p == 0.0 and isinstance(self.q_norm, nn.Identity)
-                and isinstance(self.k_norm, nn.Identity)):
-            return fused(qkv, windows, p, self.scale).reshape(B, N, self.attn_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if name == 'eager':
-            x = self.softmax_attention(q, k, v, windows.bias(p, q.device, q.dtype), attn_mask, is_causal)
-        elif name == 'dense' and (attn_mask is not None or is_causal):  # the caller's mask on top of the windows
-            bias = maybe_add_mask(windows.bias(p, q.device, q.dtype),
-                                  resolve_self_attn_mask(q.shape[-2], q, attn_mask, is_causal))
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scale)
-        else:
-            x = run_backend(name, q, k, v, windows, p, self.scale, dropout_p)
-        return x.transpose(1, 2).reshape(B, N, self.attn_dim)
-
     def extra_repr(self) -> str:
         w = 'global' if self._windows is None else repr(self._windows)
-        return f'num_heads={self.num_heads}, windows={w}, backend={self.backend or "auto"}'
+        return f'num_heads={self.num_heads}, windows={w}, backend={self.backend}'

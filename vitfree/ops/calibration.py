@@ -1,55 +1,50 @@
-"""Measured costs of the attention backends on one device: the tables and where they are found.
+"""Cost tables of the attention backends: what the dispatcher reads to choose a kernel.
 
-The dispatcher estimates a backend's time for a call as ``call + per_unit * work``, where
-``work`` is that backend's own count of what one call does (query-key pairs times head size,
-plus gathered rows for the tiled kernels; each backend registers a ``work`` function).  On CUDA
-the two constants are *measured*: :func:`calibrate` times every backend that can run on the
-device on a few representative shapes (:mod:`vitfree.ops.calibrate`) (CUDA events, median of repeats) and fits them per
-precision (``lowp``: float16/bfloat16, ``fp32``) and mode (``infer``; ``train``: forward and
-backward), minimising the relative error.  Every sample is kept next to the fits.
+A table gives, per backend and per ``precision-mode`` (``fp32`` or ``lowp`` for float16/bfloat16;
+``infer``, or ``train`` for forward and backward), a :class:`Fit`: ``seconds = call + per_unit *
+work``, where ``work`` is that backend's own count of what one call does
+(:meth:`vitfree.ops.backend.Backend.work`).  Tables are per device: a GPU by its name, a CPU by
+its model and vector extensions (:func:`device_name`), because crossovers differ from one CPU to
+the next.
 
-Where a device's calibration comes from, first match wins (the device is named by
-``torch.cuda.get_device_name``):
+Where the table for a device comes from, first match wins:
 
-1. one installed with :func:`set_calibration` (tests install CPU ones this way);
-2. the file named by the environment variable ``VITFREE_CALIBRATION``;
-3. the user cache, written by :func:`vitfree.ops.calibrate.calibrate`: ``$VITFREE_CACHE_DIR``, else
-   ``$XDG_CACHE_HOME/vitfree``, else ``~/.cache/vitfree``, file
+1. one installed with :func:`set_calibration` (tests do this);
+2. the file named by ``VITFREE_CALIBRATION``, if it is for this device;
+3. the user cache written by ``vitfree calibrate`` (:mod:`vitfree.ops.calibrate`):
+   ``$VITFREE_CACHE_DIR``, else ``$XDG_CACHE_HOME/vitfree``, else ``~/.cache/vitfree``, file
    ``calibration/<device>-torch<version>-vitfree<version>.json``;
-4. the tables shipped with vitfree, ``vitfree/ops/calibrations/<device>.json`` (measured on the
-   device and committed; one for the same torch version is preferred).
+4. a table shipped with vitfree for this device, ``vitfree/ops/calibrations/<device>.json``
+   (measured on such a machine and committed);
+5. the shipped defaults for the device type (``defaults-cpu.json``: fitted on the first
+   development CPU; ``defaults-cuda.json``: guesses, never measured).  The dispatcher says so
+   once per device, as a warning that names ``vitfree calibrate``.
 
-5. none of these: the first attention call on that device measures one
-   (:func:`vitfree.ops.calibrate.auto_calibrate`, the quick shapes in low precision, at most
-   about a minute), saves it to the user cache (3.)
-   and uses it from then on, so the choice on a GPU always rests on timings of that GPU.  It says
-   so once, on the ``vitfree`` logger and as a warning.  Run ``python -m vitfree.ops.calibrate``
-   ahead of time to avoid that pause (and for the float32 fits).
-
-Only where a calibration cannot be measured at that moment (inside a ``torch.compile`` trace
-or a CUDA-graph capture, or with ``VITFREE_AUTO_CALIBRATE=0``) do CUDA estimates fall back to
-fixed guesses, and :func:`vitfree.ops.explain_choice` labels them ``guess, not measured``.
+Nothing here measures anything: measuring is a tool (``vitfree calibrate``), never a side effect
+of a forward pass.
 """
 from __future__ import annotations
 
 import json
 import os
+import platform
 import re
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 __all__ = [
-    'Fit', 'Calibration', 'calibration_for', 'set_calibration', 'device_name', 'cache_path', 'shipped_tables',
-    'precision_key',
+    'Fit', 'Calibration', 'calibration_for', 'set_calibration', 'device_name', 'cache_dir', 'cache_path',
+    'shipped_tables', 'defaults_for', 'fit_key', 'cpu_model', 'cpu_extensions', 'table_version',
 ]
 
 TABLE_DIR = Path(__file__).resolve().parent / 'calibrations'
 ENV_FILE = 'VITFREE_CALIBRATION'
-ENV_AUTO = 'VITFREE_AUTO_CALIBRATE'   # '0': never measure implicitly (fixed guesses on an uncalibrated GPU)
-AUTO_BUDGET_S = 60.0
+FORMAT = 'vitfree.calibration'
+CALIBRATE_COMMAND = 'vitfree calibrate'
 
 
 @dataclass(frozen=True)
@@ -64,43 +59,39 @@ class Fit:
         return self.call + self.per_unit * work
 
 
-def precision_key(dtype: torch.dtype) -> Optional[str]:
-    if dtype in (torch.float16, torch.bfloat16):
-        return 'lowp'
-    if dtype == torch.float32:
-        return 'fp32'
-    return None
-
-
-def _key(precision: str, training: bool) -> str:
+def fit_key(precision: str, training: bool) -> str:
     return f'{precision}-{"train" if training else "infer"}'
 
 
 @dataclass
 class Calibration:
-    """The fitted costs of one device: ``fits[backend][precision-mode]`` plus the raw samples."""
+    """The cost fits of one device: ``fits[backend][precision-mode]``, the raw samples, and whether
+    they were measured on that device (``measured``) or are shipped defaults."""
     device: str
     torch: str
     vitfree: str
     created: str
     fits: Dict[str, Dict[str, Fit]] = field(default_factory=dict)
     samples: List[Dict[str, Any]] = field(default_factory=list)
+    measured: bool = True
+    note: str = ''
     source: str = 'memory'
-    format: str = 'vitfree.calibration'
+    format: str = FORMAT
     version: int = 1
 
-    def fit(self, backend: str, dtype: torch.dtype, training: bool) -> Optional[Fit]:
-        """The fit for ``backend`` at this dtype and mode, or None when it was not measured."""
-        prec = precision_key(dtype)
-        if prec is None:
+    def fit(self, backend: str, precision: Optional[str], training: bool) -> Optional[Fit]:
+        """The fit for ``backend`` at this precision and mode, or None when the table has none."""
+        if precision is None:
             return None
-        return self.fits.get(backend, {}).get(_key(prec, training))
+        return self.fits.get(backend, {}).get(fit_key(precision, training))
 
     def backends(self) -> List[str]:
         return sorted(self.fits)
 
     def describe(self) -> str:
-        return f'measured on {self.device} (torch {self.torch}, {self.created}; {self.source})'
+        if self.measured:
+            return f'measured on {self.device} (torch {self.torch}, {self.created}; {self.source})'
+        return f'shipped defaults for {self.device} ({self.note or "not measured on this machine"}; {self.source})'
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -109,11 +100,15 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], source: str = 'memory') -> 'Calibration':
-        if d.get('format') != 'vitfree.calibration' or d.get('version') != 1:
-            raise ValueError(f'{source}: not a vitfree calibration (format {d.get("format")!r}, '
-                             f'version {d.get("version")!r})')
-        fits = {b: {k: Fit(**f) for k, f in per.items()} for b, per in d.get('fits', {}).items()}
-        return cls(d['device'], d['torch'], d['vitfree'], d['created'], fits, list(d.get('samples', [])), source)
+        if not isinstance(d, dict) or d.get('format') != FORMAT or d.get('version') != 1:
+            got = (d.get('format'), d.get('version')) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f'{source}: not a vitfree calibration table (format, version = {got!r})')
+        try:
+            fits = {b: {k: Fit(**f) for k, f in per.items()} for b, per in d.get('fits', {}).items()}
+            return cls(d['device'], d['torch'], d['vitfree'], d['created'], fits, list(d.get('samples', [])),
+                       bool(d.get('measured', True)), str(d.get('note', '')), source)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f'{source}: malformed calibration table ({type(e).__name__}: {e})') from None
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         path = Path(path)
@@ -127,27 +122,50 @@ class Calibration:
     def load(cls, path: Union[str, os.PathLike]) -> 'Calibration':
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding='utf-8'))
         except (OSError, ValueError) as e:
-            raise ValueError(f'cannot read calibration {str(path)!r}: {e}') from None
+            raise ValueError(f'cannot read calibration table {str(path)!r}: {e}') from None
         return cls.from_dict(d, source=str(path))
 
 
-# ---- lookup -----------------------------------------------------------------------------------
-_installed: Dict[str, Optional[Calibration]] = {}
-_found: Dict[str, Optional[Calibration]] = {}
-_listeners: List[Callable[[], None]] = []
+# ---- devices ------------------------------------------------------------------------------------------
+def _cpuinfo() -> Tuple[str, set]:
+    model, flags = platform.processor() or platform.machine() or 'cpu', set()
+    try:
+        text = Path('/proc/cpuinfo').read_text()
+    except OSError:
+        return model, flags
+    m = re.search(r'^model name\s*:\s*(.+)$', text, re.M)
+    f = re.search(r'^flags\s*:\s*(.+)$', text, re.M)
+    return (m.group(1).strip() if m else model), (set(f.group(1).split()) if f else set())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), e.g. ``AMD EPYC`` or ``Intel(R) Xeon(R) Processor``."""
+    return _cpuinfo()[0]
+
+
+def cpu_extensions() -> List[str]:
+    """The vector extensions that matter to the kernels, of those this CPU has."""
+    flags = _cpuinfo()[1]
+    wanted = ('avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512_bf16', 'avx512_fp16', 'amx_tile',
+              'amx_bf16', 'asimd', 'sve')
+    return [f for f in wanted if f in flags]
 
 
 def device_name(device: Union[torch.device, str, None]) -> str:
-    """``torch.cuda.get_device_name`` for CUDA devices, ``'cpu'`` (or the device type) otherwise."""
+    """A GPU's name; for a CPU its model and widest vector extension, e.g. ``AMD EPYC [avx2]``."""
     dev = torch.device(device) if device is not None else torch.device('cpu')
     if dev.type == 'cuda':
         return torch.cuda.get_device_name(dev.index if dev.index is not None else torch.cuda.current_device())
-    return dev.type
+    if dev.type != 'cpu':
+        return dev.type
+    ext = cpu_extensions()
+    isa = next((x for x in ('avx512f', 'avx2', 'asimd') if x in ext), 'generic')
+    return f'{cpu_model()} [{isa.replace("f", "") if isa == "avx512f" else isa}]'
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-') or 'device'
 
 
@@ -165,15 +183,17 @@ def cache_dir() -> Path:
 
 
 def cache_path(name: str) -> Path:
-    """The user-cache file for device ``name`` with this torch and vitfree."""
+    """The user-cache table of device ``name`` for this torch and vitfree."""
     tv, vv = _versions()
-    return cache_dir() / 'calibration' / f'{_slug(name)}-torch{tv}-vitfree{vv}.json'
+    return cache_dir() / 'calibration' / f'{slug(name)}-torch{tv}-vitfree{vv}.json'
 
 
 def shipped_tables() -> List[Calibration]:
-    """Every calibration table shipped in ``vitfree/ops/calibrations/``."""
+    """Every measured table shipped in ``vitfree/ops/calibrations/`` (the defaults excepted)."""
     out = []
     for path in sorted(TABLE_DIR.glob('*.json')):
+        if path.name.startswith('defaults-'):
+            continue
         try:
             out.append(Calibration.load(path))
         except ValueError:
@@ -181,59 +201,50 @@ def shipped_tables() -> List[Calibration]:
     return out
 
 
-def _on_change() -> None:
-    for fn in _listeners:
-        fn()
+def defaults_for(device_type: str) -> Calibration:
+    """The shipped default table for a device type (``cpu``; ``cuda`` for any GPU)."""
+    name = 'cuda' if device_type == 'cuda' else 'cpu'
+    return Calibration.load(TABLE_DIR / f'defaults-{name}.json')
+
+
+# ---- lookup -------------------------------------------------------------------------------------------
+_installed: Dict[str, Calibration] = {}
+_found: Dict[str, Calibration] = {}
+_version = [0]
+_lock = threading.Lock()
+
+
+def table_version() -> int:
+    """Bumped whenever the installed tables change: choices made before are stale."""
+    return _version[0]
 
 
 def set_calibration(calibration: Optional[Calibration], device: Union[torch.device, str, None] = None) -> None:
-    """Use ``calibration`` for ``device`` (default: the device it was measured on); ``None`` removes
-    an installed one (the files are looked up again)."""
+    """Use ``calibration`` for ``device`` (default: the device it was measured on); ``None`` removes an
+    installed one (the files are looked up again)."""
     name = device_name(device) if device is not None else (calibration.device if calibration else None)
     if name is None:
-        raise ValueError('set_calibration(None) needs the device whose calibration to remove')
-    if calibration is None:
-        _installed.pop(name, None)
-    else:
-        _installed[name] = calibration
-    _found.clear()
-    _on_change()
+        raise ValueError('set_calibration(None) needs the device whose table to remove')
+    with _lock:
+        if calibration is None:
+            _installed.pop(name, None)
+        else:
+            _installed[name] = calibration
+        _found.clear()
+        _version[0] += 1
 
 
-def calibration_for(device: Union[torch.device, str, None]) -> Optional[Calibration]:
-    """The calibration that applies to ``device``, or None (see the module docstring)."""
+def calibration_for(device: Union[torch.device, str, None]) -> Calibration:
+    """The cost table that applies to ``device`` (see the module docstring); never None."""
     dev = torch.device(device) if device is not None else torch.device('cpu')
-    if dev.type != 'cuda':
-        return _installed.get(dev.type)
     name = device_name(dev)
     if name in _installed:
         return _installed[name]
-    if name not in _found:
-        _found[name] = _find(name)
-    if _found[name] is None and name not in _auto_tried and _can_auto_calibrate():
-        _auto_tried.add(name)
-        if _auto_measure is not None:
-            _found[name] = _auto_measure(dev, name)
-    return _found[name]
-
-
-_auto_tried: set = set()   # devices measured (or tried) implicitly in this process
-# the implicit measurement (vitfree.ops.calibrate.auto_calibrate), wired in by the vitfree.ops package:
-# the measuring code runs the dispatcher, which reads this module, so this module cannot import it
-_auto_measure: Optional[Callable[[torch.device, str], Optional[Calibration]]] = None
-
-
-def _can_auto_calibrate() -> bool:
-    if os.environ.get(ENV_AUTO, '1').strip().lower() in ('0', 'false', 'no', 'off'):
-        return False
-    try:
-        if torch.compiler.is_compiling():
-            return False
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return False
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+    found = _found.get(name)
+    if found is None:
+        found = _find(name) or defaults_for(dev.type)
+        _found[name] = found
+    return found
 
 
 def _find(name: str) -> Optional[Calibration]:
@@ -252,6 +263,3 @@ def _find(name: str) -> Optional[Calibration]:
     tables = sorted((c for c in shipped_tables() if c.device == name), key=lambda c: c.created, reverse=True)
     tables.sort(key=lambda c: c.torch != tv)  # stable: the newest of the same torch first
     return tables[0] if tables else None
-
-
-# ---- fitting ------------------------------------------------------------------------------------

@@ -20,14 +20,14 @@ windows cover each patch: a summed-area table; blocks that reach past the end of
 are never full, as in ``create_block_mask``), and the :class:`BlockMask` is assembled with
 ``BlockMask.from_kv_blocks``; it equals what ``create_block_mask`` builds from the same
 ``mask_mod`` (tested), without materialising the ``N x N`` mask.  The mask, the permutations and
-the tables ``mask_mod`` reads are built once per (windows, prefix, device) and cached on the
-:class:`~vitfree.windows.LayerWindows` (:func:`flex_prepare` does it ahead of the first call).
+the tables ``mask_mod`` reads are built once per (windows, prefix, device) and kept in this
+backend's cache, when a plan is made.
 
 On CUDA the kernel is ``torch.compile(flex_attention)`` (one compiled function for the module,
 made on first use; each input shape is one graph, so the first call at a new shape compiles for
 a few seconds).  Elsewhere FlexAttention runs uncompiled, which materialises the scores: correct
 and slow, for tests; the dispatcher never picks ``flex`` off CUDA.  Attention dropout has no
-FlexAttention kernel: calls with ``dropout_p > 0`` run the ``tiled`` backend instead.
+FlexAttention kernel: the dispatcher never gives it a call with dropout.
 """
 from __future__ import annotations
 
@@ -40,11 +40,14 @@ import torch
 import torch.nn.functional as F
 
 from ..windows import LayerWindows
+from .backend import Backend, Plan, PreparedCache, Query
 
 __all__ = [
     'FLEX_BLOCK', 'FlexPlan', 'flex_plan', 'tile_major_order', 'block_structure', 'window_mask_mod',
-    'flex_window_attention', 'flex_supports', 'flex_prepare', 'flex_counts',
+    'flex_window_attention', 'flex_counts', 'FlexBackend',
 ]
+
+_CACHE = PreparedCache('flex')
 
 Tile = Tuple[int, int]
 FLEX_BLOCK: Tuple[int, int] = (128, 128)  # (query, key) block of the BlockMask: FlexAttention's default
@@ -232,7 +235,7 @@ def flex_plan(windows: LayerWindows, num_prefix_tokens: int = 0, device: torch.d
         as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
         return FlexPlan(qt, kt, as_long(p + q_order), as_long(inverse), as_long(kv_index), tables, mask,
                         int(partial.sum()), int(full.sum()))
-    return windows.cached(('flex.plan', num_prefix_tokens, str(dev), block), make)
+    return _CACHE.get(windows, ('flex.plan', num_prefix_tokens, str(dev), block), make)
 
 
 def _block_mask(cpu_mask, tables: Dict[str, torch.Tensor], per_head: bool, device: torch.device):
@@ -254,12 +257,7 @@ def flex_counts(windows: LayerWindows, num_prefix_tokens: int = 0) -> Tuple[floa
         t = num_prefix_tokens + windows.num_patches
         rows = 2 * windows.num_patches + 2 * plan.kv_index.numel()
         return (plan.partial_blocks * size + num_prefix_tokens * t, plan.full_blocks * size, float(rows))
-    return windows.cached(('flex.counts', num_prefix_tokens), make)
-
-
-def flex_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Build the permutations, tables and BlockMask on ``device`` ahead of the first call."""
-    flex_plan(windows, num_prefix_tokens, device)
+    return _CACHE.get(windows, ('flex.counts', num_prefix_tokens), make)
 
 
 _compiled: Optional[Callable[..., torch.Tensor]] = None
@@ -287,59 +285,63 @@ def _flex_kernel(device_type: str) -> Callable[..., torch.Tensor]:
     return _compiled
 
 
-def flex_supports(q: torch.Tensor, windows: LayerWindows) -> Optional[str]:
-    """None when FlexAttention can run ``q``, else why not."""
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError as e:  # torch < 2.5
-        return f'FlexAttention needs torch >= 2.5 ({e})'
-    d = q.shape[-1]
-    if q.device.type == 'cpu' and torch.is_grad_enabled() and q.requires_grad:
-        return 'FlexAttention has no backward pass on CPU (it runs there only for inference and tests)'
-    if q.device.type == 'cuda':
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f'FlexAttention on CUDA needs float16, bfloat16 or float32, got {q.dtype}'
-        if d < 16 or d & (d - 1):
-            return f'FlexAttention on CUDA needs a power-of-two head_dim >= 16, got {d}'
-    elif not q.dtype.is_floating_point:
-        return f'FlexAttention needs floating-point inputs, got {q.dtype}'
-    return None
+class FlexBackend(Backend):
+    name = 'flex'
+    description = ('FlexAttention with a block-sparse mask of the windows, tokens in tile-major order; compiled '
+                   'on CUDA; chosen automatically on CUDA only')
+    auto_devices = ('cuda',)
+    takes_dropout = False
 
+    def supports(self, query: Query, windows: LayerWindows) -> Optional[str]:
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError as e:  # torch < 2.5
+            return f'FlexAttention needs torch >= 2.5 ({e})'
+        d = query.head_dim
+        if query.device.type == 'cpu' and query.grad:
+            return 'FlexAttention has no backward pass on CPU (it runs there only for inference and tests)'
+        if query.device.type == 'cuda':
+            if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                return f'FlexAttention on CUDA needs float16, bfloat16 or float32, got {query.dtype}'
+            if d < 16 or d & (d - 1):
+                return f'FlexAttention on CUDA needs a power-of-two head_dim >= 16, got {d}'
+        return None
 
-def flex_window_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        windows: LayerWindows,
-        num_prefix_tokens: int = 0,
-        scale: Optional[float] = None,
-        dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Windowed attention on ``(B, heads, T, head_dim)`` tensors through FlexAttention with the
-    windows' BlockMask (see the module docstring); same result as the dense reference."""
-    if dropout_p > 0.0:
-        from .tiled import tiled_window_attention
-        return tiled_window_attention(q, k, v, windows, num_prefix_tokens, scale, dropout_p)
-    dev = q.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    p = num_prefix_tokens
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    plan = flex_plan(windows, p, q.device)
-    qp = q.index_select(2, plan.q_index)
-    kp = k.index_select(2, plan.kv_index)
-    vp = v.index_select(2, plan.kv_index)
-    kernel = _flex_kernel(dev)
-    with torch.autocast(dev, enabled=False):
+    def prepare(self, windows: LayerWindows, query: Query) -> Any:
+        return flex_plan(windows, query.prefix, query.device)
+
+    def work(self, query: Query, windows: LayerWindows) -> float:
+        from .fused_tiles import ROW_PAIRS
+        partial, full, rows = flex_counts(windows, query.prefix)
+        return float(query.batch_heads * query.head_dim * (partial + 0.8 * full + ROW_PAIRS * rows))
+
+    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None) -> torch.Tensor:
+        fp: FlexPlan = plan.data
+        p = plan.query.prefix
+        dev = q.device.type
+        qp = q.index_select(2, fp.q_index)
+        kp = k.index_select(2, fp.kv_index)
+        vp = v.index_select(2, fp.kv_index)
+        kernel = _flex_kernel(dev)
         if dev == 'cuda':
-            out = kernel(qp, kp, vp, block_mask=plan.block_mask, scale=scale)
+            out = kernel(qp, kp, vp, block_mask=fp.block_mask, scale=scale)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore')  # "flex_attention called without torch.compile()": known, for tests
-                out = kernel(qp, kp, vp, block_mask=plan.block_mask, scale=scale)
-        patches = out.index_select(2, plan.q_inverse)
+                out = kernel(qp, kp, vp, block_mask=fp.block_mask, scale=scale)
+        patches = out.index_select(2, fp.q_inverse)
         if p == 0:
             return patches
         prefix = F.scaled_dot_product_attention(q[:, :, :p], k, v, scale=scale)
-    return torch.cat([prefix, patches], dim=2)
+        return torch.cat([prefix, patches], dim=2)
+
+
+BACKENDS = (FlexBackend(),)
+
+
+def flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: LayerWindows,
+                          num_prefix_tokens: int = 0, scale: Optional[float] = None,
+                          dropout_p: float = 0.0) -> torch.Tensor:
+    """Windowed attention on ``(B, heads, T, head_dim)`` tensors through the ``flex`` backend."""
+    from .dispatch import window_attention
+    return window_attention(q, k, v, windows, num_prefix_tokens, scale, dropout_p, backend='flex')

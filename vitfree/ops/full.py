@@ -1,4 +1,4 @@
-"""The ``global`` backend: plain SDPA without a mask, for windows that cover the whole grid.
+"""The ``global`` backend: plain SDPA without a window mask, for windows that cover the whole grid.
 
 A window spec may give a block windows so large that, clipped at the border, every patch sees
 every patch (for example a radius-5 spec resized to a small image).  Such a block is global in
@@ -13,37 +13,48 @@ import torch
 import torch.nn.functional as F
 
 from ..windows import LayerWindows
+from .backend import Backend, Plan, PreparedCache, Query
 
-__all__ = ['covers_grid', 'full_attention', 'full_supports']
+__all__ = ['GlobalBackend', 'covers_grid', 'full_attention']
+
+_CACHE = PreparedCache('global')
 
 
 def covers_grid(windows: LayerWindows) -> bool:
     """True when every patch's window (every head's, too) covers the whole grid."""
-    def make():
+    def make() -> bool:
         h, w = windows.grid
         e = windows.extents
         ys = np.arange(h).reshape(h, 1)
         xs = np.arange(w).reshape(1, w)
         return bool(np.all(e[..., 0] >= ys) and np.all(e[..., 1] >= h - 1 - ys)
                     and np.all(e[..., 2] >= xs) and np.all(e[..., 3] >= w - 1 - xs))
-    return windows.cached(('full.covers',), make)
+    return _CACHE.get(windows, 'covers', make)
 
 
-def full_supports(q: torch.Tensor, windows: LayerWindows) -> Optional[str]:
-    if not covers_grid(windows):
-        return (f'windows do not cover the whole {windows.grid[0]}x{windows.grid[1]} grid (max extents '
-                f'{windows.max_extents()}), so an unmasked kernel would be wrong; use tiled or dense')
-    return None
+class GlobalBackend(Backend):
+    name = 'global'
+    description = 'unmasked SDPA; only for windows that cover the whole grid'
+    takes_caller_mask = True
+
+    def supports(self, query: Query, windows: LayerWindows) -> Optional[str]:
+        if not covers_grid(windows):
+            return (f'the windows do not cover the whole {windows.grid[0]}x{windows.grid[1]} grid (max extents '
+                    f'{windows.max_extents()}), so an unmasked kernel would be wrong')
+        return None
+
+    def work(self, query: Query, windows: LayerWindows) -> float:
+        return float(query.batch_heads * query.head_dim * query.tokens ** 2)
+
+    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
-def full_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        windows: Optional[LayerWindows] = None,
-        num_prefix_tokens: int = 0,
-        scale: Optional[float] = None,
-        dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Unconstrained attention (``windows`` must cover the grid; it is not read otherwise)."""
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+BACKENDS = (GlobalBackend(),)
+
+
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: LayerWindows,
+                   num_prefix_tokens: int = 0, scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Unmasked attention through the ``global`` backend (``windows`` must cover the grid)."""
+    from .dispatch import window_attention
+    return window_attention(q, k, v, windows, num_prefix_tokens, scale, dropout_p, backend='global')

@@ -36,26 +36,29 @@ grid allow everything (their results are dropped); no row is ever fully masked, 
 patch sees itself.
 
 Prefix-token queries see every token: they take one small unmasked SDPA call, as in
-:mod:`vitfree.ops.tiled`.  Index tables and biases are built once (NumPy, on the CPU) and cached
-on the :class:`~vitfree.windows.LayerWindows` per device (and dtype for the bias), by
-:func:`fused_tiles_prepare` ahead of the first call.
+:mod:`vitfree.ops.tiled`.  Index tables and biases are built once (NumPy, on the CPU) and kept in
+this module's cache per device (and dtype for the bias), when a plan is made.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..windows import LayerWindows
+from .backend import Backend, Plan, PreparedCache, Query
 from .tiled import plan_tiles, window_bounds
 
 __all__ = [
     'BIAS_ALIGN', 'FUSED_BLOCK', 'TileBatch', 'choose_fused_tile', 'tile_batch', 'tile_bias', 'gather_tiles',
-    'scatter_tiles', 'fused_tiles_attention', 'sdpa_tiles_attention', 'fused_tiles_prepare', 'fused_tiles_counts',
+    'scatter_tiles', 'fused_tiles_attention', 'sdpa_tiles_attention', 'fused_tiles_counts', 'FusedTilesBackend',
+    'SdpaTilesBackend', 'ROW_PAIRS',
 ]
+
+_CACHE = PreparedCache('fused-tiles')
 
 Tile = Tuple[int, int]
 
@@ -117,7 +120,7 @@ def choose_fused_tile(windows: LayerWindows, num_prefix_tokens: int = 0) -> Tile
                 if best_cost is None or cost < best_cost:
                     best, best_cost = (th, tw), cost
         return best
-    return windows.cached(('fused.tile', num_prefix_tokens), make)
+    return _CACHE.get(windows, ('fused.tile', num_prefix_tokens), make)
 
 
 def fused_tiles_counts(windows: LayerWindows, num_prefix_tokens: int = 0) -> Tuple[float, float]:
@@ -128,7 +131,7 @@ def fused_tiles_counts(windows: LayerWindows, num_prefix_tokens: int = 0) -> Tup
         t = num_prefix_tokens + windows.num_patches
         pairs = nt * _ceil(qt, FUSED_BLOCK) * FUSED_BLOCK * _ceil(kt, FUSED_BLOCK) * FUSED_BLOCK
         return float(pairs + num_prefix_tokens * t), float(nt * (2 * qt + 2 * kt))
-    return windows.cached(('fused.counts', num_prefix_tokens), make)
+    return _CACHE.get(windows, ('fused.counts', num_prefix_tokens), make)
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,7 @@ def tile_batch(windows: LayerWindows, num_prefix_tokens: int = 0, device: torch.
         k_index = plan.key_index.view(nt, kt).t().reshape(-1)
         out_index = (plan.out_index % qt) * nt + plan.out_index // qt
         return TileBatch(tile, nt, qt, kt, q_index.contiguous(), k_index.contiguous(), out_index.contiguous())
-    return windows.cached(('fused.batch', num_prefix_tokens, tile, str(dev)), make)
+    return _CACHE.get(windows, ('fused.batch', num_prefix_tokens, tile, str(dev)), make)
 
 
 def tile_bias(windows: LayerWindows, num_prefix_tokens: int, device: torch.device | str | None, dtype: torch.dtype,
@@ -199,13 +202,7 @@ def tile_bias(windows: LayerWindows, num_prefix_tokens: int, device: torch.devic
         store[..., :kt].masked_fill_(allowed.to(dev), 0.0)
         qt = allowed.shape[-2]
         return store.view(1, -1, qt, kt_pad)[..., :kt]
-    return windows.cached(('fused.bias', num_prefix_tokens, tile, str(dev), dtype), make)
-
-
-def fused_tiles_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Build the index tables and the bias (in ``dtype``) ahead of the first call."""
-    tile_batch(windows, num_prefix_tokens, device)
-    tile_bias(windows, num_prefix_tokens, device, dtype)
+    return _CACHE.get(windows, ('fused.bias', num_prefix_tokens, tile, str(dev), dtype), make)
 
 
 def gather_tiles(x: torch.Tensor, index: torch.Tensor, rows: int, num_tiles: int, per_head: bool) -> torch.Tensor:
@@ -237,56 +234,59 @@ def _sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
     return out.transpose(1, 2)
 
 
-def fused_tiles_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        windows: LayerWindows,
-        num_prefix_tokens: int = 0,
-        scale: Optional[float] = None,
-        dropout_p: float = 0.0,
-        kernel: Optional[Kernel] = None,
-        tile: Optional[Sequence[int]] = None,
-) -> torch.Tensor:
-    """Windowed attention on ``(B, heads, T, d)`` tensors, all tiles in one fused-kernel call.
-
-    ``kernel(q, k, v, bias, scale, dropout_p)`` takes xformers' ``(B, M, H, K)`` layout and a bias
-    ``(B, H, Mq, Mk)`` (expanded, stride 0 over the batch); default: PyTorch SDPA.  Under
-    ``torch.autocast`` the inputs are cast to the autocast dtype first (the bias follows)."""
-    dev = q.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f'q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
+def fused_tiles_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: TileBatch, bias: torch.Tensor,
+                          num_prefix_tokens: int, per_head: bool, scale: float, dropout_p: float = 0.0,
+                          kernel: Optional[Kernel] = None) -> torch.Tensor:
+    """Windowed attention on checked ``(B, heads, T, d)`` inputs of one dtype (outside autocast), all
+    tiles in one fused-kernel call.  ``kernel(q, k, v, bias, scale, dropout_p)`` takes xformers'
+    ``(B, M, H, K)`` layout and a bias ``(B, H, Mq, Mk)`` (expanded, stride 0 over the batch);
+    default: PyTorch SDPA."""
     p = num_prefix_tokens
     b, h = q.shape[:2]
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    batch = tile_batch(windows, p, q.device, tile)
-    bias = tile_bias(windows, p, q.device, q.dtype, batch.tile)
-    per_head = windows.per_head
     nt, qt, kt = batch.num_tiles, batch.tile_queries, batch.tile_keys
     qb = gather_tiles(q, batch.q_index, qt, nt, per_head)
     kb = gather_tiles(k, batch.k_index, kt, nt, per_head)
     vb = gather_tiles(v, batch.k_index, kt, nt, per_head)
     bias = bias.expand(qb.shape[0], bias.shape[1], qt, kt)
-    with torch.autocast(dev, enabled=False):
-        o = (kernel or _sdpa_kernel)(qb, kb, vb, bias, scale, dropout_p)
-        patches = scatter_tiles(o, batch, b, h, per_head)
-        if p == 0:
-            return patches
-        prefix = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p, scale=scale)
+    o = (kernel or _sdpa_kernel)(qb, kb, vb, bias, scale, dropout_p)
+    patches = scatter_tiles(o, batch, b, h, per_head)
+    if p == 0:
+        return patches
+    prefix = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p, scale=scale)
     return torch.cat([prefix, patches], dim=2)
 
 
-def sdpa_tiles_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        windows: LayerWindows,
-        num_prefix_tokens: int = 0,
-        scale: Optional[float] = None,
-        dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """The ``sdpa-tiles`` backend: :func:`fused_tiles_attention` on PyTorch SDPA."""
-    return fused_tiles_attention(q, k, v, windows, num_prefix_tokens, scale, dropout_p)
+class FusedTilesBackend(Backend):
+    """Batched tiles on a fused kernel (``sdpa-tiles`` here, ``xformers`` in its own module)."""
+    auto_devices = ('cuda',)
+    kernel: Optional[Kernel] = None
+
+    def prepare(self, windows: LayerWindows, query: Query) -> Any:
+        batch = tile_batch(windows, query.prefix, query.device)
+        return batch, tile_bias(windows, query.prefix, query.device, query.dtype, batch.tile)
+
+    def work(self, query: Query, windows: LayerWindows) -> float:
+        pairs, rows = fused_tiles_counts(windows, query.prefix)
+        return float(query.batch_heads * query.head_dim * (pairs + ROW_PAIRS * rows))
+
+    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None) -> torch.Tensor:
+        batch, bias = plan.data
+        return fused_tiles_attention(q, k, v, batch, bias, plan.query.prefix, plan.windows.per_head, scale,
+                                     dropout_p, self.kernel)
+
+
+class SdpaTilesBackend(FusedTilesBackend):
+    name = 'sdpa-tiles'
+    description = ('PyTorch SDPA over batched tiles with per-tile window biases; O(T * window); chosen '
+                   'automatically on CUDA only')
+
+
+BACKENDS = (SdpaTilesBackend(),)
+
+
+def sdpa_tiles_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: LayerWindows,
+                         num_prefix_tokens: int = 0, scale: Optional[float] = None,
+                         dropout_p: float = 0.0) -> torch.Tensor:
+    """Windowed attention on ``(B, heads, T, d)`` tensors through the ``sdpa-tiles`` backend."""
+    from .dispatch import window_attention
+    return window_attention(q, k, v, windows, num_prefix_tokens, scale, dropout_p, backend='sdpa-tiles')

@@ -27,16 +27,16 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..windows import LayerWindows
+from .backend import Backend, Plan, PreparedCache, Query
 from .calibration import cache_dir
 
-__all__ = ['native_window_attention', 'native_qkv_attention', 'native_supports', 'native_prepare', 'native_library',
-           'window_bounds_tensor']
+__all__ = ['NativeBackend', 'native_window_attention', 'native_qkv_attention', 'native_library', 'window_bounds_tensor']
 
 _logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / 'csrc' / 'window_attention.cpp'
@@ -103,17 +103,12 @@ def native_library() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
     return _lib, _error
 
 
-def native_supports(q: torch.Tensor, windows: LayerWindows) -> Optional[str]:
-    if q.device.type != 'cpu':
-        return f'the native kernel runs on the CPU; q is on {q.device.type}'
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f'the native kernel takes float32, bfloat16 or float16 inputs, got {q.dtype}'
-    return native_library()[1]
+_CACHE = PreparedCache('native')
 
 
 def window_bounds_tensor(windows: LayerWindows, num_prefix_tokens: int) -> torch.Tensor:
     """``(heads or 1, P + N, 4)`` int32: first/last row and column of every token's window
-    (prefix tokens: the whole grid); cached on ``windows``."""
+    (prefix tokens: the whole grid); kept in this backend's cache."""
     def make() -> torch.Tensor:
         h, w = windows.grid
         e = windows.extents.astype(np.int64)
@@ -124,11 +119,18 @@ def window_bounds_tensor(windows: LayerWindows, num_prefix_tokens: int) -> torch
         b = b.reshape(e.shape[0], h * w, 4)
         prefix = np.broadcast_to(np.array([0, h - 1, 0, w - 1]), (e.shape[0], num_prefix_tokens, 4))
         return torch.from_numpy(np.ascontiguousarray(np.concatenate([prefix, b], axis=1), dtype=np.int32))
-    return windows.cached(('native.bounds', num_prefix_tokens), make)
+    return _CACHE.get(windows, ('bounds', num_prefix_tokens), make)
 
 
-def native_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
-    window_bounds_tensor(windows, num_prefix_tokens)
+def window_pairs(windows: LayerWindows, num_prefix_tokens: int) -> float:
+    """Query-key pairs of one (batch, head): patches see prefix + window, prefix tokens see all."""
+    from ..windows import window_areas
+
+    def make() -> float:
+        n = windows.num_patches
+        area = float(window_areas(windows.extents, windows.grid).sum()) / (windows.num_heads or 1)
+        return area + n * num_prefix_tokens + num_prefix_tokens * (num_prefix_tokens + n)
+    return _CACHE.get(windows, ('pairs', num_prefix_tokens), make)
 
 
 # ---- the operator (one opaque op for torch.compile) -------------------------------------------
@@ -205,7 +207,14 @@ def _setup(ctx, inputs, output):
     ctx.meta = (p, gw, scale)
 
 
+def _no_double_backward() -> None:
+    if torch.is_grad_enabled():
+        from .tiled import no_double_backward
+        raise RuntimeError(no_double_backward('native'))
+
+
 def _grad(ctx, grad_out, grad_lse):
+    _no_double_backward()
     q, k, v, bounds, out, lse = ctx.saved_tensors
     dq, dk, dv = _attention_backward(q, k, v, out, grad_out, lse, bounds, *ctx.meta)
     return dq, dk, dv, None, None, None, None
@@ -251,6 +260,7 @@ def _setup_qkv(ctx, inputs, output):
 
 
 def _grad_qkv(ctx, grad_out, grad_lse):
+    _no_double_backward()
     qkv, bounds, out, lse = ctx.saved_tensors
     return _attention_qkv_backward(qkv, out, grad_out, lse, bounds, *ctx.meta), None, None, None, None
 
@@ -258,42 +268,66 @@ def _grad_qkv(ctx, grad_out, grad_lse):
 _attention_qkv.register_autograd(_grad_qkv, setup_context=_setup_qkv)
 
 
-# ---- backend entry points ---------------------------------------------------------------------
-def _widen(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float32 else x.float()
+# ---- the backend ------------------------------------------------------------------------------------
+# a query row costs about this many pair-channels of the kernel's work (index and softmax work; CPU fit)
+QUERY_WORK = 1727.0
 
 
-def native_window_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        windows: LayerWindows,
-        num_prefix_tokens: int = 0,
-        scale: Optional[float] = None,
-        dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Windowed attention on ``(B, heads, T, head_dim)`` tensors (same result as ``dense``).
-    Attention dropout is not in the kernel: with ``dropout_p > 0`` the ``tiled`` backend runs."""
-    if dropout_p > 0.0:
-        from .tiled import tiled_window_attention
-        return tiled_window_attention(q, k, v, windows, num_prefix_tokens, scale, dropout_p)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    dtype = _out_dtype(q)
-    bounds = window_bounds_tensor(windows, num_prefix_tokens)
-    with torch.autocast('cpu', enabled=False):
-        out, _ = _attention(_widen(q), _widen(k), _widen(v), bounds, num_prefix_tokens, windows.grid[1], scale)
-    return out.transpose(1, 2).to(dtype)
+def _contiguous_rows(x: torch.Tensor) -> torch.Tensor:
+    """fp32 with unit stride in the last dimension (the kernel's layout; other strides are read as they are)."""
+    x = x if x.dtype == torch.float32 else x.float()
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def native_qkv_attention(qkv: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int, scale: float) -> torch.Tensor:
-    """Windowed attention straight from a ``(B, T, 3, heads, head_dim)`` qkv projection;
-    returns ``(B, T, heads, head_dim)``, the layout the output projection reads."""
-    dtype = _out_dtype(qkv)
-    bounds = window_bounds_tensor(windows, num_prefix_tokens)
-    with torch.autocast('cpu', enabled=False):
-        out, _ = _attention_qkv(_widen(qkv), bounds, num_prefix_tokens, windows.grid[1], float(scale))
-    return out.to(dtype)
+class NativeBackend(Backend):
+    name = 'native'
+    description = 'compiled C++/OpenMP CPU kernel: each query visits only its window; O(T * window)'
+    takes_dropout = False
+    exact_nonfinite = True  # a key outside a query's window is never read for it
+
+    def supports(self, query: Query, windows: LayerWindows) -> Optional[str]:
+        if query.device.type != 'cpu':
+            return f'the native kernel runs on the CPU; the inputs are on {query.device.type}'
+        if query.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f'the native kernel takes float32, bfloat16 or float16 inputs, got {query.dtype}'
+        if query.value_dim != query.head_dim:
+            return f'the native kernel needs v\'s head size ({query.value_dim}) equal to q\'s ({query.head_dim})'
+        return native_library()[1]
+
+    def prepare(self, windows: LayerWindows, query: Query) -> Any:
+        return window_bounds_tensor(windows, query.prefix)
+
+    def work(self, query: Query, windows: LayerWindows) -> float:
+        return float(query.batch_heads * (window_pairs(windows, query.prefix) * query.head_dim
+                                          + QUERY_WORK * query.tokens))
+
+    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None) -> torch.Tensor:
+        p, gw = plan.query.prefix, plan.windows.grid[1]
+        out, _ = _attention(_contiguous_rows(q), _contiguous_rows(k), _contiguous_rows(v), plan.data, p, gw, scale)
+        return out.transpose(1, 2).to(q.dtype)
+
+    def run_qkv(self, plan: Plan, qkv: torch.Tensor, scale: float) -> torch.Tensor:
+        p, gw = plan.query.prefix, plan.windows.grid[1]
+        out, _ = _attention_qkv(_contiguous_rows(qkv), plan.data, p, gw, scale)
+        return out.to(qkv.dtype)
 
 
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else x.dtype
+BACKENDS = (NativeBackend(),)
+
+
+def native_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: LayerWindows,
+                            num_prefix_tokens: int = 0, scale: Optional[float] = None,
+                            dropout_p: float = 0.0) -> torch.Tensor:
+    """Windowed attention on ``(B, heads, T, head_dim)`` tensors through the ``native`` backend."""
+    from .dispatch import window_attention
+    return window_attention(q, k, v, windows, num_prefix_tokens, scale, dropout_p, backend='native')
+
+
+def native_qkv_attention(qkv: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int,
+                         scale: Optional[float] = None) -> torch.Tensor:
+    """The native kernel straight from a ``(B, T, 3, heads, head_dim)`` qkv projection; returns
+    ``(B, T, heads, head_dim)``, the layout an output projection reads."""
+    from .dispatch import make_query, plan
+    b, t, _, h, d = qkv.shape
+    query = make_query(qkv, windows.grid, num_prefix_tokens, h, d, override='native')
+    return plan(windows, query).from_qkv(qkv, d ** -0.5 if scale is None else scale)

@@ -14,23 +14,26 @@ Prefix-token queries see every token and take one small plain-softmax call.  Log
 softmax run in fp32 (fp64 for fp64 inputs) whatever the input dtype.
 
 The index tables and masks (a :class:`TilePlan`) depend only on the windows, the number of
-prefix tokens and the tile shape; they are built once with NumPy and cached on the
-:class:`~vitfree.windows.LayerWindows` per device (and per dtype for the additive masks).
+prefix tokens and the tile shape; they are built once with NumPy and kept in this backend's
+cache per device (and per dtype for the additive masks).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..windows import LayerWindows
+from .backend import Backend, Plan, PreparedCache, Query
 
 __all__ = [
-    'TilePlan', 'plan_tiles', 'choose_tile', 'tiled_window_attention', 'tiled_cost', 'window_bounds',
+    'TiledBackend', 'TilePlan', 'plan_tiles', 'choose_tile', 'tiled_window_attention', 'tiled_cost', 'window_bounds',
 ]
+
+_CACHE = PreparedCache('tiled')
 
 Tile = Tuple[int, int]
 
@@ -106,7 +109,7 @@ def choose_tile(windows: LayerWindows, num_prefix_tokens: int = 0) -> Tile:
                 if best_cost is None or cost < best_cost:
                     best, best_cost = (th, tw), cost
         return best
-    return windows.cached(('tiled.tile', num_prefix_tokens), make)
+    return _CACHE.get(windows, ('tiled.tile', num_prefix_tokens), make)
 
 
 @dataclass
@@ -227,7 +230,7 @@ def plan_tiles(windows: LayerWindows, num_prefix_tokens: int = 0, tile: Optional
         if dev.type == 'cpu':
             return _build_plan(windows, num_prefix_tokens, tile)
         return plan_tiles(windows, num_prefix_tokens, tile, 'cpu').to(dev)
-    return windows.cached(('tiled.plan', num_prefix_tokens, tile, str(dev)), make)
+    return _CACHE.get(windows, ('tiled.plan', num_prefix_tokens, tile, str(dev)), make)
 
 
 def plan_bias(windows: LayerWindows, plan: TilePlan, dtype: torch.dtype) -> torch.Tensor:
@@ -235,13 +238,7 @@ def plan_bias(windows: LayerWindows, plan: TilePlan, dtype: torch.dtype) -> torc
     def make() -> torch.Tensor:
         return torch.zeros(plan.allowed.shape, dtype=dtype, device=plan.allowed.device).masked_fill_(
             plan.outside, float('-inf'))
-    return windows.cached(('tiled.bias', plan.num_prefix_tokens, plan.tile, str(plan.allowed.device), dtype), make)
-
-
-def tiled_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Build the tile plan and its fp32 (fp64 for fp64 inputs) mask ahead of the first call."""
-    plan = plan_tiles(windows, num_prefix_tokens, None, device)
-    plan_bias(windows, plan, torch.float64 if dtype == torch.float64 else torch.float32)
+    return _CACHE.get(windows, ('tiled.bias', plan.num_prefix_tokens, plan.tile, str(plan.allowed.device), dtype), make)
 
 
 def tiled_cost(windows: LayerWindows, num_prefix_tokens: int = 0) -> Tuple[float, float, float]:
@@ -257,7 +254,7 @@ def tiled_cost(windows: LayerWindows, num_prefix_tokens: int = 0) -> Tuple[float
         pairs = nt * q_rows * k_rows + num_prefix_tokens * t
         rows = nt * (2 * q_rows + 2 * k_rows)
         return float(pairs), float(rows), float(nt)
-    return windows.cached(('tiled.cost', num_prefix_tokens), make)
+    return _CACHE.get(windows, ('tiled.cost', num_prefix_tokens), make)
 
 
 # ---- the kernel ------------------------------------------------------------------------------
@@ -373,35 +370,49 @@ class _TiledAttention(torch.autograd.Function):
     probabilities tile by tile from the saved log-sum-exp instead of storing them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: TilePlan, plan_bias: torch.Tensor, scale: float):
+    def forward(q, k, v, plan: TilePlan, plan_bias: torch.Tensor, scale: float):
         b, h = q.shape[:2]
         chunks = _chunks(plan, b, h)
         if len(chunks) == 1:
             out, lse = _forward(q, k, v, plan, plan_bias, scale, slice(None))
-            lses = [lse]
-        else:
-            out = v.new_empty(b, h, plan.grid[0] * plan.grid[1], v.shape[-1])
-            lses = []
-            for bs, hs in chunks:
-                out[bs, hs], lse = _forward(q[bs, hs], k[bs, hs], v[bs, hs], plan, plan_bias, scale, hs)
-                lses.append(lse)
-        ctx.save_for_backward(q, k, v, out, *lses)
-        ctx.plan, ctx.plan_bias, ctx.scale, ctx.chunks = plan, plan_bias, scale, chunks
-        return out
+            return out, lse.reshape(-1)
+        out = v.new_empty(b, h, plan.grid[0] * plan.grid[1], v.shape[-1])
+        lses = []
+        for bs, hs in chunks:
+            out[bs, hs], lse = _forward(q[bs, hs], k[bs, hs], v[bs, hs], plan, plan_bias, scale, hs)
+            lses.append(lse.reshape(-1))
+        return out, torch.cat(lses)  # every chunk's log-sum-exp, flat, in chunk order
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, *lses = ctx.saved_tensors
-        plan, plan_bias, scale, chunks = ctx.plan, ctx.plan_bias, ctx.scale, ctx.chunks
-        if len(chunks) == 1:
-            dq, dk, dv = _backward(q, k, v, out, lses[0], grad_out, plan, plan_bias, scale, slice(None))
-        else:
-            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-            for (bs, hs), lse in zip(chunks, lses):
-                dq[bs, hs], dk[bs, hs], dv[bs, hs] = _backward(
-                    q[bs, hs], k[bs, hs], v[bs, hs], out[bs, hs], lse, grad_out[bs, hs], plan, plan_bias, scale, hs)
+    def setup_context(ctx, inputs, output):
+        q, k, v, plan, plan_bias, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.plan_bias, ctx.scale = plan, plan_bias, scale
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        if torch.is_grad_enabled():
+            raise RuntimeError(no_double_backward('tiled'))
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, plan_bias, scale = ctx.plan, ctx.plan_bias, ctx.scale
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        start = 0
+        rows = plan.num_tiles * plan.tile_queries
+        for bs, hs in _chunks(plan, q.shape[0], q.shape[1]):
+            qc = q[bs, hs]
+            n = qc.shape[0] * qc.shape[1] * rows
+            lse_c = lse[start:start + n].view(-1, plan.tile_queries, 1)
+            start += n
+            dq[bs, hs], dk[bs, hs], dv[bs, hs] = _backward(
+                qc, k[bs, hs], v[bs, hs], out[bs, hs], lse_c, grad_out[bs, hs], plan, plan_bias, scale, hs)
         return dq, dk, dv, None, None, None
+
+
+def no_double_backward(name: str) -> str:
+    return (f'the {name!r} attention kernel has no second derivative (double backward, create_graph=True); run '
+            f'that part under vitfree.use_backend(\'eager\') (plain autograd operations) instead')
 
 
 def _tiled_with_dropout(q, k, v, plan: TilePlan, plan_bias: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
@@ -421,57 +432,67 @@ def _tiled_with_dropout(q, k, v, plan: TilePlan, plan_bias: torch.Tensor, scale:
     return o.view(-1, dv).index_select(0, io).view(b, h, -1, dv)
 
 
-def tiled_window_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        windows: LayerWindows,
-        num_prefix_tokens: int = 0,
-        scale: Optional[float] = None,
-        dropout_p: float = 0.0,
-        tile: Optional[Sequence[int]] = None,
-) -> torch.Tensor:
-    """Windowed attention on ``(B, heads, T, head_dim)`` tensors, ``T = P + H*W``, computed tile
-    by tile (see the module docstring); same result as the dense reference.
-
-    ``tile=(th, tw)`` overrides the automatic tile shape.  Under ``torch.autocast`` the inputs
-    are cast to the autocast dtype first, as SDPA would be.  bf16/fp16 inputs are widened to
-    fp32 for the whole computation (logits, softmax and the weighted sum run in fp32; the output
-    is rounded once, to the input dtype), so no logit is rounded to half precision first.
-    """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f'q, k, v must be (B, heads, T, head_dim), got shapes {tuple(q.shape)}, '
-                         f'{tuple(k.shape)}, {tuple(v.shape)}')
-    p = num_prefix_tokens
-    t = p + windows.num_patches
-    if q.shape[-2] != t or k.shape[-2] != t or v.shape[-2] != t:
-        raise ValueError(f'sequence length must be {p} prefix tokens + {windows.grid[0]}x{windows.grid[1]} '
-                         f'patches = {t}, got q/k/v lengths {q.shape[-2]}, {k.shape[-2]}, {v.shape[-2]}')
-    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(f'k must have the shape of q and v the same (B, heads, T), got {tuple(q.shape)}, '
-                         f'{tuple(k.shape)}, {tuple(v.shape)}')
-    if windows.per_head and windows.num_heads != q.shape[1]:
-        raise ValueError(f'windows are per head for {windows.num_heads} heads but q has {q.shape[1]} heads')
-    dev = q.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f'q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TilePlan, bias: torch.Tensor,
+                    scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """The kernel on checked ``(B, heads, T, d)`` inputs of one dtype, outside autocast: patches
+    tile by tile, prefix queries by one small SDPA call.  bf16/fp16 inputs are widened to fp32 for
+    the whole computation (the output is rounded once, to the input dtype)."""
+    p = plan.num_prefix_tokens
     out_dtype = q.dtype
     if q.dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
-    plan = plan_tiles(windows, p, tile, q.device)
-    bias = plan_bias(windows, plan, torch.float64 if q.dtype == torch.float64 else torch.float32)
-    with torch.autocast(dev, enabled=False):
-        if dropout_p > 0.0:
-            patches = _tiled_with_dropout(q, k, v, plan, bias, scale, dropout_p)
-        else:
-            patches = _TiledAttention.apply(q, k, v, plan, bias, scale)
-        if p > 0:
-            # prefix queries see every token: a few rows of plain SDPA (which keeps views, not
-            # copies, of the strided k and v for its backward pass)
-            prefix = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p, scale=scale)
-            patches = torch.cat([prefix, patches], dim=2)
+    if dropout_p > 0.0:
+        patches = _tiled_with_dropout(q, k, v, plan, bias, scale, dropout_p)
+    else:
+        patches = _TiledAttention.apply(q, k, v, plan, bias, scale)[0]
+    if p > 0:
+        # prefix queries see every token: a few rows of plain SDPA (which keeps views, not
+        # copies, of the strided k and v for its backward pass)
+        prefix = F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p, scale=scale)
+        patches = torch.cat([prefix, patches], dim=2)
     return patches.to(out_dtype)
+
+
+def _bias_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class TiledBackend(Backend):
+    name = 'tiled'
+    description = 'tiles of queries against their halo of keys, batched matmuls; O(T * window); any device'
+
+    def prepare(self, windows: LayerWindows, query: Query) -> Any:
+        plan = plan_tiles(windows, query.prefix, None, query.device)
+        return plan, plan_bias(windows, plan, _bias_dtype(query.dtype))
+
+    def work(self, query: Query, windows: LayerWindows) -> float:
+        pairs, rows, tiles = tiled_cost(windows, query.prefix)
+        return float(query.batch_heads * (query.head_dim * (pairs + _ROW_COST * rows) + TILE_WORK * tiles))
+
+    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None) -> torch.Tensor:
+        tiles, bias = plan.data
+        return tiled_attention(q, k, v, tiles, bias, scale, dropout_p)
+
+
+BACKENDS = (TiledBackend(),)
+
+# one tile's fixed cost in pair-channels of work (CPU fit of the first development machine)
+TILE_WORK = 16000.0
+
+
+def tiled_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: LayerWindows,
+                           num_prefix_tokens: int = 0, scale: Optional[float] = None, dropout_p: float = 0.0,
+                           tile: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Windowed attention on ``(B, heads, T, head_dim)`` tensors computed tile by tile (see the module
+    docstring); the same result as the dense reference.  ``tile=(th, tw)`` overrides the automatic
+    tile shape; otherwise this is the ``tiled`` backend through the dispatcher."""
+    from .dispatch import check_inputs, compute_dtype, window_attention
+    if tile is None:
+        return window_attention(q, k, v, windows, num_prefix_tokens, scale, dropout_p, backend='tiled')
+    check_inputs(q, k, v, windows, num_prefix_tokens, dropout_p)
+    dt = compute_dtype(q)
+    tiles = plan_tiles(windows, num_prefix_tokens, tile, q.device)
+    bias = plan_bias(windows, tiles, _bias_dtype(dt))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    with torch.autocast(q.device.type, enabled=False):
+        return tiled_attention(q.to(dt), k.to(dt), v.to(dt), tiles, bias, scale, dropout_p)

@@ -28,11 +28,12 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..windows import LayerWindows
-from .fused_tiles import fused_tiles_attention, fused_tiles_prepare
+from .backend import Backend, Plan, PreparedCache, Query
+from .fused_tiles import FusedTilesBackend
 
 __all__ = [
-    'BIAS_ALIGN', 'window_bias', 'xformers_inputs', 'xformers_window_attention', 'xformers_dense_attention',
-    'xformers_supports', 'xformers_prepare', 'xformers_dense_prepare', 'import_xformers',
+    'BIAS_ALIGN', 'window_bias', 'xformers_inputs', 'xformers_supports', 'import_xformers', 'XformersBackend',
+    'XformersDenseBackend',
 ]
 
 BIAS_ALIGN = 8  # elements; 16 bytes for fp16/bf16, 32 for fp32 (xformers needs 16)
@@ -40,6 +41,7 @@ BIAS_ALIGN = 8  # elements; 16 bytes for fp16/bf16, 32 for fp32 (xformers needs 
 _xformers: Any = None          # the imported xformers.ops module, once loaded
 _import_error: Optional[str] = None
 _probe_results: Dict[Tuple[str, torch.dtype, int, int], Optional[str]] = {}
+_CACHE = PreparedCache('xformers')
 
 
 def import_xformers() -> Tuple[Any, Optional[str]]:
@@ -74,7 +76,7 @@ def window_bias(
     0 where a query may attend, ``-inf`` elsewhere, in ``dtype``.  The storage is one
     ``(T, T_pad)`` matrix (``(heads, T, T_pad)`` for per-head windows), ``T_pad`` the next
     multiple of :data:`BIAS_ALIGN`, sliced to ``T`` columns and expanded (stride 0) over the
-    batch (and heads).  The storage is cached on ``windows`` per (prefix, dtype, device).
+    batch (and heads).  The storage is cached per (windows, prefix, dtype, device).
     """
     dev = torch.device(device) if device is not None else torch.device('cpu')
     if windows.per_head and windows.num_heads != num_heads:
@@ -97,16 +99,7 @@ def _bias_storage(windows: LayerWindows, num_prefix_tokens: int, dtype: torch.dt
         store = torch.full((*allowed.shape[:-1], t_pad), float('-inf'), dtype=dtype, device=device)
         store[..., :t].masked_fill_(allowed, 0.0)
         return store
-    return windows.cached(('xformers.bias', num_prefix_tokens, dtype, str(device)), make)
-
-
-def xformers_dense_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device,
-                           dtype: torch.dtype) -> None:
-    _bias_storage(windows, num_prefix_tokens, dtype, device)
-
-
-def xformers_prepare(windows: LayerWindows, num_prefix_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
-    fused_tiles_prepare(windows, num_prefix_tokens, device, dtype)
+    return _CACHE.get(windows, ('bias', num_prefix_tokens, dtype, str(device)), make)
 
 
 def xformers_inputs(
@@ -129,54 +122,12 @@ def xformers_inputs(
     return bmhk(q), bmhk(k), bmhk(v), bias
 
 
-def xformers_dense_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        windows: LayerWindows,
-        num_prefix_tokens: int = 0,
-        scale: Optional[float] = None,
-        dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """The ``xformers-dense`` backend: ``memory_efficient_attention`` with the whole window mask as
-    one bias; ``(B, heads, T, d)`` in and out.  Cost and bias memory are O(T^2); the kernel never
-    forms the probabilities."""
-    xops, reason = import_xformers()
-    if xops is None:
-        raise RuntimeError(reason)
-    dev = q.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    qx, kx, vx, bias = xformers_inputs(q, k, v, windows, num_prefix_tokens)
-    out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias, p=dropout_p, scale=scale)
-    return out.transpose(1, 2)
-
-
 def _xformers_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
                      dropout_p: float) -> torch.Tensor:
     xops, reason = import_xformers()
     if xops is None:
         raise RuntimeError(reason)
     return xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout_p, scale=scale)
-
-
-def xformers_window_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        windows: LayerWindows,
-        num_prefix_tokens: int = 0,
-        scale: Optional[float] = None,
-        dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """The ``xformers`` backend: tiles of queries against their halo of keys, all tiles in one
-    ``memory_efficient_attention`` call with a per-tile window bias; ``(B, heads, T, d)`` in and
-    out.  Cost and memory are linear in the number of patches (:mod:`vitfree.ops.fused_tiles`)."""
-    xops, reason = import_xformers()
-    if xops is None:
-        raise RuntimeError(reason)
-    return fused_tiles_attention(q, k, v, windows, num_prefix_tokens, scale, dropout_p, kernel=_xformers_kernel)
 
 
 def _probe(device: torch.device, dtype: torch.dtype, head_dim: int, value_dim: int) -> Optional[str]:
@@ -199,14 +150,47 @@ def _probe(device: torch.device, dtype: torch.dtype, head_dim: int, value_dim: i
     return _probe_results[key]
 
 
-def _on_cuda(q: torch.Tensor) -> bool:
-    return q.device.type == 'cuda'
+def _on_cuda(query: Query) -> bool:
+    return query.device.type == 'cuda'
 
 
-def xformers_supports(q: torch.Tensor, windows: LayerWindows) -> Optional[str]:
-    """None when xformers can run ``q`` (CUDA, importable, kernel available), else why not."""
-    if not _on_cuda(q):
-        return f'xformers runs on CUDA tensors only; q is on {q.device.type}'
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f'xformers needs float16, bfloat16 or float32 inputs, got {q.dtype}'
-    return _probe(q.device, q.dtype, q.shape[-1], q.shape[-1])
+def xformers_supports(query: Query, windows: LayerWindows) -> Optional[str]:
+    """None when xformers can run the query (CUDA, importable, kernel available), else why not."""
+    if not _on_cuda(query):
+        return f'xformers runs on CUDA tensors only; the inputs are on {query.device.type}'
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f'xformers needs float16, bfloat16 or float32 inputs, got {query.dtype}'
+    return _probe(query.device, query.dtype, query.head_dim, query.value_dim)
+
+
+class XformersBackend(FusedTilesBackend):
+    name = 'xformers'
+    description = ('xformers memory-efficient attention over batched tiles with per-tile window biases; '
+                   'O(T * window); CUDA only')
+    kernel = staticmethod(_xformers_kernel)
+
+    def supports(self, query: Query, windows: LayerWindows) -> Optional[str]:
+        return xformers_supports(query, windows)
+
+
+class XformersDenseBackend(Backend):
+    name = 'xformers-dense'
+    description = ('xformers memory-efficient attention with the whole window mask as a bias; O(T^2); '
+                   'CUDA only')
+    auto_devices = ('cuda',)
+
+    def supports(self, query: Query, windows: LayerWindows) -> Optional[str]:
+        return xformers_supports(query, windows)
+
+    def prepare(self, windows: LayerWindows, query: Query) -> Any:
+        return _bias_storage(windows, query.prefix, query.dtype, query.device)
+
+    def work(self, query: Query, windows: LayerWindows) -> float:
+        return float(query.batch_heads * query.head_dim * query.tokens ** 2)
+
+    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None) -> torch.Tensor:
+        qx, kx, vx, bias = xformers_inputs(q, k, v, plan.windows, plan.query.prefix)
+        return _xformers_kernel(qx, kx, vx, bias, scale, dropout_p).transpose(1, 2)
+
+
+BACKENDS = (XformersBackend(), XformersDenseBackend())
