@@ -281,3 +281,31 @@ def test_resume_notices_an_edited_spec_file(tmp_path):
     old, new = change[0]['changed']['windows']
     assert re.search(r'sha256 [0-9a-f]{16}', old) and old != new
     assert json.loads((tmp_path / 'run' / 'finetune_config.json').read_text())['windows_sha256']
+
+
+# ---- more cases of the same kind -----------------------------------------------------------------
+@pytest.mark.parametrize('flag, value, needle', [
+    ('--opt', 'bogus', "opt 'bogus' (--opt) is not accepted"),
+    ('--sched', 'bogus', "sched 'bogus' (--sched) is not accepted"),
+    ('--auto-augment', 'bogus', "auto_augment 'bogus' (--auto-augment) is not accepted"),
+    ('--window-resize', 'shrink', "invalid choice: 'shrink'"),
+])
+def test_finetune_names_that_timm_refuses_are_one_error_line(tmp_path, capsys, flag, value, needle):
+    out = tmp_path / 'run'
+    code = main(['finetune', 'winft_micro_patch2_28', 'digits', '-o', str(out), flag, value] + FAST_RUN) \
+        if flag != '--window-resize' else None
+    if code is None:  # argparse refuses it: usage error, also one line
+        with pytest.raises(SystemExit) as e:
+            main(['finetune', 'winft_micro_patch2_28', 'digits', '-o', str(out), flag, value])
+        code = e.value.code
+    assert code == 2
+    one_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_erf_target_and_bench_image_size_are_checked(tmp_path, capsys):
+    assert main(['erf', 'winft_micro_patch2_28', 'digits', '-o', str(tmp_path / 's.yaml'), '--target', 'abc']) == 2
+    one_error(capsys, "--target 'abc': give predicted, label or a class index")
+    assert main(['bench', 'vit_tiny_patch16_224', '--img-size', '7', '--reps', '1']) == 2
+    one_error(capsys, '--img-size 7: the image is smaller than one patch (16x16 pixels')
+    assert not (tmp_path / 's.yaml').exists()

@@ -65,7 +65,7 @@ def run(args) -> int:
     import torch
 
     from ..windows import resolve_spec
-    from ._common import CommandError, check_model_name
+    from ._common import CommandError, check_model_kwargs, check_model_name
     check_ranges(args, RANGES, CommandError, cli=True)
     if args.windows is not None and args.radius is not None:
         raise CommandError(f'--windows {args.windows} and --radius {args.radius} contradict each other: --radius '
@@ -73,6 +73,8 @@ def run(args) -> int:
     if args.radius is None:
         args.radius = DEFAULT_RADIUS
     check_model_name(args.model)
+    for img in args.img_size:
+        check_model_kwargs(args.model, {}, img, img_flag='--img-size')
     if args.windows is not None:
         resolve_spec(args.windows)  # a bad spec file is named before any model is built
     set_threads(args.threads)

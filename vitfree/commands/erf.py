@@ -58,7 +58,9 @@ def run(args) -> int:
     if out.suffix.lower() not in ('.yaml', '.yml', '.json'):
         raise SystemExit(f'error: -o/--output must end in .yaml, .yml or .json, got {args.output!r}')
     check_ranges(args, RANGES, CommandError, cli=True)
-    target: Any = int(args.target) if args.target.lstrip('-').isdigit() else args.target
+    target: Any = int(args.target) if args.target.isdigit() else args.target
+    if target not in ('predicted', 'label') and not isinstance(target, int):
+        raise CommandError(f"--target {args.target!r}: give predicted, label or a class index (an integer >= 0)")
     model = create_model(args)
     if args.checkpoint:
         checkpoint = str(Path(args.checkpoint).resolve())

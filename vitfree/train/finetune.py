@@ -38,7 +38,7 @@ from ..windows import WindowSpecError
 from .checkpoint import (INDEX_FILE, CheckpointError, CheckpointManager, load_checkpoint, named_os_errors, require,
                          rng_state, set_rng_state)
 from .distributed import DistState, EpochSampler, ShardSampler, all_reduce_sum, barrier, init_distributed
-from .options import AMP_NAMES, FinetuneConfig
+from .options import AMP_NAMES, FinetuneConfig, flag
 
 __all__ = ['FinetuneConfig', 'FinetuneResult', 'finetune', 'create_finetune_model', 'evaluate']
 
@@ -241,27 +241,27 @@ class _Run:
     out_dir: Path
     # data and model
     classes: List[str] = field(default_factory=list)
-    model: Any = None
-    train_model: Any = None  # the model, or its DistributedDataParallel wrapper
+    model: Optional[nn.Module] = None
+    train_model: Optional[nn.Module] = None  # the model, or its DistributedDataParallel wrapper
     data_config: Dict[str, Any] = field(default_factory=dict)
     windows_sha256: Optional[str] = None
-    train_ds: Any = None
+    train_ds: Any = None  # vitfree.data.TransformDataset, train and val
     val_ds: Any = None
-    sampler: Any = None
-    train_loader: Any = None
-    val_loader: Any = None
-    loader_gen: Any = None
+    sampler: Optional[EpochSampler] = None
+    train_loader: Optional[torch.utils.data.DataLoader] = None
+    val_loader: Optional[torch.utils.data.DataLoader] = None
+    loader_gen: Optional[torch.Generator] = None
     steps_per_epoch: int = 0
-    # optimisation
-    optimizer: Any = None
+    # optimisation (timm's optimizer, scheduler, ModelEmaV3, Mixup)
+    optimizer: Optional[torch.optim.Optimizer] = None
     scheduler: Any = None
     ema: Any = None
-    scaler: Any = None
-    criterion: Any = None
-    mixup_fn: Any = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    criterion: Optional[nn.Module] = None
+    mixup_fn: Optional[Callable] = None
     # output and progress
-    manager: Any = None
-    metrics_log: Any = None
+    manager: Optional[CheckpointManager] = None
+    metrics_log: Optional[_JsonLines] = None
     start_epoch: int = 0
     start_batch: int = 0
     global_step: int = 0
@@ -333,9 +333,11 @@ def _build_loaders(run: _Run, train_base: Any, val_base: Any) -> None:
 
     from ..data import TransformDataset
     cfg, ds, dc = run.cfg, run.ds, run.data_config
-    train_tf = create_transform(
-        **dc, is_training=True, no_aug=cfg.no_aug, scale=tuple(cfg.scale), hflip=cfg.hflip,
-        color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, re_prob=cfg.reprob)
+    with _timm_option('auto_augment', cfg.auto_augment, 'a timm auto-augment policy such as rand-m9-mstd0.5, '
+                                                          'augmix-m5-w3 or original'):
+        train_tf = create_transform(
+            **dc, is_training=True, no_aug=cfg.no_aug, scale=tuple(cfg.scale), hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, re_prob=cfg.reprob)
     val_tf = create_transform(**dc, is_training=False)
     run.train_ds = TransformDataset(train_base, train_tf, seed=cfg.seed)
     run.val_ds = TransformDataset(val_base, val_tf, seed=cfg.seed)
@@ -359,17 +361,20 @@ def _build_loaders(run: _Run, train_base: Any, val_base: Any) -> None:
 def _build_optimization(run: _Run) -> None:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
+    from timm.optim import create_optimizer_v2, list_optimizers
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
     cfg, device = run.cfg, run.device
-    run.optimizer = create_optimizer_v2(
-        run.model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-        layer_decay=cfg.layer_decay)
-    run.scheduler, _ = create_scheduler_v2(
-        run.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=cfg.sched == 'plateau',
-        updates_per_epoch=run.steps_per_epoch)
+    with _timm_option('opt', cfg.opt, f'a timm optimizer name such as {", ".join(list_optimizers()[:6])} '
+                                      f'(all: timm.optim.list_optimizers())'):
+        run.optimizer = create_optimizer_v2(
+            run.model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+            layer_decay=cfg.layer_decay)
+    with _timm_option('sched', cfg.sched, 'a timm scheduler name: cosine, tanh, step, multistep, plateau or poly'):
+        run.scheduler, _ = create_scheduler_v2(
+            run.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=cfg.sched == 'plateau',
+            updates_per_epoch=run.steps_per_epoch)
     run.ema = ModelEmaV3(run.model, decay=cfg.ema_decay) if cfg.ema else None
     if cfg.amp in ('fp16', 'float16') and device.type == 'cuda':
         run.scaler = torch.amp.GradScaler('cuda')
@@ -382,6 +387,18 @@ def _build_optimization(run: _Run) -> None:
         run.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     else:
         run.criterion = nn.CrossEntropyLoss()
+
+
+@contextlib.contextmanager
+def _timm_option(name: str, value: Any, accepted: str):
+    """A value timm refuses (with an assert or a bare message) as one ``ValueError`` naming the flag."""
+    try:
+        yield
+    except (AssertionError, ValueError, KeyError, RuntimeError) as e:
+        if value is None or str(value) not in str(e):  # about something else: not this option's fault
+            raise
+        raise ValueError(f'{name} {value!r} ({flag(name)}) is not accepted: {str(e).strip() or type(e).__name__}; '
+                         f'give {accepted}') from None
 
 
 def _resume(run: _Run) -> None:
