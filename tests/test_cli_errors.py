@@ -309,3 +309,20 @@ def test_erf_target_and_bench_image_size_are_checked(tmp_path, capsys):
     assert main(['bench', 'vit_tiny_patch16_224', '--img-size', '7', '--reps', '1']) == 2
     one_error(capsys, '--img-size 7: the image is smaller than one patch (16x16 pixels')
     assert not (tmp_path / 's.yaml').exists()
+
+
+@pytest.mark.parametrize('damage, needle', [
+    (lambda text: text[:len(text) // 2].encode(), 'not valid JSON'),
+    (lambda text: text.encode().replace(b'"architecture"', b'"arch\xe9"'), 'is not UTF-8 text: byte 0xe9'),
+])
+def test_a_broken_config_json_of_a_local_dir_model_is_named(tmp_path, capsys, damage, needle):
+    import timm
+
+    from vitfree.hub import save_pretrained
+    model = timm.create_model('winft_tiny_patch16_224', windows=vitfree.WindowSpec.uniform(1, 4, 1), img_size=32,
+                              patch_size=8, embed_dim=24, num_heads=2, depth=1, num_classes=3)
+    export = save_pretrained(model, tmp_path / 'export')
+    config = export / 'config.json'
+    config.write_bytes(damage(config.read_text()))
+    assert main(['erf', f'local-dir:{export}', 'digits', '-o', str(tmp_path / 's.yaml')]) == 2
+    one_error(capsys, str(config), needle)

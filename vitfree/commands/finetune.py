@@ -8,7 +8,7 @@ import argparse
 
 import dataclasses
 
-from ..train.options import RANGES, FinetuneConfig, flag_help
+from ..train.options import RANGES, FinetuneConfig, flag, flag_help
 from ._common import add_common_flags, add_model_flags
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
@@ -81,7 +81,7 @@ def add_parser(sub) -> None:
 def _number(group, name: str, *short: str, **kw) -> None:
     """A numeric flag, with its default from FinetuneConfig and its range from the one table (RANGES)."""
     rng = RANGES[name]
-    group.add_argument(*short, f'--{name.replace("_", "-")}', type=rng.kind, default=DEFAULTS[name],
+    group.add_argument(*short, flag(name), type=rng.kind, default=DEFAULTS[name],
                        help=flag_help(name), **kw)
 
 

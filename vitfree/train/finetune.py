@@ -686,7 +686,7 @@ def _start_output(out_dir: Path, previous: List[str], cfg: FinetuneConfig) -> No
 
 # ---- resume -----------------------------------------------------------------------------------
 def _flag(name: str) -> str:
-    return name.upper() if name in ('model', 'data') else '--' + name.replace('_', '-')
+    return name.upper() if name in ('model', 'data') else flag(name)
 
 
 def _same(old: Any, new: Any) -> bool:

@@ -116,6 +116,7 @@ RANGES: Dict[str, Range] = {
 
 
 def flag(name: str) -> str:
+    """The command-line flag of an option: ``batch_size`` -> ``--batch-size``."""
     return '--' + name.replace('_', '-')
 
 
