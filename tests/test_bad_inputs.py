@@ -244,7 +244,7 @@ CASES = [
      ValueError, 'checkpoints'),
     ('finetune bad learning rate',
      lambda c, m: lambda: finetune(run_config(c.tmp / 'x', lr=-1.0)),
-     ValueError, 'lr must be a number >= 0, got -1.0'),
+     ValueError, 'lr must be > 0, got -1.0'),
     ('finetune data folder missing',
      lambda c, m: ['finetune', 'winft_micro_patch2_28', str(c.tmp / 'no_data'), '-o', str(c.tmp / 'o')],
      DataError, 'no_data'),

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 __all__ = [
     'BUILTIN_DATASETS', 'IMG_EXTENSIONS', 'DataError', 'ArrayImageDataset', 'ImageFolderDataset',
     'TransformDataset', 'build_dataset', 'load_digits', 'load_fashion_mnist', 'fashion_mnist_dir',
-    'find_unreadable_images',
+    'find_unreadable_images', 'list_image_files',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -184,16 +184,36 @@ def load_fashion_mnist(split: str = 'train', image_size: Optional[int] = None, t
 
 
 # ---- image folders -----------------------------------------------------------------------------
-def find_unreadable_images(files: Iterable[Union[str, os.PathLike]]) -> Dict[str, str]:
-    """Open every file once (PIL header check); ``{path: reason}`` for those that cannot be read."""
+def find_unreadable_images(files: Iterable[Union[str, os.PathLike]], decode: bool = False) -> Dict[str, str]:
+    """Open every file once (PIL header check; with ``decode``, every pixel is decoded too, which also
+    catches a truncated file); ``{path: reason}`` for those that cannot be read."""
     bad: Dict[str, str] = {}
     for path in files:
         try:
             with Image.open(path) as im:
                 im.verify()
+            if decode:
+                with Image.open(path) as im:
+                    im.load()
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds; all mean "unreadable"
             bad[str(path)] = f'{type(e).__name__}: {e}'
     return bad
+
+
+def list_image_files(folder: Union[str, os.PathLike], required: bool = True) -> List[Path]:
+    """Image files under ``folder`` (recursively, sorted), by suffix (:data:`IMG_EXTENSIONS`).
+
+    With ``required``, a missing folder or one without image files is a ``FileNotFoundError`` that
+    names it; otherwise an empty list."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        if required:
+            raise FileNotFoundError(f'image folder not found: {str(folder)!r}')
+        return []
+    files = sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if not files and required:
+        raise FileNotFoundError(f'no image files ({", ".join(IMG_EXTENSIONS)}) under {str(folder)!r}')
+    return files
 
 
 class ImageFolderDataset(Dataset):
@@ -234,7 +254,7 @@ class ImageFolderDataset(Dataset):
         samples: List[Tuple[str, int]] = []
         for c in found:
             folder = self.root / c
-            files = sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            files = list_image_files(folder, required=False)
             if not files:
                 others = sum(1 for p in folder.rglob('*') if p.is_file())
                 raise DataError(f'class folder {folder} has no images'

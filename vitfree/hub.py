@@ -28,7 +28,7 @@ import torch
 
 from .weights import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, WeightsError, parse_windows, recorded_weights,
                       set_default_mode, sha256_file)
-from .windows import WindowSpec
+from .windows import MAX_SPEC_BYTES, WindowSpec, file_problem, parse_json, read_text_file
 
 __all__ = ['save_pretrained', 'load_pretrained', 'check_config', 'push_to_hub', 'prepare_push', 'PushPlan',
            'model_card', 'HubError']
@@ -232,13 +232,10 @@ def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], source: Opt
     else:
         path = Path(config)
         src = source or str(path)
-        if not path.is_file():
+        if file_problem(path) == 'not found':
             raise FileNotFoundError(f'{src}: not found (an exported model folder holds {CONFIG_NAME}, '
                                     f'{WEIGHTS_NAME} and {CARD_NAME})')
-        try:
-            cfg = json.loads(path.read_text())
-        except ValueError as e:
-            raise ValueError(f'{src}: not valid JSON ({e})') from None
+        cfg = parse_json(read_text_file(path, 'config', ValueError, MAX_SPEC_BYTES), src, ValueError)
     if not isinstance(cfg, dict):
         raise ValueError(f'{src}: expected a JSON object, got {type(cfg).__name__}')
     arch = cfg.get('architecture')

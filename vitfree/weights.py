@@ -29,14 +29,14 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .windows import WindowSpec, WindowSpecError
+from .windows import MAX_SPEC_BYTES, WindowSpec, WindowSpecError, file_problem, parse_json, read_text_file
 
 __all__ = [
     'WeightsError', 'UnsafeWeightsError', 'WeightsIntegrityError',
     'prepare_factory_kwargs', 'secure_pretrained_cfg', 'strict_filter', 'check_state_dict',
     'load_manifest', 'verify_weights', 'add_to_manifest', 'manifest_path', 'shipped_weights_file',
     'sha256_file', 'set_default_mode', 'check_weights_file', 'read_weights', 'load_weights', 'recorded_weights',
-    'parse_windows', 'secure_factory_kwargs', 'check_loaded_weights',
+    'parse_windows', 'read_json', 'secure_factory_kwargs', 'check_loaded_weights',
     'CONFIG_NAME', 'WEIGHTS_NAME', 'PICKLE_SUFFIXES',
 ]
 
@@ -93,6 +93,21 @@ def _is_sha256(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
 
 
+def read_json(path: Union[str, os.PathLike], what: str = 'file', source: Optional[str] = None) -> Any:
+    """A JSON file (UTF-8, bounded in size); :class:`WeightsError` naming the file and what is wrong
+    with it (missing, a folder, not UTF-8, truncated JSON ...)."""
+    return parse_json(read_text_file(path, what, WeightsError, MAX_SPEC_BYTES), source or str(path), WeightsError)
+
+
+def _require_file(path: Path, what: str = 'weight file') -> None:
+    """:class:`WeightsError` naming ``path`` and what it is instead of a regular file."""
+    problem = file_problem(path)
+    if problem == 'not found':
+        raise WeightsError(f'{what} not found: {path}')
+    if problem is not None:
+        raise WeightsError(f'{what} {path} {problem}')
+
+
 def check_weights_file(
         path: Union[str, os.PathLike],
         sha256: Optional[str] = None,
@@ -103,8 +118,7 @@ def check_weights_file(
     for ``.safetensors``, a complete header that covers the whole file (a truncated file is caught
     here, not deep inside safetensors).  Errors name the file and where the record came from."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f'weight file not found: {path}')
+    _require_file(path)
     where = f' ({recorded_in})' if recorded_in else ''
     actual = path.stat().st_size
     if size is not None and actual != size:
@@ -153,12 +167,9 @@ def recorded_weights(folder: Union[str, os.PathLike], config: Optional[Mapping[s
     or ``None`` when the folder has no config or the config records no hash (older exports)."""
     if config is None:
         cpath = Path(folder) / CONFIG_NAME
-        if not cpath.is_file():
+        if not cpath.exists() and not cpath.is_symlink():
             return None
-        try:
-            config = json.loads(cpath.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise WeightsError(f'{cpath}: not valid JSON ({e})') from None
+        config = read_json(cpath, 'config')
     record = config.get('weights') if isinstance(config, Mapping) else None
     if record is None:
         return None
@@ -193,8 +204,7 @@ def read_weights(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     if path.is_dir():
         hint = (f'; it is an export folder: load it as local-dir:{path}' if (path / CONFIG_NAME).is_file() else '')
         raise WeightsError(f'{path} is a folder; expected a .safetensors (or local .pth) weight file{hint}')
-    if not path.is_file():
-        raise WeightsError(f'weight file not found: {path}')
+    _require_file(path)
     if _is_shipped(path):
         verify_weights(path, required=True)
     elif not _check_export_file(path):
@@ -442,13 +452,13 @@ def secure_pretrained_cfg(
         record = recorded_weights(folder)
         weights = folder / (record['file'] if record else WEIGHTS_NAME)
         if record is not None:
-            if not weights.is_file():
+            if file_problem(weights) == 'not found':
                 raise WeightsError(f'{weights} is missing, though {folder / CONFIG_NAME} records it (field "weights"); '
                                    f'restore it, or delete that field to load the other weights in the folder')
             check_weights_file(weights, record['sha256'], record['size'], recorded_in=str(folder / CONFIG_NAME))
         else:
             for name in (WEIGHTS_NAME, 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth'):  # timm's preference
-                if (folder / name).is_file():
+                if file_problem(folder / name) != 'not found':  # a folder or a link loop here is an error too
                     check_weights_file(folder / name)
                     break
         return cfg
@@ -513,10 +523,7 @@ def _hub_config(repo: str, cache_dir=None) -> Optional[Dict[str, Any]]:
                                library_name='vitfree')
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
-    try:
-        return json.loads(Path(path).read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise WeightsError(f'hf-hub:{repo}/{CONFIG_NAME}: not valid JSON ({e})') from None
+    return read_json(path, 'config', source=f'hf-hub:{repo}/{CONFIG_NAME}')
 
 
 def _download_safetensors(repo: str, filename: str, cache_dir=None) -> str:
@@ -573,12 +580,9 @@ def _is_shipped(path: Path) -> bool:
 def load_manifest(path: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Dict[str, Any]]:
     """Entries of the weights manifest: ``{name: {file?, hf_hub_id?, hf_hub_filename?, sha256, size?, ...}}``."""
     path = Path(path) if path is not None else manifest_path()
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise WeightsError(f'{path}: not valid JSON ({e})') from None
+    data = read_json(path, 'weights manifest')
     if not isinstance(data, dict) or data.get('format') != MANIFEST_FORMAT:
         raise WeightsError(f'{path}: expected {{"format": "{MANIFEST_FORMAT}", "version": 1, "weights": {{...}}}}')
     entries = data.get('weights', {})
@@ -626,8 +630,7 @@ def verify_weights(
         the entry name that matched, or ``None`` when the file is not listed (and not required).
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f'weight file not found: {path}')
+    _require_file(path)
     entries = load_manifest(manifest)
     key, entry = _find_entry(entries, path, name, hub)
     if entry is None:
@@ -654,7 +657,7 @@ def add_to_manifest(
     data = {'format': MANIFEST_FORMAT, 'version': MANIFEST_VERSION, 'weights': {}}
     if mpath.is_file():
         load_manifest(mpath)  # validates
-        data = json.loads(mpath.read_text())
+        data = read_json(mpath, 'weights manifest')
     entry = {'file': path.name, 'sha256': sha256_file(path), 'size': path.stat().st_size}
     if hf_hub_id:
         entry['hf_hub_id'] = hf_hub_id

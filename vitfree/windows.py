@@ -16,9 +16,13 @@ has no ``torch.nn`` in it.  The file format is documented in :meth:`WindowSpec.t
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
+import operator
 import os
+import re
+import stat
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +35,8 @@ import torch.nn.functional as F
 __all__ = [
     'WindowSpec', 'LayerWindows', 'WindowSpecError', 'SPEC_FORMAT', 'SPEC_VERSION',
     'resize_extents', 'window_mask', 'extents_mask', 'to_grid', 'RESIZE_MODES', 'list_specs', 'get_spec', 'resolve_spec',
+    'MAX_GRID_SIDE', 'MAX_DEPTH', 'MAX_SPEC_CELLS', 'MAX_SPEC_BYTES', 'check_int', 'file_problem', 'read_text_file',
+    'parse_json', 'parse_yaml',
 ]
 
 SPEC_FORMAT = 'vitfree.window_spec'
@@ -45,33 +51,93 @@ class WindowSpecError(ValueError):
     """A window specification (or the file holding it) is malformed or does not fit."""
 
 
-def to_grid(grid: Union[int, Sequence[int]], name: str = 'grid') -> Grid:
-    """Normalise ``14`` or ``(14, 14)`` to a ``(H, W)`` tuple of positive ints."""
-    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
-        grid = (int(grid), int(grid))
+MAX_GRID_SIDE = 4096  # patches per side: a 65536 px image at patch 16; larger grids are refused before any work
+MAX_DEPTH = 4096  # blocks in one spec
+MAX_SPEC_CELLS = 1 << 26  # windowed blocks x patches (x heads): 1 GiB of int32 extents
+MAX_SPEC_BYTES = 64 << 20  # size of a spec file (YAML or JSON) read by WindowSpec.load
+
+
+def integral(value: Any) -> Optional[int]:
+    """``value`` as a Python int when it is an integer (Python or NumPy ints, 0-d integer tensors,
+    floats with no fractional part), else None.  Booleans and strings are not integers here."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        return None
+    if isinstance(value, (float, np.floating)):
+        return int(value) if np.isfinite(value) and float(value).is_integer() else None
+    if torch.is_tensor(value) and (value.dtype == torch.bool or value.dtype.is_floating_point):
+        return None
     try:
-        h, w = (int(g) for g in grid)
-    except (TypeError, ValueError):
-        raise WindowSpecError(f'{name} must be an int or a pair of ints (H, W), got {grid!r}') from None
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_int(value: Any, name: str, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """``value`` as an int in ``[low, high]``; otherwise :class:`WindowSpecError` naming ``name``, the
+    value and the range."""
+    v = integral(value)
+    if v is None or (low is not None and v < low) or (high is not None and v > high):
+        span = (f' in [{low}, {high}]' if low is not None and high is not None else
+                f' >= {low}' if low is not None else f' <= {high}' if high is not None else '')
+        raise WindowSpecError(f'{name} must be an integer{span}, got {value!r:.80}')
+    return v
+
+
+def to_grid(grid: Union[int, Sequence[int]], name: str = 'grid') -> Grid:
+    """Normalise ``14`` or ``(14, 14)`` to a ``(H, W)`` tuple of positive ints, each at most
+    :data:`MAX_GRID_SIDE`.  Booleans, strings and non-integral floats are refused."""
+    if isinstance(grid, np.ndarray) and grid.ndim == 0:
+        grid = grid.item()
+    if integral(grid) is not None:
+        pair = (grid, grid)
+    elif isinstance(grid, (str, bytes, Mapping)) or not isinstance(grid, (Sequence, np.ndarray, torch.Size)):
+        raise WindowSpecError(f'{name} must be an int or a pair of ints (H, W), got {grid!r:.80}')
+    else:
+        pair = tuple(grid)
+        if len(pair) != 2:
+            raise WindowSpecError(f'{name} must be an int or a pair of ints (H, W), got {len(pair)} values: '
+                                  f'{grid!r:.80}')
+    h, w = (integral(g) for g in pair)
+    if h is None or w is None:
+        raise WindowSpecError(f'{name} must be an int or a pair of ints (H, W), got {grid!r:.80}')
     if h < 1 or w < 1:
         raise WindowSpecError(f'{name} must be positive, got {(h, w)}')
+    if max(h, w) > MAX_GRID_SIDE:
+        raise WindowSpecError(f'{name} {h}x{w} is too large: at most {MAX_GRID_SIDE} patches per side')
     return h, w
 
 
 EXTENT_LIMIT = 2 ** 31  # extents are stored as int32; anything at or beyond the grid is clipped anyway
 
 
+def _bool_in(value: Any) -> Any:
+    """The first boolean inside nested lists/tuples (a Python bool silently becomes 1 in NumPy), else None."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (bool, np.bool_)):
+            return v
+        if isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return None
+
+
 def _as_extents(value: ExtentLike, grid: Grid, where: str) -> np.ndarray:
     """Turn a radius, a 4-tuple or an array into a validated, clipped int32 extents array.
 
-    Every value must be an integer in ``[0, 2**31)``; it is checked as given, before any cast.
-    An extent that reaches past the grid means "the whole axis" and is stored clipped to it
-    (``H - 1`` up and down, ``W - 1`` left and right), which selects exactly the same patches."""
+    Every value must be an integer in ``[0, 2**31)`` (booleans and fractional floats are refused);
+    it is checked as given, before any cast.  An extent that reaches past the grid means "the whole
+    axis" and is stored clipped to it (``H - 1`` up and down, ``W - 1`` left and right), which
+    selects exactly the same patches."""
     h, w = grid
+    if isinstance(value, (list, tuple)) and _bool_in(value) is not None:
+        raise WindowSpecError(f'{where}: extents must be integers, got {_bool_in(value)!r} in {value!r:.80}')
+    if torch.is_tensor(value):
+        value = value.detach().cpu().numpy()
     arr = np.asarray(value)
     if arr.dtype == object:  # Python ints too large for int64, or mixed types
         for v in arr.reshape(-1):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            if integral(v) is None or isinstance(v, (float, np.floating)):
                 raise WindowSpecError(f'{where}: extents must be integers, got {v!r:.80}')
             if not 0 <= v < EXTENT_LIMIT:
                 raise WindowSpecError(f'{where}: extents must be integers in [0, 2**31), got {v!r}')
@@ -82,8 +148,13 @@ def _as_extents(value: ExtentLike, grid: Grid, where: str) -> np.ndarray:
                 v = arr.reshape(-1)[np.argmax((arr.reshape(-1) < 0) | (arr.reshape(-1) >= EXTENT_LIMIT))]
                 raise WindowSpecError(f'{where}: extents must be integers in [0, 2**31), got {v!r}')
             arr = arr.astype(np.int64)
+        elif arr.dtype.kind == 'f' and arr.ndim:
+            flat = arr.reshape(-1)
+            i = int(np.argmax(~np.isfinite(flat) | (flat != np.round(flat))))
+            raise WindowSpecError(f'{where}: extents must be integers, got {flat[i].item()!r} at index '
+                                  f'{tuple(int(k) for k in np.unravel_index(i, arr.shape))}')
         else:
-            raise WindowSpecError(f'{where}: extents must be integers, got dtype {arr.dtype} ({value!r:.80})')
+            raise WindowSpecError(f'{where}: extents must be integers, got {value!r:.80} (dtype {arr.dtype})')
     if arr.ndim == 0:  # one radius on every side
         arr = np.broadcast_to(arr.reshape(1, 1, 1), (h, w, 4))
     elif arr.shape == (4,):  # one (up, down, left, right) for every patch
@@ -287,18 +358,18 @@ class WindowSpec:
 
     def __post_init__(self):
         self.grid = to_grid(self.grid)
-        if isinstance(self.blocks, (str, bytes)) or not isinstance(self.blocks, Iterable):
+        if isinstance(self.blocks, (str, bytes, Mapping)) or not isinstance(self.blocks, Iterable):
             raise WindowSpecError(f'blocks must be a list (one entry per block), got {type(self.blocks).__name__}')
+        entries = list(self.blocks)
+        _check_size(entries, self.grid)
         blocks = []
-        for i, b in enumerate(self.blocks):
-            if b is None or (isinstance(b, str) and b == 'global'):
+        for i, b in enumerate(entries):
+            if _is_global_entry(b):
                 blocks.append(None)
             elif isinstance(b, str):
                 raise WindowSpecError(f"blocks[{i}]: expected 'global' or extents, got {b!r}")
             else:
                 blocks.append(_as_extents(b, self.grid, f'blocks[{i}]'))
-        if not blocks:
-            raise WindowSpecError('blocks must not be empty: a spec needs one entry per transformer block')
         self.blocks = blocks
         heads = {b.shape[0] for b in blocks if b is not None and b.ndim == 4}
         if len(heads) > 1:
@@ -321,11 +392,17 @@ class WindowSpec:
     ) -> 'WindowSpec':
         """The same window for every patch of every block, except ``global_blocks``.
 
-        ``radius`` is an int (a square window of side ``2r+1``) or ``(up, down, left, right)``.
+        ``radius`` is an int (a square window of side ``2r+1``) or ``(up, down, left, right)``; for a
+        spec without windows use :meth:`all_global`.
         """
-        if depth < 1:
-            raise WindowSpecError(f'depth must be >= 1, got {depth}')
-        glob = set(int(g) % depth if -depth <= int(g) < depth else _bad_block(g, depth) for g in global_blocks)
+        depth = check_int(depth, 'depth', 1, MAX_DEPTH)
+        if radius is None or isinstance(radius, (str, bytes)):
+            raise WindowSpecError(f'radius must be an int or (up, down, left, right), got {radius!r}; for a '
+                                  f'spec with every block global use WindowSpec.all_global(depth, grid)')
+        glob = set()
+        for g in global_blocks:
+            g = check_int(g, 'global_blocks entries', -depth, depth - 1)
+            glob.add(g % depth)
         r = np.asarray(radius)
         prov = {'kind': 'uniform', 'radius': r.tolist(), 'global_blocks': sorted(glob)}
         return cls(grid, [None if i in glob else radius for i in range(depth)], prov)
@@ -338,15 +415,19 @@ class WindowSpec:
             provenance: Optional[Mapping[str, Any]] = None,
     ) -> 'WindowSpec':
         """One entry per block: ``'global'`` (or ``None``), a radius, or ``(up, down, left, right)``."""
+        if isinstance(schedule, (str, bytes, Mapping)) or not isinstance(schedule, Iterable):
+            raise WindowSpecError(f'schedule must be a list with one entry per block, got {schedule!r:.80}')
+        schedule = list(schedule)
         prov = dict(provenance or {'kind': 'prior'})
         prov.setdefault('kind', 'prior')
-        prov.setdefault('schedule', [s if s is None or isinstance(s, (str, int)) else list(s) for s in schedule])
-        return cls(grid, list(schedule), prov)
+        spec = cls(grid, schedule, prov)  # validates every entry before the provenance records them
+        spec.provenance.setdefault('schedule', [_plain(s) for s in schedule])
+        return spec
 
     @classmethod
     def all_global(cls, depth: int, grid: Union[int, Sequence[int]]) -> 'WindowSpec':
         """Every block global: the model is exactly a ViT."""
-        return cls(grid, [None] * depth, {'kind': 'uniform', 'radius': 'global'})
+        return cls(grid, [None] * check_int(depth, 'depth', 1, MAX_DEPTH), {'kind': 'uniform', 'radius': 'global'})
 
     # ---- queries ------------------------------------------------------------------------
     @property
@@ -483,26 +564,30 @@ class WindowSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = 'window spec') -> 'WindowSpec':
+        """The spec in a :meth:`to_dict` mapping; errors name ``source`` (a file, a config field) and
+        the path inside it (``blocks[3].up[2][5]``)."""
         if isinstance(d, WindowSpec):
             return d
         if not isinstance(d, Mapping):
             raise WindowSpecError(f'{source}: expected a mapping, got {type(d).__name__}')
         fmt = d.get('format', SPEC_FORMAT)
         if fmt != SPEC_FORMAT:
-            raise WindowSpecError(f'{source}: format must be {SPEC_FORMAT!r}, got {fmt!r}')
+            raise WindowSpecError(f'{source}: format must be {SPEC_FORMAT!r}, got {fmt!r:.80}')
         version = d.get('version')
-        if version != SPEC_VERSION:
-            raise WindowSpecError(f'{source}: unknown version {version!r}; this vitfree reads version {SPEC_VERSION}')
+        if type(version) is not int or version != SPEC_VERSION:
+            raise WindowSpecError(f'{source}: unknown version {version!r:.80}; this vitfree reads version '
+                                  f'{SPEC_VERSION}')
         for key in ('grid', 'blocks'):
             if key not in d:
                 raise WindowSpecError(f'{source}: missing field {key!r}')
+        blocks_in = d['blocks']
         try:
             grid = to_grid(d['grid'], 'grid')
+            if not isinstance(blocks_in, list):
+                raise WindowSpecError(f'blocks must be a list, got {type(blocks_in).__name__}')
+            _check_size(blocks_in, grid)
         except WindowSpecError as e:
             raise WindowSpecError(f'{source}: {e}') from None
-        blocks_in = d['blocks']
-        if not isinstance(blocks_in, list):
-            raise WindowSpecError(f'{source}: blocks must be a list, got {type(blocks_in).__name__}')
         blocks = [_decode_block(b, grid, f'{source}: blocks[{i}]') for i, b in enumerate(blocks_in)]
         try:
             return cls(grid, blocks, d.get('provenance', {'kind': 'uniform'}))
@@ -510,7 +595,7 @@ class WindowSpec:
             raise WindowSpecError(f'{source}: {e}') from None
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write ``.yaml``/``.yml`` or ``.json`` (by suffix); returns the path."""
+        """Write ``.yaml``/``.yml`` or ``.json`` (by suffix), atomically; returns the path."""
         path = Path(path)
         d = self.to_dict()
         suffix = path.suffix.lower()
@@ -523,30 +608,135 @@ class WindowSpec:
             raise WindowSpecError(f'cannot save a window spec as {path.name!r}: use a .yaml, .yml or .json suffix')
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + '.tmp')
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(text, encoding='utf-8')
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
         return path
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> 'WindowSpec':
+        """Read a ``.yaml``/``.yml`` or ``.json`` spec (UTF-8, at most :data:`MAX_SPEC_BYTES`; YAML
+        aliases are refused); every error names the file."""
         path = Path(path)
-        if not path.is_file():
-            raise WindowSpecError(f'window spec file not found: {str(path)!r}')
-        text = path.read_text()
-        suffix = path.suffix.lower()
-        try:
-            if suffix == '.json':
-                d = json.loads(text)
-            else:
-                import yaml
-                d = yaml.safe_load(text)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise WindowSpecError(f'{path}: not valid {"JSON" if suffix == ".json" else "YAML"}: {e}') from None
+        text = read_text_file(path, 'window spec file', WindowSpecError, MAX_SPEC_BYTES)
+        if path.suffix.lower() == '.json':
+            d = parse_json(text, str(path), WindowSpecError)
+        else:
+            d = parse_yaml(text, str(path), WindowSpecError)
         return cls.from_dict(d, source=str(path))
 
 
-def _bad_block(g, depth):
-    raise WindowSpecError(f'global_blocks entries must be in [0, {depth}), got {g!r}')
+# ---- reading files: bounded, decoded, every error names the file ---------------------------------
+def file_problem(path: Union[str, os.PathLike]) -> Optional[str]:
+    """What keeps ``path`` from being read as a regular file (a folder, a symlink loop, a broken
+    link, missing ...), or None when it is one."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        if path.is_symlink():
+            try:
+                os.stat(path)
+            except OSError as inner:
+                if inner.errno == errno.ELOOP:
+                    return 'is a symlink loop (the link points back at itself)'
+            return f'is a broken symlink (to {os.readlink(path)!r})'
+        if e.errno == errno.ELOOP:
+            return 'is a symlink loop (the link points back at itself)'
+        if e.errno == errno.ENOENT:
+            return 'not found'
+        return e.strerror or str(e)
+    if stat.S_ISDIR(st.st_mode):
+        return 'is a folder, not a file'
+    if not stat.S_ISREG(st.st_mode):
+        return 'is not a regular file (a device, socket or pipe)'
+    return None
+
+
+def read_text_file(path: Union[str, os.PathLike], what: str, error: type = WindowSpecError,
+                   max_bytes: Optional[int] = None) -> str:
+    """The UTF-8 text of ``path``; ``error`` (naming ``what`` and the file) when it is not a readable
+    regular file, larger than ``max_bytes`` or not UTF-8."""
+    path = Path(path)
+    problem = file_problem(path)
+    if problem is not None:
+        raise error(f'{what} {str(path)!r} {problem}' if problem == 'not found' else f'{what} {path} {problem}')
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise error(f'{what} {path} has {size} bytes, more than the {max_bytes} allowed')
+    try:
+        with open(path, 'rb') as f:
+            data = f.read(max_bytes + 1 if max_bytes is not None else -1)
+    except OSError as e:
+        raise error(f'{what} {path}: {e.strerror or e}') from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise error(f'{what} {path} has more than the {max_bytes} bytes allowed')
+    try:
+        return data.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        raise error(f'{what} {path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} cannot be '
+                    f'decoded as UTF-8 (save the file as UTF-8)') from None
+
+
+def parse_json(text: str, source: str, error: type = WindowSpecError) -> Any:
+    """``json.loads`` whose errors name ``source``, the line and the column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        cut = e.pos >= len(text.rstrip()) or e.msg.startswith('Unterminated')
+        raise error(f'{source}: not valid JSON ({e.msg}: line {e.lineno}, column {e.colno}'
+                    + ('; the text ends early, so the file may be truncated)' if cut else ')')) from None
+    except RecursionError:
+        raise error(f'{source}: not valid JSON (nested too deeply)') from None
+
+
+def parse_yaml(text: str, source: str, error: type = WindowSpecError) -> Any:
+    """YAML with the safe loader and without aliases (``*name``), so a small file cannot expand into a
+    huge object (an alias bomb); errors name ``source`` and the line."""
+    import yaml
+    loader = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)
+    try:
+        for event in yaml.parse(text, Loader=loader):
+            if isinstance(event, yaml.AliasEvent):
+                mark = event.start_mark
+                raise error(f'{source}: YAML alias *{event.anchor} at line {mark.line + 1}: window spec files may '
+                            f'not use anchors and aliases (write the values out)')
+        return yaml.load(text, Loader=loader)
+    except yaml.YAMLError as e:
+        raise error(f'{source}: not valid YAML: {" ".join(str(e).split())}') from None
+    except RecursionError:
+        raise error(f'{source}: not valid YAML (nested too deeply)') from None
+
+
+def _is_global_entry(b: Any) -> bool:
+    return b is None or (isinstance(b, str) and b == 'global')
+
+
+def _planes(b: Any) -> int:
+    """How many (H, W) window maps a block entry holds: 0 global, heads for per-head, else 1."""
+    if _is_global_entry(b):
+        return 0
+    if isinstance(b, Mapping) and isinstance(b.get('heads'), list):
+        return len(b['heads'])
+    if isinstance(b, np.ndarray) and b.ndim == 4:
+        return int(b.shape[0])
+    return 1
+
+
+def _check_size(entries: Sequence[Any], grid: Grid) -> None:
+    """Refuse a spec too large to build, before any array is made: at most :data:`MAX_DEPTH` blocks,
+    and window maps (blocks, heads) x patches at most :data:`MAX_SPEC_CELLS`."""
+    if not entries:
+        raise WindowSpecError('blocks must not be empty: a spec needs one entry per transformer block')
+    if len(entries) > MAX_DEPTH:
+        raise WindowSpecError(f'a window spec has at most {MAX_DEPTH} blocks, got {len(entries)}')
+    cells = sum(_planes(b) for b in entries) * grid[0] * grid[1]
+    if cells > MAX_SPEC_CELLS:
+        raise WindowSpecError(f'{len(entries)} blocks on a {grid[0]}x{grid[1]} grid hold {cells} patch windows, '
+                              f'more than the {MAX_SPEC_CELLS} a window spec may hold')
 
 
 def _plain(x: Any) -> Any:
@@ -582,33 +772,49 @@ def _decode_plane(e: Any, grid: Grid, where: str) -> np.ndarray:
     if isinstance(e, (int, list, tuple)) and not isinstance(e, bool):
         vals = [e] * 4 if isinstance(e, int) else list(e)
         if len(vals) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-            raise WindowSpecError(f'{where}: expected [up, down, left, right] ints, got {e!r}')
-        return _as_extents(np.array(vals), grid, where)
+            raise WindowSpecError(f'{where}: expected [up, down, left, right] ints, got {e!r:.80}')
+        return _as_extents(np.array(vals, dtype=object), grid, where)
     if isinstance(e, Mapping):
         missing = [s for s in SIDES if s not in e]
         extra = [k for k in e if k not in SIDES]
         if missing or extra:
             raise WindowSpecError(f'{where}: per-patch extents need keys {list(SIDES)}'
                                   + (f', missing {missing}' if missing else '') + (f', unknown {extra}' if extra else ''))
-        planes = []
-        for side in SIDES:
-            rows = e[side]
-            if not isinstance(rows, list) or len(rows) != h:
-                raise WindowSpecError(f'{where}.{side}: expected {h} rows (grid {h}x{w}), got '
-                                      f'{len(rows) if isinstance(rows, list) else type(rows).__name__}')
-            plane = []
-            for r, row in enumerate(rows):
-                try:
-                    vals = [int(v) for v in (row.split() if isinstance(row, str) else row)]
-                except (TypeError, ValueError):
-                    raise WindowSpecError(f'{where}.{side}[{r}]: expected {w} ints, got {row!r}') from None
-                if len(vals) != w:
-                    raise WindowSpecError(f'{where}.{side}[{r}]: expected {w} values (grid {h}x{w}), got {len(vals)}')
-                plane.append(vals)
-            planes.append(plane)
-        return _as_extents(np.stack([np.array(p) for p in planes], axis=-1), grid, where)
+        planes = [_decode_rows(e[side], grid, f'{where}.{side}') for side in SIDES]
+        return _as_extents(np.stack(planes, axis=-1), grid, where)
     raise WindowSpecError(f"{where}: expected 'global', [up, down, left, right], a per-patch mapping or "
                           f"{{heads: [...]}}, got {e!r:.80}")
+
+
+_INT_TEXT = re.compile(r'[+-]?[0-9]+')
+
+
+def _decode_rows(rows: Any, grid: Grid, where: str) -> np.ndarray:
+    """One side of a per-patch block: ``H`` rows of ``W`` integers (a string of space-separated ints or
+    a list of ints); every value must be a plain integer, named by its position when it is not."""
+    h, w = grid
+    if not isinstance(rows, list) or len(rows) != h:
+        raise WindowSpecError(f'{where}: expected {h} rows (grid {h}x{w}), got '
+                              f'{len(rows) if isinstance(rows, list) else type(rows).__name__}')
+    plane = np.empty((h, w), dtype=np.int64)
+    for r, row in enumerate(rows):
+        if isinstance(row, str):
+            items = row.split()
+            vals = [int(v) if _INT_TEXT.fullmatch(v) else None for v in items]
+        elif isinstance(row, list):
+            items = row
+            vals = [v if isinstance(v, int) and not isinstance(v, bool) else None for v in row]
+        else:
+            raise WindowSpecError(f'{where}[{r}]: expected {w} ints, got {row!r:.80}')
+        if len(vals) != w:
+            raise WindowSpecError(f'{where}[{r}]: expected {w} values (grid {h}x{w}), got {len(vals)}')
+        for c, v in enumerate(vals):
+            if v is None:
+                raise WindowSpecError(f'{where}[{r}][{c}]: expected an integer, got {items[c]!r:.40}')
+            if not 0 <= v < EXTENT_LIMIT:
+                raise WindowSpecError(f'{where}[{r}][{c}]: extents must be integers in [0, 2**31), got {v}')
+        plane[r] = vals
+    return plane
 
 
 def _decode_block(b: Any, grid: Grid, where: str) -> Optional[np.ndarray]:
@@ -645,6 +851,9 @@ def list_specs() -> List[str]:
 
 def get_spec(name: str) -> WindowSpec:
     """Load a shipped spec by name (see :func:`list_specs`)."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name.startswith('.'):
+        raise WindowSpecError(f'a shipped window spec is named by a plain name such as winft_prior_d12_g14, got '
+                              f'{name!r:.80}; shipped specs: {", ".join(list_specs()) or "(none)"}')
     for d in _config_dirs():
         p = d / f'{name}.yaml'
         if p.is_file():
@@ -661,7 +870,7 @@ def resolve_spec(windows: Union[WindowSpec, Mapping, str, os.PathLike, None]) ->
         return WindowSpec.from_dict(windows)
     if isinstance(windows, (str, os.PathLike)):
         p = Path(windows)
-        if p.suffix.lower() in ('.yaml', '.yml', '.json') or p.is_file():
+        if p.suffix.lower() in ('.yaml', '.yml', '.json') or os.sep in str(windows) or p.exists() or p.is_symlink():
             return WindowSpec.load(p)
         return get_spec(str(windows))
     raise WindowSpecError(f'windows must be a WindowSpec, a dict, a file path or a shipped spec name, '

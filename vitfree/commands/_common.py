@@ -9,9 +9,10 @@ import ast
 import difflib
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 _logger = logging.getLogger('vitfree.cli')
 
@@ -33,10 +34,10 @@ def key_value(text: str) -> Tuple[str, Any]:
         return k.strip(), ast.literal_eval(v)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         pass
-    import yaml
+    from ..windows import WindowSpecError, parse_yaml
     try:
-        return k.strip(), yaml.safe_load(v)
-    except yaml.YAMLError:
+        return k.strip(), parse_yaml(v, f'--model-kwargs {k.strip()}')
+    except WindowSpecError:  # not YAML either (or YAML with aliases): the plain string
         return k.strip(), v
 
 
@@ -86,27 +87,131 @@ def check_model_name(name: str) -> None:
                                f'{", ".join(tags) or "(none)"}')
 
 
+# ---- the model flags every model command shares -------------------------------------------------
+MODEL_FLAGS = ('pretrained', 'checkpoint', 'model_kwargs', 'batch_size', 'device')
+
+
+def add_model_flags(parser: Any, flags: Sequence[str] = MODEL_FLAGS, batch_size: int = 8,
+                    device: Optional[str] = 'cpu', groups: Optional[Mapping[str, Any]] = None,
+                    texts: Optional[Mapping[str, str]] = None) -> None:
+    """The model flags of a command (``--pretrained --checkpoint --model-kwargs --batch-size --device``,
+    or those of them in ``flags``), in one form everywhere: ``groups`` puts a flag in an argument
+    group, ``texts`` replaces flags' help texts."""
+    helps = {
+        'pretrained': "load the model's pretrained weights: from the Hub or its local cache, or the weights saved "
+                      "in a local-dir: folder (off by default: random initialisation)",
+        'checkpoint': 'a .safetensors/.pth state dict to load into the model (strictly; only the classifier may '
+                      'differ)',
+        'model_kwargs': 'extra timm.create_model arguments, e.g. img_size=64 depth=2',
+        'batch_size': 'images per forward (an integer >= 1; default %(default)s)',
+        'device': 'torch device: cpu, cuda, cuda:N or mps (default: %(default)s)',
+    }
+    helps.update(texts or {})
+    for name in flags:
+        target = (groups or {}).get(name, parser)
+        if name == 'pretrained':
+            target.add_argument('--pretrained', action='store_true', help=helps[name])
+        elif name == 'checkpoint':
+            target.add_argument('--checkpoint', default=None, metavar='FILE', help=helps[name])
+        elif name == 'model_kwargs':
+            target.add_argument('--model-kwargs', nargs='*', type=key_value, default=[], metavar='KEY=VALUE',
+                                help=helps[name])
+        elif name == 'batch_size':
+            target.add_argument('-b', '--batch-size', type=int, default=batch_size, help=helps[name])
+        elif name == 'device':
+            target.add_argument('--device', default=device, help=helps[name])
+        else:
+            raise ValueError(f'unknown model flag {name!r}; choose from {MODEL_FLAGS}')
+
+
+# timm ViT arguments that --model-kwargs commonly sets, and the values they take
+def _kwarg_ranges() -> dict:
+    from ..train.options import Range
+    rate = Range(float, 0.0, 1.0, high_open=True)
+    return {'depth': Range(int, 1), 'num_heads': Range(int, 1), 'embed_dim': Range(int, 1),
+            'num_classes': Range(int, 0), 'in_chans': Range(int, 1), 'mlp_ratio': Range(float, 0.0, low_open=True),
+            'reg_tokens': Range(int, 0), 'drop_rate': rate, 'drop_path_rate': rate, 'attn_drop_rate': rate,
+            'proj_drop_rate': rate, 'pos_drop_rate': rate, 'patch_drop_rate': rate}
+
+
+def _sizes(value: Any) -> Optional[Tuple[int, int]]:
+    """An image or patch size (an int, or a pair of ints) as a pair, else None."""
+    pair = value if isinstance(value, (list, tuple)) else (value, value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
+        return None
+    return int(pair[0]), int(pair[1])
+
+
+def patch_size_of(model: str, kwargs: Mapping[str, Any]) -> Optional[Tuple[int, int]]:
+    """The patch size a model will have: ``patch_size`` in ``kwargs``, else the ``patchN`` in a timm name."""
+    if 'patch_size' in kwargs:
+        return _sizes(kwargs['patch_size'])
+    found = re.search(r'patch(\d+)', model.split(':')[-1])
+    return (int(found.group(1)),) * 2 if found else None
+
+
+def check_model_kwargs(model: str, kwargs: Mapping[str, Any], img_size: Any = None,
+                       img_flag: str = '--model-kwargs img_size') -> None:
+    """:class:`CommandError` for a ``--model-kwargs`` value of the wrong type or range (``depth=abc``,
+    ``embed_dim=100 num_heads=3``), and for an image smaller than one patch, before the model is built."""
+    for name, rng in _kwarg_ranges().items():
+        if name in kwargs and rng.problem(kwargs[name]) is not None:
+            raise CommandError(f'--model-kwargs {name}={kwargs[name]!r}: {name} must be {rng.describe()}')
+    for name in ('img_size', 'patch_size'):
+        if name in kwargs and _sizes(kwargs[name]) is None:
+            raise CommandError(f'--model-kwargs {name}={kwargs[name]!r}: {name} must be an integer >= 1 or a pair '
+                               f'of them, e.g. {name}=32 or {name}=(32, 48)')
+    dim, heads = kwargs.get('embed_dim'), kwargs.get('num_heads')
+    if dim is not None and heads is not None and dim % heads:
+        raise CommandError(f'--model-kwargs embed_dim={dim} num_heads={heads}: embed_dim must be divisible by '
+                           f'num_heads (each head gets embed_dim / num_heads channels)')
+    img = img_size if img_size is not None else kwargs.get('img_size')
+    size, patch = (_sizes(img) if img is not None else None), patch_size_of(model, kwargs)
+    if size is not None and patch is not None and (size[0] < patch[0] or size[1] < patch[1]):
+        raise CommandError(f'{img_flag} {img!r}: the image is smaller than one patch ({patch[0]}x{patch[1]} pixels '
+                           f'for {model}); give an image size of at least {max(patch)} pixels, or a smaller '
+                           f'patch_size')
+
+
+def _model_error(model: str, kwargs: Mapping[str, Any], e: BaseException) -> CommandError:
+    shown = ' '.join(f'{k}={v!r}' for k, v in kwargs.items())
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if 'divisible by num_heads' in text:
+        text = 'embed_dim must be divisible by num_heads; choose a num_heads that divides the embedding width'
+    return CommandError(f'--model-kwargs {shown}: {model} cannot be built with them ({text})')
+
+
 def create_model(args):
     """The model named by ``args.model`` (seeded with ``args.seed``, extra ``args.model_kwargs``,
-    ``args.pretrained``), with ``args.checkpoint`` loaded strictly when given (SHA-256 checked when
-    the file is shipped or exported; only the classifier may differ)."""
+    ``args.pretrained``), on ``args.device``, with ``args.checkpoint`` loaded strictly when given (SHA-256
+    checked when the file is shipped or exported; only the classifier may differ).  Bad flags are a
+    :class:`CommandError` before anything is built."""
     import timm
     import torch
 
+    from ..train.distributed import check_device
     from ..weights import load_weights
     check_model_name(args.model)
-    torch.manual_seed(args.seed)
     kwargs = dict(args.model_kwargs)
+    check_model_kwargs(args.model, kwargs)
+    if getattr(args, 'batch_size', 1) < 1:
+        raise CommandError(f'--batch-size must be an integer >= 1, got {args.batch_size}')
+    try:
+        device = check_device(args.device)
+    except ValueError as e:
+        raise CommandError(f'--device: {e}') from None
+    torch.manual_seed(args.seed)
     try:
         model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     except TypeError as e:
-        if 'argument' not in str(e):
+        if 'argument' not in str(e) and not kwargs:
             raise
-        raise CommandError(f'--model-kwargs {" ".join(f"{k}={v!r}" for k, v in kwargs.items())}: {args.model} '
-                           f'does not take them ({e})') from None
+        raise _model_error(args.model, kwargs, e) from None
+    except AssertionError as e:  # timm checks its arguments with assert
+        raise _model_error(args.model, kwargs, e) from None
     if args.checkpoint:
         load_weights(model, args.checkpoint)
-    return model
+    return model.to(device)
 
 
 # ---- images --------------------------------------------------------------------------------------
@@ -117,15 +222,14 @@ def checked_image_sources(sources: Union[str, Sequence[str]], strict: bool = Fal
     and returns the sources with those files left out (folders expanded to their readable files),
     or raises :class:`CommandError` when ``strict``.  Names that are not files or folders (built-in
     data sets) pass through untouched."""
-    from ..data import IMG_EXTENSIONS, find_unreadable_images
+    from ..data import IMG_EXTENSIONS, find_unreadable_images, list_image_files
 
     items = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     expanded: List[Tuple[str, List[Path]]] = []
     for s in items:
         p = Path(s).expanduser()
         if p.is_dir():
-            expanded.append((str(s), sorted(f for f in p.rglob('*') if f.is_file()
-                                            and f.suffix.lower() in IMG_EXTENSIONS)))
+            expanded.append((str(s), list_image_files(p, required=False)))
         elif p.is_file() and p.suffix.lower() in IMG_EXTENSIONS:
             expanded.append((str(s), [p]))
         else:

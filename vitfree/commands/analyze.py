@@ -10,9 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import create_model, key_value
+from ..train.options import Range, check_ranges
+from ._common import CommandError, add_model_flags, create_model
 
 PARTS = ('erf', 'profiles', 'heads', 'patterns', 'sift', 'removal')  # same as vitfree.analysis.report.PARTS
+# every numeric flag, checked before any work (the analyses check them again, but only when they run)
+RANGES = {'max_images': Range(int, 1), 'head_images': Range(int, 1), 'batch_size': Range(int, 1),
+          'k': Range(int, 1), 'latent_dim': Range(int, 2), 'epochs': Range(int, 1),
+          'spurious_threshold': Range(float, 0.0, 1.0), 'tau': Range(float, 0.0, 1.0, low_open=True),
+          'gamma': Range(float, 0.0), 'seed': Range(int, 0)}
 
 
 def add_parser(sub) -> None:
@@ -32,16 +38,11 @@ def add_parser(sub) -> None:
     p.add_argument('--parts', nargs='+', choices=PARTS, default=None, metavar='PART',
                    help=f'run only these parts ({", ".join(PARTS)})')
     p.add_argument('--skip', nargs='+', choices=PARTS, default=[], metavar='PART', help='leave these parts out')
-    p.add_argument('--pretrained', action='store_true',
-                   help="load the model's pretrained weights: from the Hub or its local cache, or the weights "
-                        "saved in a local-dir: folder (off by default: random initialisation)")
-    p.add_argument('--checkpoint', default=None, help='a .safetensors/.pth state dict to load into the model')
-    p.add_argument('--model-kwargs', nargs='*', type=key_value, default=[], metavar='KEY=VALUE',
-                   help='extra timm.create_model arguments, e.g. img_size=64 depth=2')
+    add_model_flags(p, flags=('pretrained', 'checkpoint', 'model_kwargs'))
     p.add_argument('--max-images', type=int, default=32, metavar='N', help='use at most N images (default 32)')
     p.add_argument('--head-images', type=int, default=8, metavar='N',
                    help='images for head pruning, which costs 6 x blocks x heads forwards each (default 8)')
-    p.add_argument('--batch-size', type=int, default=8, help='images per forward (default 8)')
+    add_model_flags(p, flags=('batch_size',), batch_size=8)
     p.add_argument('--average', choices=['pairs', 'queries'], default='pairs',
                    help='hop-strength averaging (default: pairs)')
     p.add_argument('--k', type=int, default=6, help='attention-pattern clusters (default 6)')
@@ -56,7 +57,7 @@ def add_parser(sub) -> None:
                    help='prompting masks keypoint-free patches (group0) or the lowest-mass quarter (lowest)')
     p.add_argument('--tau', type=float, default=0.9, help='ERF mass (default 0.9)')
     p.add_argument('--gamma', type=float, default=0.6, help='global-block threshold on mean ERF area (default 0.6)')
-    p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
+    add_model_flags(p, flags=('device',))
     p.add_argument('--seed', type=int, default=0, help='seed for initialisation, clustering and masks (default 0)')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     p.set_defaults(func=run, outputs=[('output', 'dir', None)], image_inputs=['images'])
@@ -68,9 +69,7 @@ def run(args) -> int:
     parts = [p for p in (args.parts or PARTS) if p not in set(args.skip)]
     if not parts:
         raise SystemExit('error: --parts/--skip leave nothing to run')
-    for name in ('max_images', 'head_images', 'batch_size', 'k', 'epochs'):
-        if getattr(args, name) < 1:
-            raise SystemExit(f'error: --{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    check_ranges(args, RANGES, CommandError, cli=True)
     model = create_model(args)
     if args.checkpoint:
         weights = f'checkpoint {Path(args.checkpoint).resolve()}'
@@ -80,7 +79,6 @@ def run(args) -> int:
         weights = f'random initialisation (seed {args.seed}; pass --pretrained or --checkpoint for trained weights)'
     if args.model.startswith(('local-dir:', 'hf-hub:')) and not (args.pretrained or args.checkpoint):
         print(f'note: {args.model} is built with random weights; add --pretrained to load the weights it ships')
-    model = model.to(args.device)
     print(f'model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters); '
           f'weights: {weights}')
     try:

@@ -14,6 +14,11 @@ __all__ = ['add_parser', 'run']
 
 
 from ..benchmark import interleaved, machine_info, peak_memory, set_threads  # noqa: F401 (re-exported)
+from ..train.options import Range, check_ranges
+
+DEFAULT_RADIUS = 3
+RANGES = {'img_size': Range(int, 1), 'batch': Range(int, 1, optional=True), 'reps': Range(int, 1),
+          'threads': Range(int, 1), 'radius': Range(int, 0, optional=True)}
 
 
 def add_parser(sub) -> None:
@@ -23,7 +28,9 @@ def add_parser(sub) -> None:
                    help='timm ViT/DeiT architecture to compare against (default: vit_small_patch16_224)')
     p.add_argument('--windows', default=None,
                    help='window spec (shipped name or .yaml/.json file); default: --radius in every block')
-    p.add_argument('--radius', type=int, default=3, help='uniform window radius when --windows is not given (3 = 7x7)')
+    p.add_argument('--radius', type=int, default=None,
+                   help=f'the same window in every block instead of --windows: radius R gives (2R+1)x(2R+1) patches '
+                        f'(an integer >= 0; default {DEFAULT_RADIUS})')
     p.add_argument('--window-resize', choices=['scale', 'keep'], default='scale',
                    help="how --windows follow the image size: 'scale' (default) or 'keep' (size in patches)")
     p.add_argument('--img-size', type=int, nargs='+', default=[224, 448], help='image sizes in pixels')
@@ -57,13 +64,19 @@ def _build(model: str, img: int, windows: Any, radius: int, window_resize: str =
 def run(args) -> int:
     import torch
 
-    from ._common import CommandError, check_model_name
-    for name in ('img_size', 'batch', 'reps', 'threads', 'radius'):
-        values = getattr(args, name)
-        for v in (values if isinstance(values, list) else [values]):
-            if v is not None and v < (0 if name == 'radius' else 1):
-                raise CommandError(f'--{name.replace("_", "-")} must be >= {0 if name == "radius" else 1}, got {v}')
+    from ..windows import resolve_spec
+    from ._common import CommandError, check_model_kwargs, check_model_name
+    check_ranges(args, RANGES, CommandError, cli=True)
+    if args.windows is not None and args.radius is not None:
+        raise CommandError(f'--windows {args.windows} and --radius {args.radius} contradict each other: --radius '
+                           f'builds the same window in every block, --windows reads them from a spec; give one')
+    if args.radius is None:
+        args.radius = DEFAULT_RADIUS
     check_model_name(args.model)
+    for img in args.img_size:
+        check_model_kwargs(args.model, {}, img, img_flag='--img-size')
+    if args.windows is not None:
+        resolve_spec(args.windows)  # a bad spec file is named before any model is built
     set_threads(args.threads)
     rows = []
     amp = torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.bf16)

@@ -1,8 +1,6 @@
 """``vitfree demo``: the main job on an embedded default (writes ./vitfree-out/)."""
 from __future__ import annotations
 
-import os
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser('demo', help='run the main job on the embedded default model and image')
@@ -17,7 +15,14 @@ def run(args) -> int:
     from ._common import CommandError, check_model_name
     if args.model:
         check_model_name(args.model)
-    if args.image and not os.path.isfile(args.image):
-        raise CommandError(f'--image {args.image!r}: no such image file')
+    if args.image:
+        from ..data import find_unreadable_images
+        from ..windows import file_problem
+        problem = file_problem(args.image)
+        if problem is not None:
+            raise CommandError(f'--image {args.image!r}: {"no such image file" if problem == "not found" else problem}')
+        bad = find_unreadable_images([args.image], decode=True)
+        if bad:
+            raise CommandError(f'--image {args.image!r} cannot be read as an image ({bad[str(args.image)]})')
     run_demo(args.out, model_name=args.model, image=args.image)
     return 0

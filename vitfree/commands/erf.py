@@ -11,7 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List
 
-from ._common import create_model, key_value
+from ..train.options import Range, check_ranges
+from ._common import CommandError, add_model_flags, create_model
+
+RANGES = {'images': Range(int, 1), 'tau': Range(float, 0.0, 1.0, low_open=True), 'gamma': Range(float, 0.0),
+          'seed': Range(int, 0)}
 
 
 def add_parser(sub) -> None:
@@ -35,15 +39,10 @@ def add_parser(sub) -> None:
     p.add_argument('--target', default='predicted',
                    help="attribution target: predicted, label or a class index (default: predicted)")
     p.add_argument('--pictures', metavar='DIR', default=None, help='write PNG pictures into DIR')
-    p.add_argument('--pretrained', action='store_true',
-                   help="load the model's pretrained weights (from the Hub cache, a local-dir: model, or a file "
-                        "given as --model-kwargs 'pretrained_cfg_overlay={file: weights.safetensors}')")
-    p.add_argument('--checkpoint', default=None, help='a .safetensors/.pth state dict to load into the model')
-    p.add_argument('--model-kwargs', nargs='*', type=key_value, default=[], metavar='KEY=VALUE',
-                   help='extra timm.create_model arguments, e.g. img_size=64 depth=2')
+    add_model_flags(p, batch_size=16, texts={
+        'pretrained': "load the model's pretrained weights (from the Hub cache, a local-dir: model, or a file given "
+                      "as --model-kwargs 'pretrained_cfg_overlay={file: weights.safetensors}')"})
     p.add_argument('--split', default='train', help='split of a built-in data set (default: train)')
-    p.add_argument('--batch-size', type=int, default=16, help='images per forward (default 16)')
-    p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
     p.add_argument('--seed', type=int, default=0, help='seed for random initialisation (default 0)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.set_defaults(func=run, outputs=[('output', 'file', ('.yaml', '.yml', '.json')), ('pictures', 'dir', None)],
@@ -58,9 +57,10 @@ def run(args) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in ('.yaml', '.yml', '.json'):
         raise SystemExit(f'error: -o/--output must end in .yaml, .yml or .json, got {args.output!r}')
-    if args.images < 1:
-        raise SystemExit(f'error: --images must be >= 1, got {args.images}')
-    target: Any = int(args.target) if args.target.lstrip('-').isdigit() else args.target
+    check_ranges(args, RANGES, CommandError, cli=True)
+    target: Any = int(args.target) if args.target.isdigit() else args.target
+    if target not in ('predicted', 'label') and not isinstance(target, int):
+        raise CommandError(f"--target {args.target!r}: give predicted, label or a class index (an integer >= 0)")
     model = create_model(args)
     if args.checkpoint:
         checkpoint = str(Path(args.checkpoint).resolve())
@@ -70,7 +70,6 @@ def run(args) -> int:
         checkpoint = f'none (random initialisation, seed {args.seed})'
         if args.model.startswith(('local-dir:', 'hf-hub:')):
             print(f'note: {args.model} is built with random weights; add --pretrained to load the weights it ships')
-    model = model.to(args.device)
     try:
         dataset, data_desc = open_data(args.data, args.split)
     except (ValueError, FileNotFoundError) as e:

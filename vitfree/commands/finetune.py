@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_common_flags, key_value
+import dataclasses
+
+from ..train.options import RANGES, FinetuneConfig, flag, flag_help
+from ._common import add_common_flags, add_model_flags
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
 
 EPILOG = """\
 MODEL: a WinfT name (winft_tiny_patch16_224, ...), a timm ViT/DeiT name made into a WinfT with
@@ -29,88 +34,86 @@ def add_parser(sub) -> None:
     p.add_argument('model', help='WinfT / timm ViT name, local-dir:PATH or hf-hub:ORG/NAME')
     p.add_argument('data', help='digits, fashion_mnist, or a folder with train/ and val/ class folders')
     p.add_argument('-o', '--output', default='vitfree-finetune', help='output folder (default: %(default)s)')
-
-    g = p.add_argument_group('model')
-    g.add_argument('--pretrained', action='store_true', help='start from pretrained weights (Hub or local)')
-    g.add_argument('--windows', help='window spec: shipped name or .yaml/.json file (default: the model\'s own)')
-    g.add_argument('--img-size', type=int, help='train at this image size; the window spec is resized to match')
-    g.add_argument('--window-resize', choices=['scale', 'keep'], default=None,
-                   help="how windows follow another image size: 'scale' (default: each window keeps its share of "
-                        "the image) or 'keep' (each keeps its size in patches, so cost stays linear at high resolution)")
-    g.add_argument('--model-kwargs', nargs='*', default=[], type=key_value, metavar='KEY=VALUE',
-                   help='extra model arguments, e.g. depth=4 embed_dim=128')
-    g.add_argument('--drop-path', type=float, help='stochastic depth rate')
-    g.add_argument('--attn-backend', help='attention backend for windowed blocks (default: auto)')
-    g.add_argument('--grad-checkpointing', action='store_true', help='recompute activations in backward (less memory)')
-
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=10)
-    g.add_argument('-b', '--batch-size', type=int, default=64, help='per process (default: %(default)s)')
-    g.add_argument('--lr', type=float, default=5e-4)
-    g.add_argument('--opt', default='adamw', help='any timm optimizer name (default: %(default)s)')
-    g.add_argument('--weight-decay', type=float, default=0.05)
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--layer-decay', type=float, help='layer-wise learning-rate decay, e.g. 0.75')
-    g.add_argument('--clip-grad', type=float, help='clip the gradient norm to this value')
-    g.add_argument('--sched', default='cosine', help='any timm scheduler name (default: %(default)s)')
-    g.add_argument('--warmup-epochs', type=int, default=0)
-    g.add_argument('--warmup-lr', type=float, default=1e-6)
-    g.add_argument('--min-lr', type=float, default=1e-6)
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: %(default)s)')
-    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0 = off)')
-    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (0 = off)')
-    g.add_argument('--mixup-prob', type=float, default=1.0)
-    g.add_argument('--ema', action='store_true', help='keep an exponential moving average of the weights')
-    g.add_argument('--ema-decay', type=float, default=0.9998)
-    g.add_argument('--amp', choices=['bf16', 'fp16'], help='mixed precision (bf16 on CPU; bf16 or fp16 on CUDA)')
-
-    g = p.add_argument_group('data')
-    g.add_argument('--no-aug', action='store_true', help='no random augmentation')
-    g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), metavar=('MIN', 'MAX'),
-                   help='random-resized-crop area range (default: 0.08 1)')
-    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
-    g.add_argument('--color-jitter', type=float, default=0.4)
-    g.add_argument('--auto-augment', help='timm auto-augment policy, e.g. rand-m9-mstd0.5')
-    g.add_argument('--reprob', type=float, default=0.0, help='random erasing probability')
-    g.add_argument('-j', '--workers', type=int, default=2, help='data loader processes (default: %(default)s)')
-    g.add_argument('--no-verify-images', dest='verify_images', action='store_false',
-                   help='skip the up-front check that every image file opens')
-    g.add_argument('--limit-train-batches', type=int, help='at most this many steps per epoch')
-    g.add_argument('--limit-val-batches', type=int, help='at most this many validation batches')
-
-    g = p.add_argument_group('run')
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--device', help='cpu or cuda (default: cuda when available)')
-    g.add_argument('--checkpoint-every', type=int, default=0, help='also checkpoint every N steps (0: epochs only)')
-    g.add_argument('--keep-last', type=int, default=3, help='checkpoints to keep (default: %(default)s)')
-    g.add_argument('--resume', nargs='?', const=True, default=False, metavar='CKPT',
-                   help='continue from the newest valid checkpoint in OUTPUT (or from CKPT); the training flags '
-                        'must be those of the checkpoint')
-    g.add_argument('--allow-changed', action='store_true',
-                   help='with --resume: continue with changed training flags (each change is recorded)')
-    g.add_argument('--overwrite', action='store_true',
-                   help='replace an earlier run in OUTPUT (without it, an existing run is refused)')
-    g.add_argument('--log-interval', type=int, default=10, help='steps between metrics lines')
-    g.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
-    g.add_argument('--no-export', dest='export', action='store_false', help='do not write OUTPUT/model')
-    g.add_argument('--threads', type=int, help='torch CPU threads per process')
-    g.add_argument('--deterministic', action='store_true', help='torch deterministic algorithms')
+    model, opt, data, run_group = (p.add_argument_group(name) for name in ('model', 'optimisation', 'data', 'run'))
+    add_model_flags(p, flags=('pretrained', 'model_kwargs', 'batch_size', 'device'), batch_size=64, device=None,
+                    groups={'pretrained': model, 'model_kwargs': model, 'batch_size': opt, 'device': run_group},
+                    texts={'pretrained': 'start from pretrained weights (Hub or local)',
+                           'model_kwargs': 'extra model arguments, e.g. depth=4 embed_dim=128',
+                           'batch_size': flag_help('batch_size'),
+                           'device': 'cpu, cuda, cuda:N or mps (default: cuda when available)'})
+    model.add_argument('--windows', help='window spec: shipped name or .yaml/.json file (default: the model\'s own)')
+    _number(model, 'img_size')
+    model.add_argument('--window-resize', choices=['scale', 'keep'], default=None,
+                       help="how windows follow another image size: 'scale' (default: each window keeps its share "
+                            "of the image) or 'keep' (each keeps its size in patches, so cost stays linear at high "
+                            "resolution)")
+    _number(model, 'drop_path')
+    model.add_argument('--attn-backend', help='attention backend for windowed blocks (default: auto)')
+    model.add_argument('--grad-checkpointing', action='store_true',
+                       help='recompute activations in backward (less memory)')
+    for name in ('epochs', 'lr'):
+        _number(opt, name)
+    opt.add_argument('--opt', default='adamw', help='any timm optimizer name (default: %(default)s)')
+    for name in ('weight_decay', 'momentum', 'layer_decay', 'clip_grad'):
+        _number(opt, name)
+    opt.add_argument('--sched', default='cosine', help='any timm scheduler name (default: %(default)s)')
+    for name in ('warmup_epochs', 'warmup_lr', 'min_lr', 'smoothing', 'mixup', 'cutmix', 'mixup_prob'):
+        _number(opt, name)
+    opt.add_argument('--ema', action='store_true', help='keep an exponential moving average of the weights')
+    _number(opt, 'ema_decay')
+    opt.add_argument('--amp', choices=['bf16', 'fp16'], help='mixed precision (bf16 on CPU; bf16 or fp16 on CUDA)')
+    data.add_argument('--no-aug', action='store_true', help='no random augmentation')
+    _number(data, 'scale', nargs=2, metavar=('MIN', 'MAX'))
+    for name in ('hflip', 'color_jitter'):
+        _number(data, name)
+    data.add_argument('--auto-augment', help='timm auto-augment policy, e.g. rand-m9-mstd0.5')
+    _number(data, 'reprob')
+    _number(data, 'workers', '-j')
+    data.add_argument('--no-verify-images', dest='verify_images', action='store_false',
+                      help='skip the up-front check that every image file opens')
+    for name in ('limit_train_batches', 'limit_val_batches'):
+        _number(data, name)
+    _run_flags(run_group)
     add_common_flags(p, images=True)
     p.set_defaults(func=run)
 
 
+def _number(group, name: str, *short: str, **kw) -> None:
+    """A numeric flag, with its default from FinetuneConfig and its range from the one table (RANGES)."""
+    rng = RANGES[name]
+    group.add_argument(*short, flag(name), type=rng.kind, default=DEFAULTS[name],
+                       help=flag_help(name), **kw)
+
+
+def _run_flags(group) -> None:
+    _number(group, 'seed')
+    for name in ('checkpoint_every', 'keep_last'):
+        _number(group, name)
+    group.add_argument('--resume', nargs='?', const=True, default=False, metavar='CKPT',
+                     help='continue from the newest valid checkpoint in OUTPUT (or from CKPT); the training flags '
+                          'must be those of the checkpoint')
+    group.add_argument('--allow-changed', action='store_true',
+                     help='with --resume: continue with changed training flags (each change is recorded)')
+    group.add_argument('--overwrite', action='store_true',
+                     help='replace an earlier run in OUTPUT (without it, an existing run is refused)')
+    _number(group, 'log_interval')
+    group.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
+    group.add_argument('--no-export', dest='export', action='store_false', help='do not write OUTPUT/model')
+    _number(group, 'threads')
+    group.add_argument('--deterministic', action='store_true', help='torch deterministic algorithms')
+
+
 def run(args) -> int:
-    import dataclasses
+    from ..train import finetune
+    from ._common import check_model_kwargs, check_model_name
 
-    from ..train import FinetuneConfig, finetune
-    from ._common import check_model_name
-
-    check_model_name(args.model)  # unknown names get close matches before any work
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    options = {k: v for k, v in vars(args).items() if k in names}
+    options = {k: v for k, v in vars(args).items() if k in DEFAULTS}
     options['scale'] = tuple(options['scale'])
     options['model_kwargs'] = dict(options['model_kwargs'])
-    result = finetune(FinetuneConfig(**options))
+    config = FinetuneConfig(**options)  # finetune() checks every flag against its range before any work
+    check_model_name(args.model)  # unknown names get close matches before any work
+    check_model_kwargs(args.model, config.model_kwargs, config.img_size, img_flag='--img-size')
+    result = finetune(config)
     if result.export is not None:
         last = result.metrics[-1] if result.metrics else {}
         print(f'done: {result.global_step} steps, top-1 {last.get("top1", float("nan")):.2f}%, '

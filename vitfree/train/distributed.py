@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ['DistState', 'init_distributed', 'EpochSampler', 'ShardSampler', 'all_reduce_sum', 'barrier']
+__all__ = ['DistState', 'init_distributed', 'check_device', 'EpochSampler', 'ShardSampler', 'all_reduce_sum', 'barrier']
 
 
 @dataclass
@@ -55,9 +55,7 @@ def init_distributed(device: Optional[str] = None) -> DistState:
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    dev = torch.device(device)
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError(f'device {device!r} requested but CUDA is not available; use --device cpu')
+    dev = check_device(device)
     if dev.type == 'cuda' and dev.index is None:
         dev = torch.device('cuda', local_rank if world_size > 1 else 0)
     if dev.type == 'cuda':
@@ -70,6 +68,39 @@ def init_distributed(device: Optional[str] = None) -> DistState:
             dist.init_process_group(backend='nccl' if dev.type == 'cuda' else 'gloo')
             owns = True
     return DistState(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, owns_group=owns)
+
+
+def check_device(device: Optional[Union[str, torch.device]]) -> Optional[torch.device]:
+    """The torch device ``device`` names, when this machine has it; ``ValueError`` naming the value and
+    what is available otherwise (``None`` passes: the caller picks a default)."""
+    if device is None:
+        return None
+    available = ['cpu'] + (['cuda'] + [f'cuda:{i}' for i in range(torch.cuda.device_count())]
+                           if torch.cuda.is_available() else [])
+    if _mps_available():
+        available.append('mps')
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f'device {device!r} is not a torch device name; this machine has {", ".join(available)}') \
+            from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device {device!r}: CUDA is not available on this machine (no GPU, or torch was built '
+                         f'without CUDA); this machine has {", ".join(available)}')
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f'device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), '
+                         f'{", ".join(available)}')
+    if dev.type == 'mps' and not _mps_available():
+        raise ValueError(f'device {device!r}: MPS is not available here; this machine has {", ".join(available)}')
+    if dev.type not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f'device {device!r}: vitfree runs on cpu, cuda and mps devices, not on {dev.type!r} ones; '
+                         f'this machine has {", ".join(available)}')
+    return dev
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, 'mps', None)
+    return bool(mps is not None and mps.is_available())
 
 
 class EpochSampler(Sampler[int]):

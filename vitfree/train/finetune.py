@@ -19,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -34,14 +34,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..windows import WindowSpecError
 from .checkpoint import (INDEX_FILE, CheckpointError, CheckpointManager, load_checkpoint, named_os_errors, require,
                          rng_state, set_rng_state)
 from .distributed import DistState, EpochSampler, ShardSampler, all_reduce_sum, barrier, init_distributed
+from .options import AMP_NAMES, FinetuneConfig, flag
 
 __all__ = ['FinetuneConfig', 'FinetuneResult', 'finetune', 'create_finetune_model', 'evaluate']
 
 _logger = logging.getLogger(__name__)
 AMP_DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.float16, 'float16': torch.float16}
+assert set(AMP_DTYPES) == set(AMP_NAMES)
 # options that say how a run is carried out, not what it trains: they may differ on --resume
 RUN_OPTIONS = frozenset({
     'output', 'resume', 'progress', 'log_interval', 'export', 'threads', 'workers', 'device', 'checkpoint_every',
@@ -50,105 +53,6 @@ RUN_OPTIONS = frozenset({
 # what a run writes into its output folder, and whether each is a file or a folder
 RUN_ENTRIES = {'metrics.jsonl': 'file', 'finetune_config.json': 'file', 'checkpoints': 'dir', 'model': 'dir',
                'model_ema': 'dir'}
-
-
-@dataclass
-class FinetuneConfig:
-    """Every option of a fine-tuning run (the ``vitfree finetune`` flags, same names)."""
-    model: str
-    data: str
-    output: str = 'vitfree-finetune'
-    # model
-    pretrained: bool = False
-    windows: Optional[str] = None
-    window_resize: Optional[str] = None  # 'scale' (the model's default) or 'keep'; see WindowSpec.resize
-    img_size: Optional[int] = None
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    drop_path: Optional[float] = None
-    attn_backend: Optional[str] = None
-    grad_checkpointing: bool = False
-    # optimisation
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 5e-4
-    opt: str = 'adamw'
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    layer_decay: Optional[float] = None
-    clip_grad: Optional[float] = None
-    sched: str = 'cosine'
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-6
-    smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    ema: bool = False
-    ema_decay: float = 0.9998
-    amp: Optional[str] = None
-    # data
-    no_aug: bool = False
-    scale: Tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-    color_jitter: float = 0.4
-    auto_augment: Optional[str] = None
-    reprob: float = 0.0
-    workers: int = 2
-    verify_images: bool = True
-    limit_train_batches: Optional[int] = None
-    limit_val_batches: Optional[int] = None
-    # run
-    seed: int = 0
-    device: Optional[str] = None
-    checkpoint_every: int = 0
-    keep_last: int = 3
-    resume: Union[bool, str] = False
-    log_interval: int = 10
-    progress: bool = True
-    export: bool = True
-    threads: Optional[int] = None
-    deterministic: bool = False
-    strict: bool = False
-    allow_changed: bool = False
-    overwrite: bool = False
-
-    def check(self) -> None:
-        """Raise ``ValueError`` naming the first option that cannot work; warn about ones that work badly."""
-        if self.resume and self.overwrite:
-            raise ValueError('resume and overwrite exclude each other: resume continues the run in the output folder, '
-                             'overwrite replaces it')
-        for name in ('lr', 'ema_decay', 'warmup_lr', 'min_lr'):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float('inf'):
-                raise ValueError(f'{name} must be a number >= 0, got {v!r}')
-        if self.amp is not None and self.amp not in AMP_DTYPES:
-            raise ValueError(f'amp must be one of {sorted(AMP_DTYPES)} or None, got {self.amp!r}')
-        for name in ('epochs', 'batch_size', 'keep_last', 'log_interval'):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f'{name} must be >= 1, got {getattr(self, name)!r}')
-        for name in ('checkpoint_every', 'workers', 'warmup_epochs'):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f'{name} must be >= 0, got {getattr(self, name)!r}')
-        for name in ('limit_train_batches', 'limit_val_batches'):
-            v = getattr(self, name)
-            if v is not None and int(v) < 1:
-                raise ValueError(f'{name} must be >= 1 or None, got {v!r}')
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ValueError(f'layer_decay must be in (0, 1], got {self.layer_decay!r}')
-        if not 0 <= self.smoothing < 1:
-            raise ValueError(f'smoothing must be in [0, 1), got {self.smoothing!r}')
-        if len(tuple(self.scale)) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f'scale must be (min, max) with 0 < min <= max <= 1, got {self.scale!r}')
-        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
-            warnings.warn(f'warmup_epochs={self.warmup_epochs} is not shorter than epochs={self.epochs}: the whole run '
-                          f'is spent warming up and the learning rate never reaches lr={self.lr:g}', UserWarning,
-                          stacklevel=3)
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d['scale'] = list(self.scale)
-        return d
 
 
 @dataclass
@@ -180,14 +84,22 @@ def create_finetune_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     name = cfg.model
     source, _, rest = name.partition(':')
     arch = name.split('.')[0]
-    if (source in ('local-dir', 'hf-hub') and rest) or arch.startswith(('winft_', 'vitfree_winft')):
-        model = timm.create_model(name, pretrained=cfg.pretrained, **kwargs)
-    elif timm.is_model(arch):
-        kwargs.pop('windows', None)
-        model = create_winft(name, windows=cfg.windows, pretrained=cfg.pretrained, **kwargs)
-    else:
-        raise ValueError(f'unknown model {name!r}: give a WinfT name ({", ".join(timm.list_models("winft_*"))}), '
-                         f'a timm ViT/DeiT name (vit_small_patch16_224, ...), local-dir:PATH or hf-hub:ORG/NAME')
+    try:
+        if (source in ('local-dir', 'hf-hub') and rest) or arch.startswith(('winft_', 'vitfree_winft')):
+            model = timm.create_model(name, pretrained=cfg.pretrained, **kwargs)
+        elif timm.is_model(arch):
+            kwargs.pop('windows', None)
+            model = create_winft(name, windows=cfg.windows, pretrained=cfg.pretrained, **kwargs)
+        else:
+            raise ValueError(f'unknown model {name!r}: give a WinfT name ({", ".join(timm.list_models("winft_*"))}), '
+                             f'a timm ViT/DeiT name (vit_small_patch16_224, ...), local-dir:PATH or hf-hub:ORG/NAME')
+    except WindowSpecError as e:
+        if cfg.img_size is not None and str(e).startswith('grid must be positive'):
+            raise ValueError(f'img_size {cfg.img_size} (--img-size) is smaller than the patch size of {name}: a '
+                             f'model needs at least one patch per side; give a larger --img-size') from None
+        raise
+    except AssertionError as e:  # timm checks its arguments with assert (embed_dim % num_heads, ...)
+        raise ValueError(f'{name} cannot be built with {dict(cfg.model_kwargs)} ({e})') from None
     if not hasattr(model, 'window_spec'):
         raise ValueError(f'{name!r} built a {type(model).__name__}, not a WinfT')
     return model
@@ -297,7 +209,8 @@ def finetune(
     """Fine-tune; see :class:`FinetuneConfig` for the options (pass a config or keywords).
 
     ``on_step(global_step)`` is called after every optimizer step (after any checkpoint of that
-    step is written); raising from it stops the run as a crash would.
+    step is written); raising from it stops the run as a crash would.  A new run that fails before
+    its first checkpoint removes what it wrote, so the corrected command can run in the same folder.
     """
     if config is None:
         config = FinetuneConfig(**options)
@@ -319,275 +232,416 @@ def finetune(
         torch.set_num_threads(threads)
 
 
+@dataclass
+class _Run:
+    """One fine-tuning run while it trains: what the steps below build (data, model, optimisation,
+    output) and where it stands (the progress a checkpoint stores and a resume restores)."""
+    cfg: FinetuneConfig
+    ds: DistState
+    out_dir: Path
+    # data and model
+    classes: List[str] = field(default_factory=list)
+    model: Optional[nn.Module] = None
+    train_model: Optional[nn.Module] = None  # the model, or its DistributedDataParallel wrapper
+    data_config: Dict[str, Any] = field(default_factory=dict)
+    windows_sha256: Optional[str] = None
+    train_ds: Any = None  # vitfree.data.TransformDataset, train and val
+    val_ds: Any = None
+    sampler: Optional[EpochSampler] = None
+    train_loader: Optional[torch.utils.data.DataLoader] = None
+    val_loader: Optional[torch.utils.data.DataLoader] = None
+    loader_gen: Optional[torch.Generator] = None
+    steps_per_epoch: int = 0
+    # optimisation (timm's optimizer, scheduler, ModelEmaV3, Mixup)
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Any = None
+    ema: Any = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    criterion: Optional[nn.Module] = None
+    mixup_fn: Optional[Callable] = None
+    # output and progress
+    manager: Optional[CheckpointManager] = None
+    metrics_log: Optional[_JsonLines] = None
+    start_epoch: int = 0
+    start_batch: int = 0
+    global_step: int = 0
+    best_top1: Optional[float] = None
+    resume_loss: Optional[Tuple[float, int]] = None
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    config_changes: List[Dict[str, Any]] = field(default_factory=list)
+    changes: Dict[str, Tuple[Any, Any]] = field(default_factory=dict)
+    resumed_from: Optional[Path] = None
+    saved: bool = False  # this run has written a checkpoint
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+
 def _run(cfg: FinetuneConfig, ds: DistState, on_step: Optional[Callable[[int], None]]) -> FinetuneResult:
-    from timm.data import Mixup, create_transform
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
-    from tqdm import tqdm
+    run = _Run(cfg, ds, Path(cfg.output))
+    previous = _check_output(cfg, run.out_dir)  # before any work; nothing is created until data and model are ready
+    train_base, val_base = _build_data(cfg)  # data first: a bad folder fails here, before anything is written
+    run.classes = list(train_base.classes)
+    _build_model(run)
+    _build_loaders(run, train_base, val_base)
+    _build_optimization(run)
+    _resume(run)
+    created = _start(run, previous)
+    try:
+        if run.resumed_from is None:  # per-process RNG for dropout / drop-path / mixup, restored exactly on resume
+            _seed_all(cfg.seed + ds.rank)
+        run.train_model = run.model
+        if ds.distributed:
+            run.train_model = nn.parallel.DistributedDataParallel(
+                run.model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
+        for epoch in range(run.start_epoch, cfg.epochs):
+            _train_epoch(run, epoch, on_step)
+        export = _export(run)
+    except BaseException:
+        if ds.is_main and not run.saved and run.resumed_from is None:
+            _remove_created(run.out_dir, created)
+        raise
+    barrier()
+    return FinetuneResult(model=run.model, ema_model=run.ema.module if run.ema is not None else None,
+                          metrics=run.history, global_step=run.global_step, output=run.out_dir, export=export,
+                          classes=run.classes)
 
-    from ..data import TransformDataset, build_dataset
 
-    device = ds.device
-    out_dir = Path(cfg.output)
-    ckpt_dir = out_dir / 'checkpoints'
-    previous = _check_output(cfg, out_dir)  # before any work; nothing is created until data and model are ready
-
-    # data first: a bad folder fails here, before anything is written
+# ---- the steps -------------------------------------------------------------------------------
+def _build_data(cfg: FinetuneConfig):
+    from ..data import build_dataset
     train_base = build_dataset(cfg.data, 'train', verify=cfg.verify_images, strict=cfg.strict)
-    classes = list(train_base.classes)
-    val_base = build_dataset(cfg.data, 'val', classes=classes, verify=cfg.verify_images, strict=cfg.strict)
+    val_base = build_dataset(cfg.data, 'val', classes=list(train_base.classes), verify=cfg.verify_images,
+                             strict=cfg.strict)
+    return train_base, val_base
 
+
+def _build_model(run: _Run) -> None:
+    cfg = run.cfg
     _seed_all(cfg.seed)  # same initial weights on every process
-    model = create_finetune_model(cfg, len(classes))
+    model = create_finetune_model(cfg, len(run.classes))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    model.to(device)
-    dc = _data_config(model)
-    train_tf = create_transform(
-        **dc, is_training=True, no_aug=cfg.no_aug, scale=tuple(cfg.scale), hflip=cfg.hflip,
-        color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, re_prob=cfg.reprob)
-    val_tf = create_transform(**dc, is_training=False)
-    train_ds = TransformDataset(train_base, train_tf, seed=cfg.seed)
-    val_ds = TransformDataset(val_base, val_tf, seed=cfg.seed)
+    model.to(run.device)
+    run.model, run.data_config = model, _data_config(model)
+    run.windows_sha256 = windows_digest(model.window_spec)
 
-    sampler = EpochSampler(len(train_ds), ds.world_size, ds.rank, shuffle=True, seed=cfg.seed)
-    steps_per_epoch = sampler.num_samples // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f'batch size {cfg.batch_size} (per process) is larger than the {sampler.num_samples} '
+
+def _build_loaders(run: _Run, train_base: Any, val_base: Any) -> None:
+    from timm.data import create_transform
+
+    from ..data import TransformDataset
+    cfg, ds, dc = run.cfg, run.ds, run.data_config
+    with _timm_option('auto_augment', cfg.auto_augment, 'a timm auto-augment policy such as rand-m9-mstd0.5, '
+                                                          'augmix-m5-w3 or original'):
+        train_tf = create_transform(
+            **dc, is_training=True, no_aug=cfg.no_aug, scale=tuple(cfg.scale), hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, re_prob=cfg.reprob)
+    val_tf = create_transform(**dc, is_training=False)
+    run.train_ds = TransformDataset(train_base, train_tf, seed=cfg.seed)
+    run.val_ds = TransformDataset(val_base, val_tf, seed=cfg.seed)
+    run.sampler = EpochSampler(len(run.train_ds), ds.world_size, ds.rank, shuffle=True, seed=cfg.seed)
+    run.steps_per_epoch = run.sampler.num_samples // cfg.batch_size
+    if run.steps_per_epoch == 0:
+        raise ValueError(f'batch size {cfg.batch_size} (per process) is larger than the {run.sampler.num_samples} '
                          f'training images each of the {ds.world_size} process(es) gets; lower --batch-size')
     if cfg.limit_train_batches:
-        steps_per_epoch = min(steps_per_epoch, int(cfg.limit_train_batches))
-    loader_gen = torch.Generator()  # keeps the loader off the global RNG (exact resume)
-    pin = device.type == 'cuda'
-    train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=True,
-        pin_memory=pin, generator=loader_gen)
-    val_loader = torch.utils.data.DataLoader(
-        val_ds, batch_size=cfg.batch_size, sampler=ShardSampler(len(val_ds), ds.world_size, ds.rank),
+        run.steps_per_epoch = min(run.steps_per_epoch, int(cfg.limit_train_batches))
+    run.loader_gen = torch.Generator()  # keeps the loader off the global RNG (exact resume)
+    pin = run.device.type == 'cuda'
+    run.train_loader = torch.utils.data.DataLoader(
+        run.train_ds, batch_size=cfg.batch_size, sampler=run.sampler, num_workers=cfg.workers, drop_last=True,
+        pin_memory=pin, generator=run.loader_gen)
+    run.val_loader = torch.utils.data.DataLoader(
+        run.val_ds, batch_size=cfg.batch_size, sampler=ShardSampler(len(run.val_ds), ds.world_size, ds.rank),
         num_workers=cfg.workers, pin_memory=pin)
 
-    optimizer = create_optimizer_v2(
-        model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-        layer_decay=cfg.layer_decay)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=cfg.sched == 'plateau',
-        updates_per_epoch=steps_per_epoch)
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
-    scaler = None
+
+def _build_optimization(run: _Run) -> None:
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2, list_optimizers
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+    cfg, device = run.cfg, run.device
+    with _timm_option('opt', cfg.opt, f'a timm optimizer name such as {", ".join(list_optimizers()[:6])} '
+                                      f'(all: timm.optim.list_optimizers())'):
+        run.optimizer = create_optimizer_v2(
+            run.model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+            layer_decay=cfg.layer_decay)
+    with _timm_option('sched', cfg.sched, 'a timm scheduler name: cosine, tanh, step, multistep, plateau or poly'):
+        run.scheduler, _ = create_scheduler_v2(
+            run.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=cfg.sched == 'plateau',
+            updates_per_epoch=run.steps_per_epoch)
+    run.ema = ModelEmaV3(run.model, decay=cfg.ema_decay) if cfg.ema else None
     if cfg.amp in ('fp16', 'float16') and device.type == 'cuda':
-        scaler = torch.amp.GradScaler('cuda')
+        run.scaler = torch.amp.GradScaler('cuda')
     _autocast(device, cfg.amp)  # fail early on fp16 + CPU
-
-    mixup_fn = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                         label_smoothing=cfg.smoothing, num_classes=len(classes))
-        criterion: nn.Module = SoftTargetCrossEntropy()
+        run.mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                             label_smoothing=cfg.smoothing, num_classes=len(run.classes))
+        run.criterion = SoftTargetCrossEntropy()
     elif cfg.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+        run.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     else:
-        criterion = nn.CrossEntropyLoss()
+        run.criterion = nn.CrossEntropyLoss()
 
-    # ---- resume -------------------------------------------------------------------------
-    manager = CheckpointManager(ckpt_dir, keep_last=cfg.keep_last)
-    start_epoch, start_batch, global_step, best_top1 = 0, 0, 0, None
-    resume_loss: Optional[Tuple[float, int]] = None
-    history: List[Dict[str, Any]] = []
-    config_changes: List[Dict[str, Any]] = []
-    changes: Dict[str, Tuple[Any, Any]] = {}
-    metrics_log = _JsonLines(out_dir / 'metrics.jsonl', ds.is_main)
-    resumed_from = None
-    if cfg.resume:
-        found = _find_resume(cfg.resume, manager, ds)
-        if found is not None:
-            resumed_from, state = found
-            changes = changed_flags(state['config'], cfg)
-            if changes and not cfg.allow_changed:
-                raise ValueError(
-                    f'{resumed_from} was written with other training flags, and resuming would silently mix two '
-                    f'runs:\n' + ''.join(f'    {_flag(k)}: {old!r} in the checkpoint, {new!r} now\n'
-                                         for k, (old, new) in changes.items())
-                    + 'pass the checkpoint\'s values to resume, or --allow-changed to continue with the new ones '
-                      '(the change is recorded in metrics.jsonl and the checkpoints)')
-            prog = state['progress']
-            if prog['steps_per_epoch'] != steps_per_epoch:
-                raise CheckpointError(
-                    f'{resumed_from} was written with {prog["steps_per_epoch"]} steps per epoch, this run has '
-                    f'{steps_per_epoch} (batch size, data set or number of processes changed): cannot resume exactly')
-            _restore(state, model, optimizer, scheduler, ema, scaler, ds, resumed_from, changes)
-            start_epoch, start_batch = prog['epoch'], prog['batch']
-            global_step, best_top1 = prog['global_step'], prog.get('best_top1')
-            if prog.get('loss_n') is not None:
-                resume_loss = (float(prog['loss_sum']), int(prog['loss_n']))
-            history = list(state['history'])
-            config_changes = list(state.get('config_changes') or [])
-            if changes:
-                config_changes.append({'step': global_step, 'checkpoint': resumed_from.name,
-                                       'changed': {k: [old, new] for k, (old, new) in changes.items()}})
-                if ds.is_main:
-                    _logger.warning(f'resuming {resumed_from} with changed training flags (--allow-changed): '
-                                    + ', '.join(f'{_flag(k)} {old!r} -> {new!r}' for k, (old, new) in changes.items()))
-            if ds.is_main:
-                _logger.info(f'resumed from {resumed_from} (epoch {start_epoch}, step {global_step})')
-        elif ds.is_main:
-            _logger.info(f'no checkpoint in {ckpt_dir}: starting from scratch')
+
+@contextlib.contextmanager
+def _timm_option(name: str, value: Any, accepted: str):
+    """A value timm refuses (with an assert or a bare message) as one ``ValueError`` naming the flag."""
+    try:
+        yield
+    except (AssertionError, ValueError, KeyError, RuntimeError) as e:
+        if value is None or str(value) not in str(e):  # about something else: not this option's fault
+            raise
+        raise ValueError(f'{name} {value!r} ({flag(name)}) is not accepted: {str(e).strip() or type(e).__name__}; '
+                         f'give {accepted}') from None
+
+
+def _resume(run: _Run) -> None:
+    """With ``resume``: find the checkpoint, refuse (or, with ``allow_changed``, record) changed
+    training flags, and restore everything from it."""
+    cfg, ds = run.cfg, run.ds
+    run.manager = CheckpointManager(run.out_dir / 'checkpoints', keep_last=cfg.keep_last)
+    run.metrics_log = _JsonLines(run.out_dir / 'metrics.jsonl', ds.is_main)
+    if not cfg.resume:
+        return
+    found = _find_resume(cfg.resume, run.manager, ds)
+    if found is None:
+        if ds.is_main:
+            _logger.info(f'no checkpoint in {run.manager.dir}: starting from scratch')
+        return
+    path, state = found
+    changes = changed_flags(state['config'], cfg, run.windows_sha256)
+    if changes and not cfg.allow_changed:
+        raise ValueError(
+            f'{path} was written with other training flags, and resuming would silently mix two runs:\n'
+            + ''.join(f'    {_flag(k)}: {old!r} in the checkpoint, {new!r} now\n' for k, (old, new) in changes.items())
+            + 'pass the checkpoint\'s values to resume, or --allow-changed to continue with the new ones '
+              '(the change is recorded in metrics.jsonl and the checkpoints)')
+    prog = state['progress']
+    if prog['steps_per_epoch'] != run.steps_per_epoch:
+        raise CheckpointError(
+            f'{path} was written with {prog["steps_per_epoch"]} steps per epoch, this run has '
+            f'{run.steps_per_epoch} (batch size, data set or number of processes changed): cannot resume exactly')
+    _restore(state, run.model, run.optimizer, run.scheduler, run.ema, run.scaler, ds, path, changes)
+    run.resumed_from, run.changes = path, changes
+    run.start_epoch, run.start_batch = prog['epoch'], prog['batch']
+    run.global_step, run.best_top1 = prog['global_step'], prog.get('best_top1')
+    if prog.get('loss_n') is not None:
+        run.resume_loss = (float(prog['loss_sum']), int(prog['loss_n']))
+    run.history = list(state['history'])
+    run.config_changes = list(state.get('config_changes') or [])
+    if changes:
+        run.config_changes.append({'step': run.global_step, 'checkpoint': path.name,
+                                   'changed': {k: [old, new] for k, (old, new) in changes.items()}})
+        if ds.is_main:
+            _logger.warning(f'resuming {path} with changed training flags (--allow-changed): '
+                            + ', '.join(f'{_flag(k)} {old!r} -> {new!r}' for k, (old, new) in changes.items()))
     if ds.is_main:
-        _start_output(out_dir, previous, cfg)
-        manager.clean_temporary()
-        metrics_log.truncate_after(global_step if resumed_from is not None else None)
-        with named_os_errors(out_dir / 'finetune_config.json'):
-            (out_dir / 'finetune_config.json').write_text(json.dumps(cfg.to_dict(), indent=1) + '\n')
-        if changes:
-            metrics_log.write(event='config_change', step=global_step, checkpoint=str(resumed_from),
-                              changed={k: [old, new] for k, (old, new) in changes.items()})
-        if resumed_from is None:
-            metrics_log.write(event='start', step=0, model=cfg.model, data=cfg.data, classes=len(classes),
-                              train_images=len(train_ds), val_images=len(val_ds), world_size=ds.world_size,
-                              input_size=list(dc['input_size']), window_spec=model.window_spec.provenance.get('kind'))
+        _logger.info(f'resumed from {path} (epoch {run.start_epoch}, step {run.global_step})')
 
-    # per-process RNG for dropout / drop-path / mixup, restored exactly on resume
-    if resumed_from is None:
-        _seed_all(cfg.seed + ds.rank)
 
-    train_model: nn.Module = model
+def _start(run: _Run, previous: List[str]) -> Optional[Tuple[bool, List[str]]]:
+    """Rank 0 creates the output folder and starts its records; returns what existed before (whether
+    the folder did, and the run entries in it that this run keeps), for :func:`_remove_created`."""
+    cfg, ds = run.cfg, run.ds
+    if not ds.is_main:
+        return None
+    existed = run.out_dir.exists()
+    kept = [] if cfg.overwrite and not cfg.resume else list(previous)
+    _start_output(run.out_dir, previous, cfg)
+    run.manager.clean_temporary()
+    run.metrics_log.truncate_after(run.global_step if run.resumed_from is not None else None)
+    with named_os_errors(run.out_dir / 'finetune_config.json'):
+        (run.out_dir / 'finetune_config.json').write_text(json.dumps(_saved_config(run), indent=1) + '\n')
+    if run.changes:
+        run.metrics_log.write(event='config_change', step=run.global_step, checkpoint=str(run.resumed_from),
+                              changed={k: [old, new] for k, (old, new) in run.changes.items()})
+    if run.resumed_from is None:
+        run.metrics_log.write(
+            event='start', step=0, model=cfg.model, data=cfg.data, classes=len(run.classes),
+            train_images=len(run.train_ds), val_images=len(run.val_ds), world_size=ds.world_size,
+            input_size=list(run.data_config['input_size']), window_spec=run.model.window_spec.provenance.get('kind'))
+    return existed, kept
+
+
+def _remove_created(out_dir: Path, created: Optional[Tuple[bool, List[str]]]) -> None:
+    """After a new run failed before its first checkpoint: remove the run entries it wrote (and the
+    output folder when this run made it and nothing else is in it), so they block no corrected run."""
+    if created is None:
+        return
+    existed, kept = created
+    try:
+        for name in RUN_ENTRIES:
+            p = out_dir / name
+            if name not in kept and (p.exists() or p.is_symlink()):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+    except OSError as e:  # cleaning up must not hide the real error
+        _logger.warning(f'could not remove what the failed run wrote in {out_dir}: {e}')
+
+
+def _saved_config(run: _Run) -> Dict[str, Any]:
+    """The run's flags as checkpoints and ``finetune_config.json`` record them, with the SHA-256 of
+    the windows the model trains with (so a resume notices an edited spec file)."""
+    return dict(run.cfg.to_dict(), windows_sha256=run.windows_sha256)
+
+
+def _make_state(run: _Run, epoch: int, batch: int, loss: Tuple[float, int]) -> Dict[str, Any]:
+    ds = run.ds
+    rng = rng_state()
     if ds.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
+        import torch.distributed as dist
+        rngs: List[Any] = [None] * ds.world_size
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    state = {
+        'model': run.model.state_dict(),
+        'optimizer': run.optimizer.state_dict(),
+        'scheduler': run.scheduler.state_dict(),
+        'rng': rngs,
+        'progress': {'epoch': epoch, 'batch': batch, 'global_step': run.global_step, 'best_top1': run.best_top1,
+                     'steps_per_epoch': run.steps_per_epoch, 'world_size': ds.world_size,
+                     'loss_sum': loss[0], 'loss_n': loss[1]},  # this epoch's train loss so far (rank 0's)
+        'sampler': {'seed': run.cfg.seed, 'epoch': epoch, 'start': batch * run.cfg.batch_size},
+        'history': run.history,
+        'config': _saved_config(run),
+    }
+    if run.config_changes:
+        state['config_changes'] = run.config_changes
+    if run.ema is not None:
+        state['ema'] = run.ema.module.state_dict()
+    if run.scaler is not None:
+        state['scaler'] = run.scaler.state_dict()
+    return state
 
-    def make_state(epoch: int, batch: int, loss: Tuple[float, int]) -> Dict[str, Any]:
-        rng = rng_state()
-        if ds.distributed:
-            import torch.distributed as dist
-            rngs: List[Any] = [None] * ds.world_size
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        state = {
-            'model': model.state_dict(),
-            'optimizer': optimizer.state_dict(),
-            'scheduler': scheduler.state_dict(),
-            'rng': rngs,
-            'progress': {'epoch': epoch, 'batch': batch, 'global_step': global_step, 'best_top1': best_top1,
-                         'steps_per_epoch': steps_per_epoch, 'world_size': ds.world_size,
-                         'loss_sum': loss[0], 'loss_n': loss[1]},  # this epoch's train loss so far (rank 0's)
-            'sampler': {'seed': cfg.seed, 'epoch': epoch, 'start': batch * cfg.batch_size},
-            'history': history,
-            'config': cfg.to_dict(),
-        }
-        if config_changes:
-            state['config_changes'] = config_changes
-        if ema is not None:
-            state['ema'] = ema.module.state_dict()
-        if scaler is not None:
-            state['scaler'] = scaler.state_dict()
-        return state
 
-    def checkpoint(epoch: int, batch: int, epoch_end: bool, loss: Tuple[float, int]) -> None:
-        state = make_state(epoch, batch, loss)  # collective in DDP: every rank takes part
-        if ds.is_main:
-            manager.save(state, global_step, epoch_end=epoch_end)
-        barrier()
-
-    # ---- loop ---------------------------------------------------------------------------
-    for epoch in range(start_epoch, cfg.epochs):
-        skip = start_batch if epoch == start_epoch else 0
-        train_ds.set_epoch(epoch)
-        sampler.set_epoch(epoch, start=skip * cfg.batch_size)
-        loader_gen.manual_seed(cfg.seed * 100_003 + epoch)
-        train_model.train()
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f'epoch {epoch + 1}/{cfg.epochs}',
-                   disable=not (cfg.progress and ds.is_main), dynamic_ncols=True, leave=True)
-        t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
-        if skip and resume_loss is not None:  # the resumed epoch's train loss covers the whole epoch
-            loss_sum, loss_n = resume_loss
-        elif skip and ds.is_main:
-            _logger.warning(f'{resumed_from} holds no partial train loss (written by an older vitfree): epoch '
-                            f'{epoch + 1}\'s train loss covers only the steps after the resume')
-        batch = skip
-        for x, y in train_loader:
-            if batch >= steps_per_epoch:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if mixup_fn is not None:
-                x, y = mixup_fn(x, y)
-            with _autocast(device, cfg.amp):
-                out = train_model(x)
-                loss = criterion(out, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f'loss is {loss.item()} at step {global_step + 1} (epoch {epoch + 1}); '
-                                         f'lower --lr or use --amp bf16 instead of fp16')
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if cfg.clip_grad:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()
-            global_step += 1
-            batch += 1
-            if ema is not None:
-                ema.update(model, step=global_step)
-            scheduler.step_update(num_updates=global_step)
-
-            loss_val = loss.item()
-            loss_sum, loss_n = loss_sum + loss_val, loss_n + 1
-            seen += x.shape[0] * ds.world_size
-            ips = seen / max(time.perf_counter() - t0, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f'{loss_sum / loss_n:.4f}', img_s=f'{ips:.0f}', refresh=False)
-            if global_step % cfg.log_interval == 0 or batch == steps_per_epoch:
-                metrics_log.write(event='train', epoch=epoch + 1, step=global_step, loss=loss_val,
-                                  loss_avg=loss_sum / loss_n, lr=optimizer.param_groups[0]['lr'], img_per_s=ips)
-            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, batch, epoch_end=False, loss=(loss_sum, loss_n))
-            if on_step is not None:
-                on_step(global_step)
-        bar.close()
-        train_time = time.perf_counter() - t0
-
-        val = evaluate(train_model, val_loader, device, cfg.amp, cfg.limit_val_batches)
-        record = {'epoch': epoch + 1, 'step': global_step, 'train_loss': loss_sum / max(loss_n, 1),
-                  'val_loss': val['loss'], 'top1': val['top1'], 'top5': val['top5'], 'val_images': val['count'],
-                  'train_time_s': train_time, 'img_per_s': seen / max(train_time, 1e-9) if seen else None}
-        if ema is not None:
-            ev = evaluate(ema.module, val_loader, device, cfg.amp, cfg.limit_val_batches)
-            record.update(ema_top1=ev['top1'], ema_top5=ev['top5'], ema_val_loss=ev['loss'])
-        best_top1 = val['top1'] if best_top1 is None else max(best_top1, val['top1'])
-        history.append(record)
-        metrics_log.write(event='val', **record)
-        if ds.is_main:
-            msg = (f'epoch {epoch + 1}/{cfg.epochs}: train loss {record["train_loss"]:.4f}, '
-                   f'val loss {val["loss"]:.4f}, top-1 {val["top1"]:.2f}%, top-5 {val["top5"]:.2f}%')
-            if ema is not None:
-                msg += f', EMA top-1 {record["ema_top1"]:.2f}%'
-            (tqdm.write if cfg.progress else _logger.info)(msg)
-        scheduler.step(epoch + 1, val['top1'])
-        checkpoint(epoch + 1, 0, epoch_end=True, loss=(0.0, 0))
-
-    export = None
-    if cfg.export and ds.is_main:
-        from ..hub import save_pretrained
-        card = {'dataset': str(cfg.data), 'epochs': cfg.epochs, 'metrics': history[-1] if history else None,
-                'initialised_from': cfg.model if cfg.pretrained else None,
-                'initialisation': None if cfg.pretrained else f'random (trained from scratch, seed {cfg.seed})',
-                'changed_on_resume': '; '.join(f'step {c["step"]}: ' + ', '.join(
-                    f'{k} {v[0]!r} -> {v[1]!r}' for k, v in c['changed'].items()) for c in config_changes) or None}
-        export = save_pretrained(model, out_dir / 'model', label_names=classes, data_config=dc, training=card)
-        if ema is not None:
-            save_pretrained(ema.module, out_dir / 'model_ema', label_names=classes, data_config=dc,
-                            training=dict(card, ema_decay=cfg.ema_decay))
+def _checkpoint(run: _Run, epoch: int, batch: int, epoch_end: bool, loss: Tuple[float, int]) -> None:
+    state = _make_state(run, epoch, batch, loss)  # collective in DDP: every rank takes part
+    if run.ds.is_main:
+        run.manager.save(state, run.global_step, epoch_end=epoch_end)
+    run.saved = True
     barrier()
-    return FinetuneResult(model=model, ema_model=ema.module if ema is not None else None, metrics=history,
-                          global_step=global_step, output=out_dir, export=export, classes=classes)
+
+
+def _train_epoch(run: _Run, epoch: int, on_step: Optional[Callable[[int], None]]) -> None:
+    """One epoch (from the resume point when it is the resumed one), its evaluation and its checkpoint."""
+    from tqdm import tqdm
+    cfg, ds = run.cfg, run.ds
+    skip = run.start_batch if epoch == run.start_epoch else 0
+    run.train_ds.set_epoch(epoch)
+    run.sampler.set_epoch(epoch, start=skip * cfg.batch_size)
+    run.loader_gen.manual_seed(cfg.seed * 100_003 + epoch)
+    run.train_model.train()
+    bar = tqdm(total=run.steps_per_epoch, initial=skip, desc=f'epoch {epoch + 1}/{cfg.epochs}',
+               disable=not (cfg.progress and ds.is_main), dynamic_ncols=True, leave=True)
+    t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+    if skip and run.resume_loss is not None:  # the resumed epoch's train loss covers the whole epoch
+        loss_sum, loss_n = run.resume_loss
+    elif skip and ds.is_main:
+        _logger.warning(f'{run.resumed_from} holds no partial train loss (written by an older vitfree): epoch '
+                        f'{epoch + 1}\'s train loss covers only the steps after the resume')
+    batch = skip
+    for x, y in run.train_loader:
+        if batch >= run.steps_per_epoch:
+            break
+        loss_val = _train_step(run, x, y, epoch)
+        batch += 1
+        loss_sum, loss_n = loss_sum + loss_val, loss_n + 1
+        seen += x.shape[0] * ds.world_size
+        ips = seen / max(time.perf_counter() - t0, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f'{loss_sum / loss_n:.4f}', img_s=f'{ips:.0f}', refresh=False)
+        if run.global_step % cfg.log_interval == 0 or batch == run.steps_per_epoch:
+            run.metrics_log.write(event='train', epoch=epoch + 1, step=run.global_step, loss=loss_val,
+                                  loss_avg=loss_sum / loss_n, lr=run.optimizer.param_groups[0]['lr'], img_per_s=ips)
+        if cfg.checkpoint_every and run.global_step % cfg.checkpoint_every == 0:
+            _checkpoint(run, epoch, batch, epoch_end=False, loss=(loss_sum, loss_n))
+        if on_step is not None:
+            on_step(run.global_step)
+    bar.close()
+    _end_epoch(run, epoch, loss_sum / max(loss_n, 1), seen, time.perf_counter() - t0)
+
+
+def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int) -> float:
+    """One optimizer step on one batch; returns its loss."""
+    cfg, device, model = run.cfg, run.device, run.model
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if run.mixup_fn is not None:
+        x, y = run.mixup_fn(x, y)
+    with _autocast(device, cfg.amp):
+        out = run.train_model(x)
+        loss = run.criterion(out, y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f'loss is {loss.item()} at step {run.global_step + 1} (epoch {epoch + 1}); '
+                                 f'lower --lr or use --amp bf16 instead of fp16')
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        if cfg.clip_grad:
+            run.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        run.optimizer.step()
+    run.global_step += 1
+    if run.ema is not None:
+        run.ema.update(model, step=run.global_step)
+    run.scheduler.step_update(num_updates=run.global_step)
+    return loss.item()
+
+
+def _end_epoch(run: _Run, epoch: int, train_loss: float, seen: int, train_time: float) -> None:
+    """Evaluate after an epoch, record and report it, step the schedule and write the epoch's checkpoint."""
+    from tqdm import tqdm
+    cfg, device = run.cfg, run.device
+    val = evaluate(run.train_model, run.val_loader, device, cfg.amp, cfg.limit_val_batches)
+    record = {'epoch': epoch + 1, 'step': run.global_step, 'train_loss': train_loss,
+              'val_loss': val['loss'], 'top1': val['top1'], 'top5': val['top5'], 'val_images': val['count'],
+              'train_time_s': train_time, 'img_per_s': seen / max(train_time, 1e-9) if seen else None}
+    if run.ema is not None:
+        ev = evaluate(run.ema.module, run.val_loader, device, cfg.amp, cfg.limit_val_batches)
+        record.update(ema_top1=ev['top1'], ema_top5=ev['top5'], ema_val_loss=ev['loss'])
+    run.best_top1 = val['top1'] if run.best_top1 is None else max(run.best_top1, val['top1'])
+    run.history.append(record)
+    run.metrics_log.write(event='val', **record)
+    if run.ds.is_main:
+        msg = (f'epoch {epoch + 1}/{cfg.epochs}: train loss {record["train_loss"]:.4f}, '
+               f'val loss {val["loss"]:.4f}, top-1 {val["top1"]:.2f}%, top-5 {val["top5"]:.2f}%')
+        if run.ema is not None:
+            msg += f', EMA top-1 {record["ema_top1"]:.2f}%'
+        (tqdm.write if cfg.progress else _logger.info)(msg)
+    run.scheduler.step(epoch + 1, val['top1'])
+    _checkpoint(run, epoch + 1, 0, epoch_end=True, loss=(0.0, 0))
+
+
+def _export(run: _Run) -> Optional[Path]:
+    """Rank 0 writes the trained model (and its EMA) to ``OUTPUT/model`` with the window spec and a card."""
+    cfg = run.cfg
+    if not (cfg.export and run.ds.is_main):
+        return None
+    from ..hub import save_pretrained
+    card = {'dataset': str(cfg.data), 'epochs': cfg.epochs, 'metrics': run.history[-1] if run.history else None,
+            'initialised_from': cfg.model if cfg.pretrained else None,
+            'initialisation': None if cfg.pretrained else f'random (trained from scratch, seed {cfg.seed})',
+            'changed_on_resume': '; '.join(f'step {c["step"]}: ' + ', '.join(
+                f'{k} {v[0]!r} -> {v[1]!r}' for k, v in c['changed'].items()) for c in run.config_changes) or None}
+    export = save_pretrained(run.model, run.out_dir / 'model', label_names=run.classes, data_config=run.data_config,
+                             training=card)
+    if run.ema is not None:
+        save_pretrained(run.ema.module, run.out_dir / 'model_ema', label_names=run.classes,
+                        data_config=run.data_config, training=dict(card, ema_decay=cfg.ema_decay))
+    return export
 
 
 # ---- output folder -------------------------------------------------------------------------
@@ -632,7 +686,7 @@ def _start_output(out_dir: Path, previous: List[str], cfg: FinetuneConfig) -> No
 
 # ---- resume -----------------------------------------------------------------------------------
 def _flag(name: str) -> str:
-    return name.upper() if name in ('model', 'data') else '--' + name.replace('_', '-')
+    return name.upper() if name in ('model', 'data') else flag(name)
 
 
 def _same(old: Any, new: Any) -> bool:
@@ -646,13 +700,35 @@ def _same(old: Any, new: Any) -> bool:
     return False
 
 
-def changed_flags(saved: Mapping[str, Any], cfg: FinetuneConfig) -> Dict[str, Tuple[Any, Any]]:
+def changed_flags(saved: Mapping[str, Any], cfg: FinetuneConfig,
+                  windows_sha256: Optional[str] = None) -> Dict[str, Tuple[Any, Any]]:
     """Training flags of ``cfg`` that differ from the ``saved`` config of a checkpoint: ``{name: (old, new)}``.
     Options that do not change what is trained (:data:`RUN_OPTIONS`) and flags the checkpoint does
-    not record (an older vitfree) are not compared."""
+    not record (an older vitfree) are not compared.  The windows are compared by content: by the
+    SHA-256 of the spec the model trains with (``windows_sha256``, :func:`windows_digest`) when the
+    checkpoint records one, so an edited spec file counts as a changed ``--windows``."""
     new = json.loads(json.dumps(cfg.to_dict(), default=str))  # the form the checkpoint stored
-    return {k: (saved[k], v) for k, v in new.items()
-            if k not in RUN_OPTIONS and k in saved and not _same(saved[k], v)}
+    changes = {}
+    for k, v in new.items():
+        if k in RUN_OPTIONS or k not in saved:
+            continue
+        if k == 'windows' and windows_sha256 is not None and saved.get('windows_sha256') is not None:
+            if saved['windows_sha256'] != windows_sha256:
+                changes[k] = (_windows_text(saved[k], saved['windows_sha256']), _windows_text(v, windows_sha256))
+        elif not _same(saved[k], v):
+            changes[k] = (saved[k], v)
+    return changes
+
+
+def windows_digest(spec: Any) -> str:
+    """SHA-256 of a window spec's content (grid and every block's windows; not its provenance)."""
+    d = spec.to_dict()
+    text = json.dumps({'grid': d['grid'], 'blocks': d['blocks']}, sort_keys=True, separators=(',', ':'))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _windows_text(windows: Any, sha256: str) -> str:
+    return f'{windows or "the model default"} (sha256 {sha256[:16]})'
 
 
 def check_training_state(path: Path, state: Any) -> None:
