@@ -30,7 +30,8 @@ import torch
 
 from ..windows import LayerWindows
 
-__all__ = ['Query', 'Plan', 'Backend', 'PreparedCache', 'building', 'contain_nonfinite', 'ProbsHook']
+__all__ = ['Query', 'Plan', 'Backend', 'PreparedCache', 'building', 'contain_nonfinite', 'ProbsHook',
+           'refuse_second_order']
 
 ProbsHook = Callable[[torch.Tensor], torch.Tensor]
 
@@ -67,11 +68,10 @@ class Query(NamedTuple):
         return (self.batch if self.batch > 0 else 8) * self.heads
 
     @property
-    def precision(self) -> Optional[str]:
-        """``'lowp'`` (float16/bfloat16), ``'fp32'`` or None (another dtype): the key of a cost fit."""
-        if self.dtype in (torch.float16, torch.bfloat16):
-            return 'lowp'
-        return 'fp32' if self.dtype == torch.float32 else None
+    def precision(self) -> str:
+        """The key of a cost fit: ``'lowp'`` (float16/bfloat16), else ``'fp32'`` (float64 is costed as
+        float32: only the ratios between backends matter for the choice)."""
+        return 'lowp' if self.dtype in (torch.float16, torch.bfloat16) else 'fp32'
 
 
 class Backend:
@@ -155,6 +155,18 @@ class Plan:
             qkv = qkv.to(self.query.dtype)
         with torch.autocast(qkv.device.type, enabled=False):
             return self.backend.run_qkv(self, qkv, float(scale))
+
+
+def refuse_second_order(name: str) -> None:
+    """Called at the start of a kernel's backward: raise one clear error when its result would be
+    differentiated again (``create_graph=True``, or nested ``torch.func`` transforms), which a kernel
+    with a hand-written backward cannot do exactly.  One ``torch.func.grad`` is fine."""
+    functorch = torch._C._are_functorch_transforms_active()
+    level = torch._C._functorch.maybe_current_level() if functorch else None
+    if (not functorch and torch.is_grad_enabled()) or (level is not None and level > 1):
+        raise RuntimeError(f'the {name!r} attention kernel has no second derivative (double backward, '
+                           f'create_graph=True, nested torch.func transforms); run that part under '
+                           f"vitfree.use_backend('eager') (plain autograd operations) instead")
 
 
 def _graph_mode() -> bool:

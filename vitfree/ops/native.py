@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..windows import LayerWindows
-from .backend import Backend, Plan, PreparedCache, Query
+from .backend import Backend, Plan, PreparedCache, Query, refuse_second_order
 from .calibration import cache_dir
 
 __all__ = ['NativeBackend', 'native_window_attention', 'native_qkv_attention', 'native_library', 'window_bounds_tensor']
@@ -201,28 +201,6 @@ def _(q, k, v, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, bounds, p, gw, scale = inputs
-    ctx.save_for_backward(q, k, v, bounds, *output)
-    ctx.meta = (p, gw, scale)
-
-
-def _no_double_backward() -> None:
-    if torch.is_grad_enabled():
-        from .tiled import no_double_backward
-        raise RuntimeError(no_double_backward('native'))
-
-
-def _grad(ctx, grad_out, grad_lse):
-    _no_double_backward()
-    q, k, v, bounds, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_backward(q, k, v, out, grad_out, lse, bounds, *ctx.meta)
-    return dq, dk, dv, None, None, None, None
-
-
-_attention.register_autograd(_grad, setup_context=_setup)
-
-
 @torch.library.custom_op('vitfree::window_attention_qkv', mutates_args=())
 def _attention_qkv(qkv: torch.Tensor, bounds: torch.Tensor, num_prefix_tokens: int, grid_w: int,
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -253,19 +231,53 @@ def _(qkv, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale):
     return torch.empty_like(qkv)
 
 
-def _setup_qkv(ctx, inputs, output):
-    qkv, bounds, p, gw, scale = inputs
-    ctx.save_for_backward(qkv, bounds, *output)
-    ctx.meta = (p, gw, scale)
+class _Attention(torch.autograd.Function):
+    """Autograd of the kernel on ``(B, H, T, D)`` q, k, v (``torch.func`` transforms included: the custom
+    ops stay opaque to ``torch.compile``, this function gives them their derivative)."""
+
+    @staticmethod
+    def forward(q, k, v, bounds, num_prefix_tokens, grid_w, scale):
+        with torch.no_grad():  # the op's derivative is this function's backward
+            return _attention(q, k, v, bounds, num_prefix_tokens, grid_w, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, bounds, p, gw, scale = inputs
+        ctx.save_for_backward(q, k, v, bounds, *output)
+        ctx.meta = (p, gw, scale)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        refuse_second_order('native')
+        q, k, v, bounds, out, lse = ctx.saved_tensors
+        with torch.no_grad():
+            dq, dk, dv = _attention_backward(q, k, v, out, grad_out.contiguous(), lse, bounds, *ctx.meta)
+        return dq, dk, dv, None, None, None, None
 
 
-def _grad_qkv(ctx, grad_out, grad_lse):
-    _no_double_backward()
-    qkv, bounds, out, lse = ctx.saved_tensors
-    return _attention_qkv_backward(qkv, out, grad_out, lse, bounds, *ctx.meta), None, None, None, None
+class _AttentionQKV(torch.autograd.Function):
+    """The same on a packed ``(B, T, 3, H, D)`` qkv projection; its gradient comes back in that layout."""
 
+    @staticmethod
+    def forward(qkv, bounds, num_prefix_tokens, grid_w, scale):
+        with torch.no_grad():
+            return _attention_qkv(qkv, bounds, num_prefix_tokens, grid_w, scale)
 
-_attention_qkv.register_autograd(_grad_qkv, setup_context=_setup_qkv)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        qkv, bounds, p, gw, scale = inputs
+        ctx.save_for_backward(qkv, bounds, *output)
+        ctx.meta = (p, gw, scale)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        refuse_second_order('native')
+        qkv, bounds, out, lse = ctx.saved_tensors
+        with torch.no_grad():
+            dqkv = _attention_qkv_backward(qkv, out, grad_out.contiguous(), lse, bounds, *ctx.meta)
+        return dqkv, None, None, None, None
 
 
 # ---- the backend ------------------------------------------------------------------------------------
@@ -303,12 +315,13 @@ class NativeBackend(Backend):
 
     def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None) -> torch.Tensor:
         p, gw = plan.query.prefix, plan.windows.grid[1]
-        out, _ = _attention(_contiguous_rows(q), _contiguous_rows(k), _contiguous_rows(v), plan.data, p, gw, scale)
+        out, _ = _Attention.apply(_contiguous_rows(q), _contiguous_rows(k), _contiguous_rows(v), plan.data, p, gw,
+                                  scale)
         return out.transpose(1, 2).to(q.dtype)
 
     def run_qkv(self, plan: Plan, qkv: torch.Tensor, scale: float) -> torch.Tensor:
         p, gw = plan.query.prefix, plan.windows.grid[1]
-        out, _ = _attention_qkv(_contiguous_rows(qkv), plan.data, p, gw, scale)
+        out, _ = _AttentionQKV.apply(_contiguous_rows(qkv), plan.data, p, gw, scale)
         return out.to(qkv.dtype)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..windows import LayerWindows
-from .backend import Backend, Plan, PreparedCache, Query
+from .backend import Backend, Plan, PreparedCache, Query, refuse_second_order
 
 __all__ = [
     'TiledBackend', 'TilePlan', 'plan_tiles', 'choose_tile', 'tiled_window_attention', 'tiled_cost', 'window_bounds',
@@ -393,8 +393,7 @@ class _TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        if torch.is_grad_enabled():
-            raise RuntimeError(no_double_backward('tiled'))
+        refuse_second_order('tiled')
         q, k, v, out, lse = ctx.saved_tensors
         plan, plan_bias, scale = ctx.plan, ctx.plan_bias, ctx.scale
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -408,11 +407,6 @@ class _TiledAttention(torch.autograd.Function):
             dq[bs, hs], dk[bs, hs], dv[bs, hs] = _backward(
                 qc, k[bs, hs], v[bs, hs], out[bs, hs], lse_c, grad_out[bs, hs], plan, plan_bias, scale, hs)
         return dq, dk, dv, None, None, None
-
-
-def no_double_backward(name: str) -> str:
-    return (f'the {name!r} attention kernel has no second derivative (double backward, create_graph=True); run '
-            f'that part under vitfree.use_backend(\'eager\') (plain autograd operations) instead')
 
 
 def _tiled_with_dropout(q, k, v, plan: TilePlan, plan_bias: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
