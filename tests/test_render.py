@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import vitfree
-from vitfree.analysis.report import plots as render
+from vitfree.analysis import plots as render
 from vitfree.analysis.removal import RemovalResult
 
 TINY = dict(img_size=64, depth=2, embed_dim=64, num_heads=2, num_classes=5)

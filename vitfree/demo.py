@@ -123,7 +123,7 @@ def _demo_trained(out: Path, log) -> Dict[str, object]:
     import timm
 
     from .analysis.erf import measure_erf
-    from .analysis.report.plots import erf_pictures, plot_window_sizes
+    from .analysis.plots import erf_pictures, plot_window_sizes
     from .analysis.tables import format_spec
 
     samples = fashion_mnist_samples()
@@ -200,7 +200,7 @@ def _demo_untrained(out: Path, model_name: str, image, log) -> Dict[str, object]
     import timm
 
     from .analysis.erf import measure_erf
-    from .analysis.report.plots import erf_pictures, plot_window_sizes
+    from .analysis.plots import erf_pictures, plot_window_sizes
     from .analysis.tables import format_spec
 
     model = timm.create_model(model_name).eval()

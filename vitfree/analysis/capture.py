@@ -35,7 +35,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import torch
 import torch.nn as nn
 
-from .inputs import ImagesLike, _count, describe_images, eval_mode, iter_images, progress_bar
+from .inputs import ImageLoop, ImagesLike, patch_grid
 
 __all__ = [
     'attention_modules', 'normalize_blocks', 'num_prefix_tokens', 'class_token_index', 'patch_grid',
@@ -83,17 +83,6 @@ def num_prefix_tokens(model: nn.Module) -> int:
 def class_token_index(model: nn.Module) -> Optional[int]:
     """Token index of the class token (timm puts it first), ``None`` when the model has none."""
     return 0 if getattr(model, 'cls_token', None) is not None else None
-
-
-def patch_grid(model: nn.Module, image_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
-    """The patch grid ``(H, W)`` the model uses for images of ``image_size = (h, w)`` pixels
-    (its native grid when ``image_size`` is None or the model has a fixed input size)."""
-    pe = getattr(model, 'patch_embed', None)
-    if pe is None or not hasattr(pe, 'grid_size'):
-        raise TypeError(f'{type(model).__name__} has no patch_embed.grid_size; expected a timm ViT-family model')
-    if image_size is not None and getattr(model, 'dynamic_img_size', False):
-        return tuple(int(g) for g in pe.dynamic_feat_size(tuple(int(s) for s in image_size)))
-    return tuple(int(g) for g in pe.grid_size)
 
 
 def row_normalize(m: torch.Tensor) -> torch.Tensor:
@@ -256,8 +245,7 @@ def attention_pass(
     the concatenated ``logits`` (CPU, float) and ``labels`` (``None`` unless every batch had
     labels), so callers also get the predictions.
     """
-    depth = len(attention_modules(model))
-    chosen = normalize_blocks(blocks, depth)
+    chosen = normalize_blocks(blocks, len(attention_modules(model)))
     state: Dict[str, object] = {}
     logits: List[torch.Tensor] = []
     labels: List[Optional[torch.Tensor]] = []
@@ -265,19 +253,13 @@ def attention_pass(
     def probs_fn(block: int, probs: torch.Tensor) -> None:
         on_probs(block, probs, state['x'], state['grid'])
 
-    bar = progress_bar(_count(images, num_images), desc, progress)
-    try:
-        with eval_mode(model), torch.no_grad(), attention_override(model, chosen, probs_fn=probs_fn):
-            for x, y in iter_images(model, images, batch_size, num_images, device):
-                state['x'] = x
-                state['grid'] = patch_grid(model, x.shape[-2:])
-                logits.append(model(x).detach().float().cpu())
-                labels.append(None if y is None else y.cpu())
-                bar.update(x.shape[0])
-    finally:
-        bar.close()
-    if not logits:
-        raise ValueError(f'no images: {describe_images(images)} yielded none')
+    loop = ImageLoop(model, images, desc, batch_size=batch_size, num_images=num_images, device=device,
+                     progress=progress)
+    with loop, attention_override(model, chosen, probs_fn=probs_fn):
+        for x, y in loop:
+            state['x'], state['grid'] = x, loop.grid
+            logits.append(model(x).detach().float().cpu())
+            labels.append(None if y is None else y.cpu())
     y = None if any(v is None for v in labels) else torch.cat(labels)
     return {'logits': torch.cat(logits), 'labels': y}
 
@@ -485,7 +467,7 @@ class Recorder:
         """Write PNGs of the interaction maps of the last forward into ``out_dir``: the whole
         ``N x N`` matrix per block, and, when ``image`` (a ``(3, H, W)`` tensor as the model saw
         it, or a PIL image) is given, the maps of a few ``patches`` drawn over the image."""
-        from .report.plots import plot_interaction, plot_interaction_matrices
+        from .plots import plot_interaction, plot_interaction_matrices
         if not self.attention:
             raise RuntimeError('nothing recorded yet: run a forward inside the recorder first')
         out_dir = Path(out_dir)

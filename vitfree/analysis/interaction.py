@@ -30,9 +30,8 @@ import torch
 import torch.nn as nn
 
 from .capture import (Recorder, attention_modules, attention_override, capture_block_io, normalize_blocks,
-                      num_prefix_tokens, patch_grid, row_normalize, zero_empty_rows)
-from .inputs import ImagesLike, _count, describe_images, eval_mode, iter_images, model_name, progress_bar, \
-    resolve_targets
+                      num_prefix_tokens, row_normalize, zero_empty_rows)
+from .inputs import ImageLoop, ImagesLike, describe_images, model_name, resolve_targets
 
 __all__ = ['interaction', 'InteractionResult', 'ESTIMATORS', 'row_normalize']
 
@@ -81,14 +80,6 @@ class InteractionResult:
 
 
 # ---- the estimators --------------------------------------------------------------------------
-def _check_grid(model: nn.Module, x: torch.Tensor, grid: Optional[Tuple[int, int]]) -> Tuple[int, int]:
-    g = patch_grid(model, x.shape[-2:])
-    if grid is not None and g != grid:
-        raise ValueError(f'all images must give the same patch grid to be averaged: got {g} after {grid} '
-                         f'(image size {tuple(x.shape[-2:])}); resize them to one size')
-    return g
-
-
 def _accumulate_attention(model, x, blocks, acc, npt, per_head) -> None:
     def on_probs(block: int, probs: torch.Tensor) -> None:
         a = probs[:, :, npt:, npt:].double()
@@ -202,25 +193,17 @@ def interaction(
     chosen = normalize_blocks(blocks, depth)
     npt = num_prefix_tokens(model)
     acc: Dict[int, torch.Tensor] = {}
-    grid: Optional[Tuple[int, int]] = None
-    count = 0
-    bar = progress_bar(_count(images, num_images), f'interaction ({estimator})', progress)
-    try:
-        with eval_mode(model):
-            for x, y in iter_images(model, images, batch_size, num_images, device):
-                grid = _check_grid(model, x, grid)
-                if estimator == 'attention':
-                    _accumulate_attention(model, x, chosen, acc, npt, per_head)
-                elif estimator == 'attribution':
-                    _accumulate_attribution(model, x, y, chosen, acc, npt, per_head, target, max_bytes)
-                else:
-                    _accumulate_ablation(model, x, chosen, acc, npt, ablation_batch)
-                count += x.shape[0]
-                bar.update(x.shape[0])
-    finally:
-        bar.close()
-    if count == 0:
-        raise ValueError(f'no images to measure: {describe_images(images)} yielded none')
+    loop = ImageLoop(model, images, f'interaction ({estimator})', batch_size=batch_size, num_images=num_images,
+                     device=device, progress=progress)
+    with loop:
+        for x, y in loop:
+            if estimator == 'attention':
+                _accumulate_attention(model, x, chosen, acc, npt, per_head)
+            elif estimator == 'attribution':
+                _accumulate_attribution(model, x, y, chosen, acc, npt, per_head, target, max_bytes)
+            else:
+                _accumulate_ablation(model, x, chosen, acc, npt, ablation_batch)
+    count, grid = loop.count, loop.grid
     maps = {b: row_normalize(acc[b] / count).float().cpu() for b in chosen}
     return InteractionResult(
         maps=maps, grid=grid, estimator=estimator, num_images=count, num_prefix_tokens=npt, per_head=per_head,

@@ -95,7 +95,7 @@ def run(args) -> int:
     written: List[Path] = [path]
     if args.pictures:
         from ..analysis.inputs import iter_images
-        from ..analysis.report.plots import erf_pictures
+        from ..analysis.plots import erf_pictures
         x, _ = next(iter_images(model, dataset, batch_size=1, num_images=1, device=args.device))
         written += list(erf_pictures(result, args.pictures, image=x[0], model=model).values())
     print(f'wrote {len(written)} file(s):')

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..capture import attention_modules, num_prefix_tokens, patch_grid
+from ..capture import attention_modules, num_prefix_tokens
 from ..erf import checkpoint_hint
-from ..inputs import ImagesLike, eval_mode, iter_images, load_images, model_name, to_display_image
+from ..inputs import ImagesLike, eval_mode, gather_images, load_images, model_name, patch_grid, to_display_image
 from ..removal import DEFAULT_FRACTIONS
-from . import plots
+from .. import plots
 from .html import escape, figure, table, to_json, write_html
 
 __all__ = ['PARTS', 'PART_TITLES', 'PART_FUNCTIONS', 'ReportOptions', 'ReportContext', 'AnalysisReport', 'analyze']
@@ -171,12 +171,7 @@ def _read_images(model: nn.Module, images: Any, names: Optional[Sequence[str]], 
         x, default_names, labels, classes, source = (loaded.x, loaded.names, loaded.labels, loaded.classes,
                                                      loaded.source)
     else:
-        batches = list(iter_images(model, images, batch_size=16, num_images=max_images, device=device))
-        if not batches:
-            raise ValueError('no images given')
-        x = torch.cat([b[0] for b in batches])
-        ys = [b[1] for b in batches]
-        labels = None if any(y is None for y in ys) else torch.cat(ys)
+        x, labels = gather_images(model, images, max_images, device)
         default_names = [f'image {i}' for i in range(len(x))]
         source = f'{len(x)} image(s) given as {type(images).__name__}'
     names = list(names) if names is not None else default_names

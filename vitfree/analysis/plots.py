@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..inputs import to_display_image
+from .inputs import to_display_image
 
 __all__ = [
     'DPI', 'PAGE_WIDTH', 'SMALL_FONT',
