@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .weights import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, WeightsError, parse_windows, recorded_weights,
-                      set_default_mode, sha256_file)
+from .weights import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, WeightsError, check_weights_file, network_error,
+                      parse_windows, prefetch_pretrained, recorded_weights, set_default_mode, sha256_file)
 from .windows import WindowSpec
 
 __all__ = ['save_pretrained', 'load_pretrained', 'check_config', 'push_to_hub', 'prepare_push', 'PushPlan',
@@ -209,7 +209,9 @@ def model_card(config: Mapping[str, Any], training: Optional[Mapping[str, Any]] 
 def load_pretrained(name_or_path: Union[str, os.PathLike], **kwargs: Any) -> torch.nn.Module:
     """``timm.create_model(..., pretrained=True)`` for an export folder (``local-dir:``) or Hub id (``hf-hub:``).
 
-    A plain path is taken as a folder and a ``org/name`` that is not a folder as a Hub id.
+    A plain path is taken as a folder and a ``org/name`` that is not a folder as a Hub id.  When the
+    Hub cannot be reached (and the files are not cached) this raises
+    :class:`~vitfree.weights.HubUnreachableError` at once.
     """
     import timm
 
@@ -220,6 +222,7 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], **kwargs: Any) -> tor
             name = f'local-dir:{name}'
         else:
             name = f'hf-hub:{name}'
+    prefetch_pretrained(name, kwargs)  # an unreachable Hub: HubUnreachableError at once, not timm's retries
     return timm.create_model(name, pretrained=True, **kwargs)
 
 
@@ -270,6 +273,7 @@ class PushPlan:
     files: List[str]
     create_repo: Dict[str, Any] = field(default_factory=dict)
     upload_folder: Dict[str, Any] = field(default_factory=dict)
+    sha256: Optional[str] = None  # of model.safetensors, checked against config.json (None: an older export)
 
 
 def _export_folder(folder: Union[str, os.PathLike]) -> Path:
@@ -287,7 +291,12 @@ def prepare_push(
         commit_message: Optional[str] = None,
         create_pr: bool = False,
 ) -> PushPlan:
-    """Check an export folder and prepare the ``create_repo`` / ``upload_folder`` arguments."""
+    """Check an export folder and prepare the ``create_repo`` / ``upload_folder`` arguments.
+
+    The folder must hold a readable ``model.safetensors``; when its ``config.json`` records the
+    weights' SHA-256 and size (every export :func:`save_pretrained` writes), the file is checked
+    against them, so a corrupted or swapped file is never uploaded
+    (:class:`~vitfree.weights.WeightsIntegrityError`)."""
     folder = _export_folder(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f'{folder}: no such folder (expected the output of vitfree.hub.save_pretrained)')
@@ -307,6 +316,13 @@ def prepare_push(
         raise ValueError(f'{folder / WEIGHTS_NAME} is not a readable safetensors file ({e})') from None
     if not keys:
         raise ValueError(f'{folder / WEIGHTS_NAME} holds no tensors')
+    record = recorded_weights(folder)
+    if record is not None:
+        if record['file'] != WEIGHTS_NAME:
+            raise ValueError(f'{folder / CONFIG_NAME} records the weights as {record["file"]!r}, but an export '
+                             f'uploads {WEIGHTS_NAME}; export again with vitfree.hub.save_pretrained')
+        check_weights_file(folder / WEIGHTS_NAME, record['sha256'], record['size'],
+                           recorded_in=str(folder / CONFIG_NAME))
     files = [n for n in UPLOAD_PATTERNS if (folder / n).is_file()]
     message = commit_message or f'Upload WinfT ({json.loads((folder / CONFIG_NAME).read_text())["architecture"]})'
     return PushPlan(
@@ -314,6 +330,7 @@ def prepare_push(
         create_repo=dict(repo_id=repo_id, private=private, exist_ok=True, repo_type='model'),
         upload_folder=dict(folder_path=str(folder), revision=revision, commit_message=message, create_pr=create_pr,
                            allow_patterns=list(files), repo_type='model'),
+        sha256=None if record is None else record['sha256'],
     )
 
 
@@ -346,9 +363,6 @@ def push_to_hub(
         return api.upload_folder(repo_id=target, **plan.upload_folder)
 
 
-_NETWORK_MODULES = ('huggingface_hub', 'httpx', 'httpx2', 'httpcore', 'requests', 'urllib3', 'ssl', 'socket')
-
-
 @contextlib.contextmanager
 def _hub_call(what: str):
     """Turn what the network and the Hub raise (no connection, offline mode, HTTP errors) into one
@@ -356,8 +370,7 @@ def _hub_call(what: str):
     try:
         yield
     except Exception as e:  # noqa: BLE001 - filtered below by where the exception class comes from
-        module = type(e).__module__.split('.')[0]
-        if not (isinstance(e, OSError) or module in _NETWORK_MODULES):
+        if not network_error(e):
             raise
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HubError(f'cannot {what}: {detail} ({type(e).__name__}). Check the network connection (and that '

@@ -22,6 +22,7 @@ Rules, applied whenever a WinfT (or ``vit_micro_patch2_28``) is built with ``pre
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from .windows import WindowSpec, WindowSpecError
 
 __all__ = [
-    'WeightsError', 'UnsafeWeightsError', 'WeightsIntegrityError',
+    'WeightsError', 'UnsafeWeightsError', 'WeightsIntegrityError', 'HubUnreachableError', 'prefetch_pretrained',
+    'network_error',
     'prepare_factory_kwargs', 'secure_pretrained_cfg', 'strict_filter', 'check_state_dict',
     'load_manifest', 'verify_weights', 'add_to_manifest', 'manifest_path', 'shipped_weights_file',
     'sha256_file', 'set_default_mode', 'check_weights_file', 'read_weights', 'load_weights', 'recorded_weights',
@@ -60,6 +62,12 @@ class UnsafeWeightsError(WeightsError):
 
 class WeightsIntegrityError(WeightsError):
     """A weight file does not match its recorded SHA-256 / size, or is truncated."""
+
+
+class HubUnreachableError(WeightsError):
+    """The Hugging Face Hub cannot be reached (no network, ``HF_HUB_OFFLINE=1``, the server down) and
+    the file is not in the local cache; the one-line message names the model, the repo and file it
+    looked for, and how to pass local weights instead."""
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -365,7 +373,9 @@ def secure_pretrained_cfg(
     * Hub (``hf-hub:`` or a registry ``hf_hub_id``): the safetensors file is downloaded here
       (``model.safetensors`` unless ``hf_hub_filename`` names another ``.safetensors``); pickle
       files are refused with :class:`UnsafeWeightsError`.  A hash recorded in the repo's
-      ``config.json`` or in the manifest is checked.
+      ``config.json`` or in the manifest is checked.  When the Hub cannot be reached and the file
+      is not cached, :class:`HubUnreachableError` is raised at once (no retries), naming the model,
+      the repo and the file.
     * URL: only ``.safetensors`` URLs.
     * local folder (``local-dir:``): its ``model.safetensors`` is checked against the hash its
       ``config.json`` records; pickles load with ``weights_only=True``.
@@ -398,17 +408,7 @@ def secure_pretrained_cfg(
     if cfg.get('state_dict') is not None and source != 'hf-hub':
         return cfg
     if source == 'hf-hub' or (not cfg.get('file') and cfg.get('hf_hub_id')):
-        repo = cfg['hf_hub_id']
-        filename = cfg.get('hf_hub_filename') or WEIGHTS_NAME
-        path = Path(_download_safetensors(repo, filename, cache_dir))
-        verify_weights(path, hub=f'{_strip_revision(repo)}/{filename}', required=False)
-        if source == 'hf-hub':
-            record = recorded_weights(path.parent, _hub_config(repo, cache_dir))
-            if record is not None and record['file'] == filename:
-                check_weights_file(path, record['sha256'], record['size'], recorded_in=f'hf-hub:{repo}/{CONFIG_NAME}')
-        check_weights_file(path)
-        cfg.update(file=str(path), source='file')
-        return cfg
+        return _secure_hub_cfg(variant, cfg, cache_dir)
     if cfg.get('file'):
         path = Path(cfg['file'])
         if _is_shipped(path):
@@ -433,6 +433,24 @@ def secure_pretrained_cfg(
                        f'(tag {cfg.get("tag")!r}); use pretrained=False, local-dir:PATH or hf-hub:ORG/NAME')
 
 
+def _secure_hub_cfg(variant: str, cfg: Dict[str, Any], cache_dir=None) -> Dict[str, Any]:
+    """The Hub branch of :func:`secure_pretrained_cfg`: download the safetensors file, check it
+    against the manifest and the repo's ``config.json``, and point ``cfg['file']`` at it."""
+    source, repo = cfg.get('source'), cfg['hf_hub_id']
+    filename = cfg.get('hf_hub_filename') or WEIGHTS_NAME
+    model = f'hf-hub:{repo}' if source == 'hf-hub' else \
+        f'{variant}.{cfg["tag"]}' if cfg.get('tag') and '.' not in variant else variant
+    path = Path(_download_safetensors(repo, filename, cache_dir, model))
+    verify_weights(path, hub=f'{_strip_revision(repo)}/{filename}', required=False)
+    if source == 'hf-hub':
+        record = recorded_weights(path.parent, _hub_config(repo, cache_dir, model))
+        if record is not None and record['file'] == filename:
+            check_weights_file(path, record['sha256'], record['size'], recorded_in=f'hf-hub:{repo}/{CONFIG_NAME}')
+    check_weights_file(path)
+    cfg.update(file=str(path), source='file')
+    return cfg
+
+
 def _strip_revision(repo: str) -> str:
     return repo.split('@')[0]
 
@@ -446,15 +464,105 @@ def _hub_errors():
     return EntryNotFoundError, LocalEntryNotFoundError
 
 
-def _hub_config(repo: str, cache_dir=None) -> Optional[Dict[str, Any]]:
-    """The repo's ``config.json`` (timm has just downloaded it, so this reads the cache)."""
-    from huggingface_hub import hf_hub_download
-    EntryNotFoundError, LocalEntryNotFoundError = _hub_errors()
-    repo_id, _, revision = repo.partition('@')
+_NETWORK_MODULES = ('huggingface_hub', 'httpx', 'httpx2', 'httpcore', 'requests', 'urllib3', 'ssl', 'socket')
+
+
+def network_error(e: BaseException) -> bool:
+    """True for what the network and the Hub raise (no connection, offline mode, timeouts, HTTP
+    errors): an ``OSError`` or an exception class of the HTTP stack; programming errors are not."""
+    return isinstance(e, OSError) or type(e).__module__.split('.')[0] in _NETWORK_MODULES
+
+
+def _unreachable_reason(e: BaseException) -> Optional[str]:
+    """Why the Hub could not be asked (offline mode, no connection, a timeout, a server error), or
+    ``None`` when ``e`` is an answer (a missing repo or file, a refused token) to pass on."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+    if isinstance(e, (EntryNotFoundError, RepositoryNotFoundError)):
+        return None
+    if type(e).__name__ == 'OfflineModeIsEnabled':
+        return 'offline mode is on (HF_HUB_OFFLINE=1)'
+    status = getattr(getattr(e, 'response', None), 'status_code', None)
+    if isinstance(e, HfHubHTTPError):
+        return f'{constants.ENDPOINT} answered HTTP {status}' if status is None or status >= 500 or status == 429 \
+            else None
+    if not network_error(e):
+        return None
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    return f'{constants.ENDPOINT} cannot be reached ({type(e).__name__}{": " + detail[:120] if detail else ""})'
+
+
+def _probe_hub(repo_id: str, filename: str, revision: Optional[str]) -> None:
+    """One HEAD request for the file, without huggingface_hub's retries (which take about 20 s, and
+    minutes on a network that drops packets): raises what it met."""
+    import inspect
+
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    timeout = constants.HF_HUB_ETAG_TIMEOUT
+    if timeout == getattr(constants, 'DEFAULT_ETAG_TIMEOUT', timeout):
+        timeout = min(float(timeout), 5.0)  # unless HF_HUB_ETAG_TIMEOUT asks for more
+    extra = {'retry_on_errors': False} if 'retry_on_errors' in inspect.signature(get_hf_file_metadata).parameters \
+        else {}
+    get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=timeout, **extra)
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs():
+    """huggingface_hub's retry messages stay out of the user's way (errors still raise)."""
+    hub_logger = logging.getLogger('huggingface_hub')
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
-        path = hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None, cache_dir=cache_dir,
-                               library_name='vitfree')
-    except (EntryNotFoundError, LocalEntryNotFoundError):
+        yield
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _unreachable(model: Optional[str], repo: str, filename: str, reason: str, cache_dir=None) -> HubUnreachableError:
+    from huggingface_hub import constants
+    who = f'{model}: ' if model else ''
+    cache = cache_dir or constants.HF_HUB_CACHE
+    return HubUnreachableError(
+        f'{who}cannot get {filename} of hf-hub:{repo}: {reason}, and it is not in the local cache ({cache}). '
+        f'Pass local weights instead: --checkpoint FILE.safetensors on the command line, '
+        f'pretrained_cfg_overlay=dict(file=FILE) in Python, or an exported folder as local-dir:PATH')
+
+
+def _hub_fetch(repo: str, filename: str, cache_dir=None, model: Optional[str] = None) -> str:
+    """The local path of ``filename`` of ``repo`` (``org/name[@revision]``), through huggingface_hub's own
+    download and cache.  When the Hub cannot be reached (no network, offline mode, server down) this
+    fails at once, after one request without retries, with :class:`HubUnreachableError` naming
+    ``model``, the repo and the file, unless the file is in the cache.  A missing repo or file raises
+    huggingface_hub's own error (``EntryNotFoundError``, ``RepositoryNotFoundError``)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    repo_id, _, revision = repo.partition('@')
+    revision = revision or None
+    try:
+        _probe_hub(repo_id, filename, revision)
+    except Exception as e:  # noqa: BLE001 - sorted by _unreachable_reason
+        reason = _unreachable_reason(e)
+        if reason is None:
+            raise
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        if isinstance(cached, str):
+            return cached
+        raise _unreachable(model, repo, filename, reason, cache_dir) from None
+    _, LocalEntryNotFoundError = _hub_errors()
+    try:
+        with _quiet_hub_logs():
+            return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, library_name='vitfree')
+    except LocalEntryNotFoundError as e:  # the Hub went away between the probe and the download
+        raise _unreachable(model, repo, filename, _unreachable_reason(e.__cause__ or e) or 'the download failed',
+                           cache_dir) from None
+
+
+def _hub_config(repo: str, cache_dir=None, model: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The repo's ``config.json`` (timm has just downloaded it, so this reads the cache), ``None``
+    when the repo has none."""
+    EntryNotFoundError, _ = _hub_errors()
+    try:
+        path = _hub_fetch(repo, CONFIG_NAME, cache_dir, model)
+    except EntryNotFoundError:
         return None
     try:
         return json.loads(Path(path).read_text())
@@ -462,24 +570,45 @@ def _hub_config(repo: str, cache_dir=None) -> Optional[Dict[str, Any]]:
         raise WeightsError(f'hf-hub:{repo}/{CONFIG_NAME}: not valid JSON ({e})') from None
 
 
-def _download_safetensors(repo: str, filename: str, cache_dir=None) -> str:
+def _download_safetensors(repo: str, filename: str, cache_dir=None, model: Optional[str] = None) -> str:
     if not filename.endswith('.safetensors'):
         raise UnsafeWeightsError(f'refusing to load {filename!r} from hf-hub:{repo}: vitfree loads weights from the '
                                  f'Hub only as .safetensors (a pickle can run code when loaded). Convert it locally '
                                  f'and load it with local-dir:PATH, or upload a model.safetensors')
-    from huggingface_hub import hf_hub_download
-    EntryNotFoundError, LocalEntryNotFoundError = _hub_errors()
-    repo_id, _, revision = repo.partition('@')
+    EntryNotFoundError, _ = _hub_errors()
     try:
-        return hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir,
-                               library_name='vitfree')
-    except LocalEntryNotFoundError as e:
-        raise WeightsError(f'cannot get {filename} of hf-hub:{repo}: it is not in the local cache and the Hub '
-                           f'cannot be reached ({type(e).__name__}); go online, or load a local export with '
-                           f'local-dir:PATH') from None
+        return _hub_fetch(repo, filename, cache_dir, model)
     except EntryNotFoundError:
         raise UnsafeWeightsError(f'hf-hub:{repo} has no {filename}; vitfree loads weights from the Hub only as '
                                  f'safetensors and will not fall back to pytorch_model.bin or other pickles') from None
+
+
+def prefetch_pretrained(name: str, kwargs: Optional[Mapping[str, Any]] = None, cache_dir=None) -> None:
+    """Fetch what ``timm.create_model(name, pretrained=True, **kwargs)`` will download from the Hub
+    (an ``hf-hub:`` model's ``config.json``; the safetensors weights of a registered model whose
+    pretrained config names a Hub repo), so that an unreachable Hub fails at once with
+    :class:`HubUnreachableError` (the model, the repo and file, how to pass local weights) instead of
+    timm's own retries and pickle fallbacks.  Files in the cache are not fetched again."""
+    kwargs = dict(kwargs or {})
+    EntryNotFoundError, _ = _hub_errors()
+    if name.startswith('hf-hub:'):
+        repo = name[len('hf-hub:'):]
+        _hub_fetch(repo, CONFIG_NAME, cache_dir, name)
+        targets = [(repo, WEIGHTS_NAME)]
+    elif name.startswith('local-dir:'):
+        return
+    else:
+        from timm.models._builder import resolve_pretrained_cfg
+        cfg = resolve_pretrained_cfg(name, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=dict(kwargs.get('pretrained_cfg_overlay') or {})).to_dict()
+        if cfg.get('file') or cfg.get('state_dict') is not None or not cfg.get('hf_hub_id'):  # timm's order
+            return
+        targets = [(cfg['hf_hub_id'], cfg.get('hf_hub_filename') or WEIGHTS_NAME)]
+    for repo, filename in targets:
+        try:
+            _hub_fetch(repo, filename, cache_dir, name)
+        except EntryNotFoundError:
+            pass  # no such file: the model's own loader says what it does instead
 
 
 # ---- manifest of shipped weights ----------------------------------------------------------------------

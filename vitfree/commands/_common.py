@@ -93,10 +93,12 @@ def create_model(args):
     import timm
     import torch
 
-    from ..weights import load_weights
+    from ..weights import load_weights, prefetch_pretrained
     check_model_name(args.model)
     torch.manual_seed(args.seed)
     kwargs = dict(args.model_kwargs)
+    if args.pretrained:  # an unreachable Hub fails here at once, naming the model, repo and file
+        prefetch_pretrained(args.model, kwargs)
     try:
         model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     except TypeError as e:
