@@ -84,21 +84,26 @@ def test_a_revision_is_resolved_by_commit(hub, tmp_path):
     assert ('HEAD', f'/org/winft-tiny/resolve/{sha}/model.safetensors') in hub.requests
 
 
-@pytest.mark.parametrize('tag', ['winft_tiny_patch16_224.fb_in1k', 'winft_tiny_patch16_384.augreg_in21k_ft_in1k'])
-def test_pretrained_tags_load_timms_checkpoints_over_http(hub, tag, no_retries):
+@pytest.mark.parametrize('tag, depth', [('winft_tiny_patch16_224.fb_in1k', None),
+                                        ('winft_tiny_patch16_384.augreg_in21k_ft_in1k', 1)])
+def test_pretrained_tags_load_timms_checkpoints_over_http(hub, tag, depth, no_retries):
     """A registered tag names timm's own repo (e.g. timm/deit_tiny_patch16_224.fb_in1k): serve a
-    checkpoint of that timm model there (one block deep, to stay small) and the WinfT loads exactly
-    those weights."""
+    checkpoint of that timm model there and the WinfT loads exactly those weights, with the tag's
+    prior windows (the 384 px one one block deep, to stay small)."""
     repo = timm.models.get_pretrained_cfg(tag).hf_hub_id
     torch.manual_seed(1)
-    base = timm.create_model(repo.split('/')[1], depth=1)  # timm's own ViT of that name, random weights
+    small = {} if depth is None else {'depth': depth}
+    base = timm.create_model(repo.split('/')[1], **small)  # timm's own ViT of that name, random weights
     hub.commit(repo, {'model.safetensors': save(base.state_dict())})
-    grid = base.patch_embed.grid_size
-    winft = timm.create_model(tag, pretrained=True, depth=1, windows=WindowSpec.uniform(1, grid, 3))
+    if depth is not None:
+        small['windows'] = WindowSpec.uniform(depth, base.patch_embed.grid_size, 3)
+    winft = timm.create_model(tag, pretrained=True, **small)
     sd = winft.state_dict()
     assert set(sd) == set(base.state_dict())
     assert all(torch.equal(sd[k], v) for k, v in base.state_dict().items())
-    assert ('HEAD', f'/{repo}/resolve/main/model.safetensors') in hub.requests
+    assert winft.window_spec.provenance['kind'] == ('prior' if depth is None else 'uniform')
+    assert [r for r in hub.requests if r[1].startswith(f'/{repo}/')] == [
+        ('HEAD', f'/{repo}/resolve/main/model.safetensors')] * 2  # vitfree's probe, then huggingface_hub's
     assert not any(p.endswith('pytorch_model.bin') for _, p in hub.requests)  # no pickle lookup
 
 
