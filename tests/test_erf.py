@@ -261,3 +261,23 @@ def test_area_table_text_and_markdown():
     assert md[3].startswith('| 1 | 16.0 | 16 | 16 | 100.0% |')
     with pytest.raises(ValueError, match='table style'):
         res.format_summary('latex')
+
+
+def test_provenance_names_checkpoints_and_data_without_machine_paths(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from vitfree.analysis.erf import checkpoint_hint
+    from vitfree.weights import portable_path, portable_text
+    monkeypatch.chdir(tmp_path)
+    maps = {0: torch.full((4, 4), 0.25), 1: torch.eye(4)}
+    res = erf_from_interaction(maps, grid=(2, 2), provenance={
+        'checkpoint': f'{tmp_path}/runs/vit/model (seed 0)', 'data': 'image files under /srv/data/photos'})
+    assert res.spec.provenance['checkpoint'] == 'runs/vit/model (seed 0)'  # relative to the current folder
+    assert res.spec.provenance['data'] == 'image files under data/photos'   # elsewhere: its last two parts
+    assert portable_path('weights/x.safetensors') == 'weights/x.safetensors'  # relative paths stay as given
+    root = Path(vitfree.__file__).resolve().parent.parent
+    assert portable_path(root / 'weights' / 'x.safetensors') == str(Path('weights') / 'x.safetensors')
+    assert portable_text('see https://huggingface.co/timm/x and /a/b/c') == 'see https://huggingface.co/timm/x and b/c'
+    shipped = timm.create_model('vit_micro_patch2_28.fmnist', pretrained=True)
+    assert checkpoint_hint(shipped) == 'vit_micro_patch2_28.fmnist (weights/vit_micro_patch2_28.fmnist.safetensors)'
+    assert checkpoint_hint(timm.create_model('vit_tiny_patch16_224', **TINY)).startswith('hf-hub:timm/')

@@ -340,3 +340,16 @@ def test_push_without_network_is_one_error_line(tmp_path, capsys, monkeypatch):
     assert main(['push', str(out), 'org/name', '--token', 'hf_dummy']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: cannot create hf-hub:org/name') and 'offline' in err[0], err
+
+
+def test_model_card_names_data_sets_and_checkpoints_without_machine_paths(tmp_path):
+    from vitfree.hub import dataset_name
+    spec = measured_spec()
+    spec.provenance['checkpoint'] = '/home/someone/runs/vit_s0/model (seed 0)'
+    model = timm.create_model('winft_tiny_patch16_224', **dict(TINY, windows=spec, num_classes=5))
+    out = save_pretrained(model, tmp_path / 'export', training={'dataset': '/data/sets/flowers/', 'epochs': 3,
+                                                                 'initialised_from': 'local-dir:/home/someone/x/model'})
+    card = (out / 'README.md').read_text()
+    assert '**dataset:** flowers' in card and '/data/sets' not in card
+    assert 'vit_s0/model (seed 0)' in card and '/home/someone' not in card
+    assert dataset_name('digits') == 'digits' and dataset_name('runs/data/') == 'data'

@@ -27,7 +27,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from .weights import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, WeightsError, check_weights_file, network_error,
-                      parse_windows, prefetch_pretrained, recorded_weights, set_default_mode, sha256_file)
+                      parse_windows, portable_text, prefetch_pretrained, recorded_weights, set_default_mode,
+                      sha256_file)
 from .windows import WindowSpec
 
 __all__ = ['save_pretrained', 'load_pretrained', 'check_config', 'push_to_hub', 'prepare_push', 'PushPlan',
@@ -45,6 +46,17 @@ UPLOAD_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
 # holds other weights, so they are not copied into its config.json
 BORROWED_CFG_KEYS = ('tag', 'notes', 'description', 'origin_url', 'paper_name', 'paper_ids', 'hf_hub_id',
                      'hf_hub_filename', 'url', 'file', 'source')
+
+
+DATA_KEYS = ('dataset', 'data', 'train_data', 'val_data')  # training facts that name a data set
+
+
+def dataset_name(value: Any) -> str:
+    """How a model card names a data set: a built-in name (``digits``) as it is, a folder or file by
+    its own name only (``/data/flowers/`` -> ``flowers``), never the machine's path to it."""
+    text = str(value)
+    stripped = text.rstrip('/\\')
+    return Path(stripped).name if ('/' in stripped or '\\' in stripped) else text
 
 
 # ---- export ---------------------------------------------------------------------------------
@@ -150,7 +162,11 @@ def save_pretrained(
 
 def model_card(config: Mapping[str, Any], training: Optional[Mapping[str, Any]] = None,
                card: Optional[Mapping[str, Any]] = None) -> str:
-    """A Hub model card (``README.md``) for an exported WinfT, stating its window spec's provenance."""
+    """A Hub model card (``README.md``) for an exported WinfT, stating its window spec's provenance.
+
+    The card names no path of the machine it was written on: data sets by name or folder name
+    (:func:`dataset_name`), checkpoints and other paths relative to the project or by their last
+    two parts (:func:`~vitfree.weights.portable_text`)."""
     card = dict(card or {})
     spec = WindowSpec.from_dict(config['model_args']['windows'], source='model_args.windows')
     prov = spec.provenance
@@ -173,7 +189,7 @@ def model_card(config: Mapping[str, Any], training: Optional[Mapping[str, Any]] 
     lines.append(f'- **Provenance:** `{kind}`: {what}.')
     for key, value in prov.items():
         if key != 'kind':
-            lines.append(f'- **{key}:** {json.dumps(value) if not isinstance(value, str) else value}')
+            lines.append(f'- **{key}:** {json.dumps(value) if not isinstance(value, str) else portable_text(value)}')
     lines.append(f'- **Patch grid:** {spec.grid[0]}x{spec.grid[1]}, {spec.depth} blocks '
                  f'({sum(spec.is_global(i) for i in range(spec.depth))} global)')
     lines += ['', '| block | window | mean area (patches) | share of grid |', '|---:|:---|---:|---:|']
@@ -199,6 +215,10 @@ def model_card(config: Mapping[str, Any], training: Optional[Mapping[str, Any]] 
                 continue
             if isinstance(value, Mapping):
                 value = ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in value.items())
+            elif key in DATA_KEYS:
+                value = dataset_name(value)
+            elif isinstance(value, str):
+                value = portable_text(value)
             lines.append(f'- **{key}:** {value}')
     lines += ['', '## Usage', '', '```python', 'import timm, vitfree',
               "model = timm.create_model('hf-hub:ORG/NAME', pretrained=True)  # or 'local-dir:PATH'",

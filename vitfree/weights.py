@@ -38,7 +38,7 @@ __all__ = [
     'prepare_factory_kwargs', 'secure_pretrained_cfg', 'strict_filter', 'check_state_dict',
     'load_manifest', 'verify_weights', 'add_to_manifest', 'manifest_path', 'shipped_weights_file',
     'sha256_file', 'set_default_mode', 'check_weights_file', 'read_weights', 'load_weights', 'recorded_weights',
-    'parse_windows',
+    'parse_windows', 'manifest_cfg_fields', 'portable_path', 'portable_text',
     'CONFIG_NAME', 'WEIGHTS_NAME', 'PICKLE_SUFFIXES',
 ]
 
@@ -95,6 +95,30 @@ def set_default_mode(path: Union[str, os.PathLike]) -> None:
         mask = os.umask(0o022)
         os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
+
+
+def portable_path(path: Union[str, os.PathLike]) -> str:
+    """A path as a provenance record or a model card may name it, without the machine's own folders: a
+    relative path as given; an absolute one relative to the project (the folder that holds the
+    ``vitfree`` package, so ``weights/...``, ``bench-out/...``) or to the current folder when it lies
+    under one of them; anything else by its last two parts (``runs/model``)."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_absolute():
+        return str(path)
+    p = Path(os.path.normpath(p))
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        try:
+            return str(p.relative_to(root))
+        except ValueError:
+            continue
+    return str(Path(*p.parts[-2:])) if len(p.parts) > 2 else p.name
+
+
+def portable_text(text: str) -> str:
+    """``text`` with every absolute path in it (a word starting with ``/`` or ``~/``, also after a
+    prefix such as ``local-dir:``; URLs stay) made :func:`portable_path`."""
+    import re
+    return re.sub(r'(?<![\w./-])(?:~/|/(?!/))[^\s,;()\'"]+', lambda m: portable_path(m.group(0)), text)
 
 
 def _is_sha256(value: Any) -> bool:
@@ -710,6 +734,41 @@ def verify_weights(
     check_weights_file(path, entry['sha256'], entry.get('size'),
                        recorded_in=f'manifest entry {key!r} in {manifest or manifest_path()}')
     return key
+
+
+def manifest_cfg_fields(weights_file: str, manifest: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Any]:
+    """``pretrained_cfg`` fields for a shipped weight file, from its manifest entry: ``description``
+    (what the weights are, where they come from, their test top-1) and ``notes`` (origin, accuracy,
+    recipe, initialisation, windows, as timm's ``notes`` tuple).  ``{}`` when the manifest does not
+    list the file or cannot be read (loading the file then says why)::
+
+        _cfg(file=shipped_weights_file(name), **manifest_cfg_fields(name), ...)
+    """
+    try:
+        entries = load_manifest(manifest)
+    except WeightsError:
+        return {}
+    entry = next((e for e in entries.values() if Path(str(e.get('file', ''))).name == Path(weights_file).name), None)
+    if entry is None:
+        return {}
+    origin = entry.get('source')
+    acc = [f'{entry["test_top1_full"]} % on the full test set' if 'test_top1_full' in entry else None,
+           f'{entry["test_top1_first1000"]} % on the first 1,000 test images (tests/data)'
+           if 'test_top1_first1000' in entry else None,
+           f'validation top-1 {entry["val_top1"]} %' if 'val_top1' in entry else None]
+    accuracy = 'test top-1 ' + ', '.join(a for a in acc if a) if any(acc) else None
+    recipe = entry.get('recipe')
+    notes = [f'origin: {origin}' + (f' (seed {entry["seed"]})' if 'seed' in entry else '') if origin else None,
+             accuracy,
+             f'recipe: {recipe["note"]}' if isinstance(recipe, Mapping) and recipe.get('note') else None,
+             f'initialised from {entry["initialised_from"]}' if entry.get('initialised_from') else None,
+             f'windows: {entry["windows"]}' if entry.get('windows') else None,
+             f'SHA-256 {entry["sha256"]} (checked on every load, {manifest or manifest_path().name})']
+    out: Dict[str, Any] = {'notes': tuple(n for n in notes if n)}
+    if origin or accuracy:
+        out['description'] = '; '.join(x for x in (f'trained by this project ({origin})' if origin else None,
+                                                    accuracy) if x)
+    return out
 
 
 def add_to_manifest(

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -41,9 +42,10 @@ import torch
 import torch.nn as nn
 
 from ..version import __version__
+from ..weights import portable_text
 from ..windows import WindowSpec, to_grid
 from .capture import attention_modules
-from .inputs import ImagesLike
+from .inputs import ImagesLike, model_name
 from .interaction import InteractionResult, interaction
 from .tables import format_table
 
@@ -310,6 +312,9 @@ def erf_from_interaction(
             extents.append(erf.rects)
     prov: Dict[str, Any] = {'kind': 'measured'}
     prov.update(provenance or {})
+    for key in ('checkpoint', 'data'):  # provenance travels with the spec: no paths of this machine
+        if isinstance(prov.get(key), str):
+            prov[key] = portable_text(prov[key])
     prov.setdefault('tau', tau)
     prov.setdefault('gamma', gamma)
     prov['global_blocks'] = global_blocks
@@ -331,14 +336,31 @@ def model_windows(model: nn.Module, grid: Sequence[int]) -> List[Optional[np.nda
 
 
 def checkpoint_hint(model: nn.Module) -> Optional[str]:
-    """The checkpoint timm associates with the model's config (``hf-hub:...``, a file or a URL).
-    timm does not record whether those weights were actually loaded."""
+    """The checkpoint timm associates with the model's config, named without machine paths: a
+    shipped file as ``model.tag (weights/FILE)``, a Hub download as ``hf-hub:ORG/NAME``, another
+    file or export folder by :func:`~vitfree.weights.portable_path`, else the URL.  timm does not
+    record whether those weights were actually loaded."""
+    from ..weights import portable_path, shipped_weights_file
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    if cfg.get('file'):
-        return str(cfg['file'])
-    if cfg.get('hf_hub_id'):
-        return f'hf-hub:{cfg["hf_hub_id"]}'
+    file, hub = cfg.get('file'), cfg.get('hf_hub_id')
+    if file:
+        if Path(shipped_weights_file(Path(file).name)).resolve() == Path(file).resolve():
+            return f'{model_name(model)} (weights/{Path(file).name})'
+        if hub and _in_hub_cache(file):  # downloaded from the Hub by vitfree's safe loader
+            return f'hf-hub:{hub}'
+        return portable_path(file)
+    if hub:
+        return f'hf-hub:{hub}'
     return cfg.get('url') or None
+
+
+def _in_hub_cache(path: str) -> bool:
+    from huggingface_hub import constants
+    try:
+        Path(path).resolve().relative_to(Path(constants.HF_HUB_CACHE).resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def measure_erf(
@@ -375,8 +397,10 @@ def measure_erf(
             an index).
         data: how to describe the images in the provenance (default: derived from ``images``).
         checkpoint: which weights the model holds, for the provenance (default: the checkpoint
-            timm's ``pretrained_cfg`` names - pass it explicitly for a randomly initialised or
-            fine-tuned model).
+            timm's ``pretrained_cfg`` names, see :func:`checkpoint_hint` - pass it explicitly for a
+            randomly initialised or fine-tuned model).  Absolute paths in it (and in ``data``) are
+            recorded relative to the project or the current folder, or by their last two parts:
+            a spec travels, the machine's folders do not.
         progress: progress bar over images.
         return_result: return the full :class:`ErfResult` (rectangles, tendency, mass, the maps
             and ``.spec``) instead of just the spec.

@@ -63,7 +63,7 @@ def run(args) -> int:
     target: Any = int(args.target) if args.target.lstrip('-').isdigit() else args.target
     model = create_model(args)
     if args.checkpoint:
-        checkpoint = str(Path(args.checkpoint).resolve())
+        checkpoint = args.checkpoint  # recorded relative to the project (measure_erf keeps machine paths out)
     elif args.pretrained:
         checkpoint = checkpoint_hint(model) or args.model
     else:
