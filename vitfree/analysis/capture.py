@@ -38,7 +38,7 @@ import torch.nn as nn
 from .inputs import ImageLoop, ImagesLike, patch_grid
 
 __all__ = [
-    'attention_modules', 'normalize_blocks', 'num_prefix_tokens', 'class_token_index', 'patch_grid',
+    'attention_modules', 'normalize_blocks', 'BlockDict', 'num_prefix_tokens', 'class_token_index', 'patch_grid',
     'row_normalize', 'attention_override', 'capture_block_io', 'mask_patch_keys', 'zero_empty_rows', 'combine_masks',
     'attention_pass',
     'Recorder', 'record', 'RecordingTooLarge', 'available_memory',
@@ -73,6 +73,29 @@ def normalize_blocks(blocks: Optional[Iterable[int]], depth: int) -> List[int]:
                              f'(valid: 0..{depth - 1} or negative from the end)')
         out.append(b % depth)
     return sorted(set(out))
+
+
+class BlockDict(dict):
+    """A dict keyed by block index that also takes negative indices, counted from the end of the
+    model (``d[-1]`` is the last block's entry when the last block is a key)."""
+
+    def __init__(self, depth: int, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.depth = int(depth)
+
+    def _key(self, block):
+        if isinstance(block, int) and not isinstance(block, bool) and -self.depth <= block < 0:
+            return block + self.depth
+        return block
+
+    def __getitem__(self, block):
+        return super().__getitem__(self._key(block))
+
+    def __contains__(self, block) -> bool:
+        return super().__contains__(self._key(block))
+
+    def get(self, block, default=None):
+        return super().get(self._key(block), default)
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
@@ -315,8 +338,9 @@ class Recorder:
             half the memory available on the storage device when the forward starts.
 
     ``attention[block]`` holds the last forward's ``(B, heads, T, T)`` probabilities (each
-    forward replaces the previous one); ``grid`` and ``num_prefix_tokens`` say how to split
-    ``T``.  Use as a context manager or call :meth:`attach` / :meth:`detach` yourself.
+    forward replaces the previous one); its keys are the block indices counted from 0, and a
+    negative index counts from the end, as in ``blocks`` (``rec.attention[-1]`` is the last
+    block's recording).  ``grid`` and ``num_prefix_tokens`` say how to split ``T``.  Use as a context manager or call :meth:`attach` / :meth:`detach` yourself.
     """
 
     def __init__(
@@ -350,7 +374,7 @@ class Recorder:
         self.max_bytes = max_bytes
         self.num_prefix_tokens = num_prefix_tokens(model)
         self.grid: Optional[Tuple[int, int]] = None
-        self.attention: Dict[int, torch.Tensor] = {}
+        self.attention: Dict[int, torch.Tensor] = BlockDict(len(mods))
         self.calls = 0
         self._stack: Optional[contextlib.ExitStack] = None
 
@@ -448,7 +472,8 @@ class Recorder:
     def patch_attention(self, block: int) -> torch.Tensor:
         """The patch-to-patch part ``(B, heads, N, N)`` of a recorded block."""
         if block not in self.attention:
-            raise KeyError(f'block {block} was not recorded (recorded: {sorted(self.attention) or "none yet"})')
+            raise KeyError(f'block {block} was not recorded (recorded: {sorted(self.attention) or "none yet"}; '
+                           f'negative indices count from the end)')
         p = self.num_prefix_tokens
         return self.attention[block][..., p:, p:]
 
@@ -456,7 +481,7 @@ class Recorder:
         """Per recorded block, the attention interaction map of the last forward: the patch block
         averaged over images (and heads unless ``per_head``), each row rescaled to sum to 1.
         Shape ``(N, N)`` (or ``(heads, N, N)``), queries are rows."""
-        out = {}
+        out = BlockDict(self.attention.depth)
         for b in sorted(self.attention):
             a = self.patch_attention(b).detach().float().mean(0)
             out[b] = row_normalize(a if per_head else a.mean(0)).cpu()

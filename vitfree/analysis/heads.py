@@ -281,6 +281,31 @@ class HeadImportance:
         """``(blocks, heads)``: mean absolute gate gradient (``None`` when not computed)."""
         return None if self.gate is None else self.gate.mean(0)
 
+    def mode_groups(self, measure: str = 'prob_drop', rel_tol: float = 0.01) -> List[List[int]]:
+        """The measured modes grouped by equal results: modes whose ``(blocks, heads)`` values of
+        ``measure`` (``'prob_drop'`` or ``'accuracy_drop'``) differ nowhere by more than ``rel_tol``
+        of the largest absolute value (of any mode) fall in one group, in mode order.  A model
+        without prefix tokens, for example, gives modes 1, 3, 5 and 6 one group (they zero
+        nothing)."""
+        data = self.prob_drop() if measure == 'prob_drop' else self.accuracy_drop()
+        tol = rel_tol * max(float(np.abs(data).max()), 1e-12)
+        groups: List[List[int]] = []
+        for i, m in enumerate(self.modes):
+            for g in groups:
+                if float(np.abs(data[i] - data[self.modes.index(g[0])]).max()) <= tol:
+                    g.append(m)
+                    break
+            else:
+                groups.append([m])
+        return groups
+
+    def __repr__(self) -> str:
+        (b, h, d), = self.ranking(2 if 2 in self.modes else self.modes[0], 1)
+        return (f'HeadImportance({self.num_images} image(s), modes {self.modes}, {len(self.blocks)} blocks x '
+                f'{len(self.heads)} heads, against {"labels" if self.labels is not None else "the targets"}; most '
+                f'important head: block {b}, head {h} (probability drop {d:+.4f}); gate scores: '
+                f'{"yes" if self.gate is not None else "no"})')
+
     def mode_index(self, mode: int) -> int:
         if mode not in self.modes:
             raise KeyError(f'mode {mode} was not measured (measured: {self.modes})')

@@ -57,15 +57,24 @@ class InteractionResult:
     data: Optional[str] = None
     model: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    depth: Optional[int] = None  # blocks of the model (negative block indices count from its end)
 
     @property
     def blocks(self) -> List[int]:
         return sorted(self.maps)
 
     def __getitem__(self, block: int) -> torch.Tensor:
+        if self.depth is not None and isinstance(block, int) and -self.depth <= block < 0:
+            block += self.depth
         if block not in self.maps:
             raise KeyError(f'block {block} was not measured (measured blocks: {self.blocks})')
         return self.maps[block]
+
+    def __repr__(self) -> str:
+        shape = tuple(self.maps[self.blocks[0]].shape) if self.maps else ()
+        where = f', data={self.data!r}' if self.data else ''
+        return (f'InteractionResult({self.estimator}, {len(self.maps)} block(s) {_span(self.blocks)}, grid '
+                f'{self.grid[0]}x{self.grid[1]}, maps {shape} per block, {self.num_images} image(s){where})')
 
     def head_mean(self, block: int) -> torch.Tensor:
         """The ``(N, N)`` map of a block (per-head maps averaged over heads)."""
@@ -77,6 +86,13 @@ class InteractionResult:
         chosen blocks (all measured ones by default), shape ``(N,)``; they sum to ``N``."""
         blocks = self.blocks if blocks is None else list(blocks)
         return torch.stack([self.head_mean(b).sum(0) for b in blocks]).mean(0)
+
+
+def _span(blocks: List[int]) -> str:
+    """``[0..5]`` for consecutive block indices, else the list."""
+    if blocks and blocks == list(range(blocks[0], blocks[-1] + 1)) and len(blocks) > 2:
+        return f'[{blocks[0]}..{blocks[-1]}]'
+    return str(blocks)
 
 
 # ---- the estimators --------------------------------------------------------------------------
@@ -208,5 +224,5 @@ def interaction(
     return InteractionResult(
         maps=maps, grid=grid, estimator=estimator, num_images=count, num_prefix_tokens=npt, per_head=per_head,
         target=(str(target) if estimator == 'attribution' else None),
-        data=data if data is not None else describe_images(images), model=model_name(model),
+        data=data if data is not None else describe_images(images), model=model_name(model), depth=depth,
     )
