@@ -281,3 +281,17 @@ def test_provenance_names_checkpoints_and_data_without_machine_paths(tmp_path, m
     shipped = timm.create_model('vit_micro_patch2_28.fmnist', pretrained=True)
     assert checkpoint_hint(shipped) == 'vit_micro_patch2_28.fmnist (weights/vit_micro_patch2_28.fmnist.safetensors)'
     assert checkpoint_hint(timm.create_model('vit_tiny_patch16_224', **TINY)).startswith('hf-hub:timm/')
+
+
+def test_measure_erf_warns_when_every_block_comes_out_global():
+    vit = timm.create_model('vit_tiny_patch16_224', **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.warns(UserWarning, match=r'every block came out global: .*gamma=0.01 of the 4x4 grid '
+                                         r'\(0.2 of 16 patches; the smallest is [\d.]+ at tau=0.9\)'):
+        spec = vitfree.measure_erf(vit, x, gamma=0.01, progress=False)
+    assert all(b is None for b in spec.blocks)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # windows found: no warning
+        spec = vitfree.measure_erf(vit, x, tau=0.3, gamma=2.0, progress=False)
+    assert not all(b is None for b in spec.blocks)
