@@ -295,3 +295,31 @@ def test_measure_erf_warns_when_every_block_comes_out_global():
         warnings.simplefilter('error')  # windows found: no warning
         spec = vitfree.measure_erf(vit, x, tau=0.3, gamma=2.0, progress=False)
     assert not all(b is None for b in spec.blocks)
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block under ``heading`` in the README, as it is written there."""
+    import re
+    from pathlib import Path
+    text = (Path(vitfree.__file__).resolve().parent.parent / 'README.md').read_text()
+    section = text[text.index(heading):]
+    return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+
+
+def test_readme_measuring_example_runs_as_written(tmp_path, monkeypatch, one_thread):
+    code = readme_block('## Measuring windows: recorder, interaction maps, ERFs')
+    monkeypatch.chdir(tmp_path)  # the block writes spec.yaml
+    import warnings
+    ns = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)  # no "every block came out global"
+        exec(compile(code, 'README.md', 'exec'), ns)
+    assert ns['rec'].attention[-1].shape == (8, 4, 197, 197) and ns['res'][3].shape == (196, 196)
+    spec = ns['spec']
+    assert not any(spec.is_global(b) for b in range(spec.depth))  # it measures windows, as the README says
+    assert all(0.51 <= a['fraction'] <= 0.61 for a in spec.summary()), spec.summary()  # as the README says
+    assert WindowSpec.load(tmp_path / 'spec.yaml') == spec and ns['winft'].window_spec == spec
+    assert spec.provenance['checkpoint'] == 'vit_micro_patch2_28.fmnist (weights/vit_micro_patch2_28.fmnist.safetensors)'
+    # and the README's other setting indeed gives no window, with the warning it promises
+    with pytest.warns(UserWarning, match='every block came out global'):
+        vitfree.measure_erf(ns['vit'], ns['images'], estimator='attention', tau=0.9, gamma=0.6, progress=False)

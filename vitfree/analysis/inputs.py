@@ -540,6 +540,7 @@ class LoadedImages:
     labels: Optional[torch.Tensor]
     classes: Optional[List[str]]
     source: str
+    total: Optional[int] = None  # images the source holds (more than len(x) when max_images cut it)
 
 
 def load_images(
@@ -559,4 +560,5 @@ def load_images(
     if classes is None and isinstance(dataset, torch.utils.data.ConcatDataset):
         found = {tuple(getattr(d, 'classes', None) or ()) for d in dataset.datasets}
         classes = list(found.pop()) if len(found) == 1 else None
-    return LoadedImages(x, _item_names(dataset, len(x), desc), labels, list(classes) if classes else None, desc)
+    return LoadedImages(x, _item_names(dataset, len(x), desc), labels, list(classes) if classes else None, desc,
+                        total=_count(dataset, None))

@@ -33,7 +33,8 @@ import torch.nn as nn
 
 from ..capture import attention_modules, num_prefix_tokens
 from ..erf import checkpoint_hint
-from ..inputs import ImagesLike, eval_mode, gather_images, load_images, model_name, patch_grid, to_display_image
+from ..inputs import (ImagesLike, _count, eval_mode, gather_images, load_images, model_name, patch_grid,
+                      to_display_image)
 from ..removal import DEFAULT_FRACTIONS
 from .. import plots
 from .html import escape, figure, table, to_json, write_html
@@ -175,18 +176,23 @@ def _class_names(model: nn.Module) -> Optional[List[str]]:
 
 
 def _read_images(model: nn.Module, images: Any, names: Optional[Sequence[str]], max_images: Optional[int],
-                 device: torch.device, split: str):
-    """``(x, names, labels, classes, source)`` for any image source :func:`analyze` takes."""
+                 device: torch.device, split: str, log: Callable[[str], None]):
+    """``(x, names, labels, classes, source)`` for any image source :func:`analyze` takes; says when
+    ``max_images`` leaves images out."""
     labels = classes = None
     if isinstance(images, (str, os.PathLike)) or (isinstance(images, (list, tuple)) and images
                                                   and all(isinstance(s, (str, os.PathLike)) for s in images)):
         loaded = load_images(model, images, max_images, device, split=split)
         x, default_names, labels, classes, source = (loaded.x, loaded.names, loaded.labels, loaded.classes,
                                                      loaded.source)
+        total = loaded.total
     else:
         x, labels = gather_images(model, images, max_images, device)
         default_names = [f'image {i}' for i in range(len(x))]
         source = f'{len(x)} image(s) given as {type(images).__name__}'
+        total = _count(images, None)
+    if total is not None and total > len(x):
+        log(f'using the first {len(x)} of the {total} images (max_images / --max-images {max_images})')
     names = list(names) if names is not None else default_names
     if len(names) != len(x):
         raise ValueError(f'{len(names)} names for {len(x)} images')
@@ -549,12 +555,11 @@ def part_removal(ctx: ReportContext) -> str:
     """Accuracy against the fraction of patches hidden as keys, per ranking score."""
     from ..removal import patch_removal
     o = ctx.opts
-    target = ctx.labels if ctx.labels is not None else ctx.pred
-    res = patch_removal(ctx.model, (ctx.x, target.to(ctx.x.device)), fractions=o.removal_fractions, seed=o.seed,
-                        **ctx.common)
+    images = ctx.x if ctx.labels is None else (ctx.x, ctx.labels.to(ctx.x.device))  # no labels: agreement
+    res = patch_removal(ctx.model, images, fractions=o.removal_fractions, seed=o.seed, **ctx.common)
     ctx.results['removal'] = res
     ctx.picture('removal', plots.plot_removal(res, ctx.out / 'removal.png'))
-    against = ('the labels' if ctx.labels is not None else
+    against = ('the labels' if res.against == 'labels' else
                'the unmasked prediction (there are no labels, so every curve starts at 100%)')
     n = res.num_images
     rows = [(f'{100 * f:.0f}%', k) + tuple(f'{100 * res.accuracy[s][i]:.1f}%' for s in res.accuracy)
@@ -703,7 +708,8 @@ def analyze(
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     dev = torch.device(device) if device is not None else next(iter(model.parameters())).device
-    x, names, labels, data_classes, data_source = _read_images(model, images, names, opts.max_images, dev, split)
+    x, names, labels, data_classes, data_source = _read_images(model, images, names, opts.max_images, dev, split,
+                                                                log)
     report = AnalysisReport(out, out / 'report.html', out / 'results.json')
     with eval_mode(model):
         with torch.no_grad():
