@@ -73,6 +73,21 @@ def shipped_weights_available() -> bool:
     return all(c is not None and c.file and Path(c.file).is_file() for c in cfgs)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread for the duration.  The micro models' operations (197 tokens of 64 channels)
+    are too small to share between threads.  Measured on the shared 2-core machine this project runs
+    on: at load 4.5 the demo took 28-33 s of CPU with one thread against 40-64 s with two (wall time
+    about the same, 60-70 s); at load 6 the report stage took 24 s with one thread and 142 s with
+    two, whose threads then mostly wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class Stages:
     """The demo's stages: each announces itself when it starts (so a long one is never silent) and
     its time is kept for the summary at the end."""
@@ -102,7 +117,8 @@ def run_demo(out_dir: Union[str, Path] = 'vitfree-out', model_name: Optional[str
     t0 = time.perf_counter()
     stages = Stages(log)
     if model_name is None and image is None and shipped_weights_available():
-        result = _demo_trained(out, log, stages)
+        with one_thread():
+            result = _demo_trained(out, log, stages)
     else:
         result = _demo_untrained(out, model_name or 'winft_tiny_patch16_224', image, log, stages)
     files = result['files']
