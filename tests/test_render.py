@@ -122,6 +122,6 @@ def test_identical_head_modes_share_one_panel(tmp_path):
         assert_png(render.plot_head_importance(imp, tmp_path / 'heads.png'))
     finally:
         matplotlib.axes.Axes.set_title = orig
-    assert 'modes 1, 3, 5, 6: none, prefix, prefix-patch, prefix-prefix (no effect)' in titles
+    assert 'modes 1, 3, 5, 6:\nnone, prefix, prefix-patch, prefix-prefix (no effect)' in titles
     assert len([t for t in titles if t.startswith('mode')]) == len(groups)
     assert 'modes [1, 2, 3, 4, 5, 6]' in repr(imp) and 'array' not in repr(imp)

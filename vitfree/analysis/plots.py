@@ -623,7 +623,7 @@ def _merged_mode_panels(imp, data: np.ndarray, measure: str, rel_tol: float = 0.
         values = data[imp.modes.index(group[0])]
         names = ', '.join(imp.mode_names[m] for m in group)
         label = f'mode {group[0]}: {names}' if len(group) == 1 else \
-            f'modes {", ".join(map(str, group))}: {names}'
+            f'modes {", ".join(map(str, group))}:\n{names}'  # two lines: merged titles are long
         if float(np.abs(values).max()) <= tol:
             label += ' (no effect)'
         panels.append((values, label))
