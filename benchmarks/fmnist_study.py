@@ -612,7 +612,7 @@ def _erf_pictures(work: Path, sel: Dict[str, Any]) -> Dict[str, Dict[str, str]]:
     """Pictures of the chosen specs' ERFs (rectangles, excess tendency, interaction matrices)."""
     from vitfree.analysis import erf_from_interaction
     from vitfree.analysis.interaction import InteractionResult
-    from vitfree.analysis.report.plots import erf_pictures
+    from vitfree.analysis.plots import erf_pictures
     out = RESULTS / 'fmnist_study_erf'
     out.mkdir(parents=True, exist_ok=True)
     model = load_run(work, 'vit')

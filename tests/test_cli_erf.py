@@ -32,7 +32,8 @@ def test_cli_writes_spec_that_builds_a_winft(tmp_path, image_dir, capsys):
     spec = WindowSpec.load(out)
     prov = spec.provenance
     assert prov['kind'] == 'measured' and prov['num_images'] == 2 and prov['estimator'] == 'attention'
-    assert prov['tau'] == 0.5 and prov['gamma'] == 0.95 and str(image_dir) in prov['data']
+    assert prov['tau'] == 0.5 and prov['gamma'] == 0.95 and image_dir.name in prov['data']
+    assert str(image_dir) not in prov['data']  # no path of this machine in a spec that travels
     assert prov['checkpoint'].startswith('none (random initialisation')
     assert spec.grid == (4, 4) and spec.depth == 2
     winft = vitfree.create_winft('vit_tiny_patch16_224', windows=str(out), img_size=64, depth=2, embed_dim=64,
@@ -40,8 +41,7 @@ def test_cli_writes_spec_that_builds_a_winft(tmp_path, image_dir, capsys):
     assert winft.window_spec.blocks[0] is None or winft.window_spec.blocks[0].shape == (4, 4, 4)
     assert winft(torch.randn(1, 3, 64, 64)).shape == (1, 5)
     assert sorted(p.name for p in pics.iterdir()) == sorted(
-        ['window_sizes.png', 'erf_rects.png', 'tendency_arrows.png', 'tendency_flow.png',
-         'interaction_matrices.png', 'interaction_maps.png'])
+        ['window_sizes.png', 'erf_rects.png', 'tendency.png', 'interaction_matrices.png', 'interaction_maps.png'])
 
 
 def test_cli_builtin_dataset_and_ablation(tmp_path):
@@ -71,7 +71,7 @@ def test_cli_errors(tmp_path, image_dir, capsys, argv, match):
     assert not (tmp_path / 's.yaml').exists() and not (tmp_path / 'spec.txt').exists()
 
 
-def test_cli_checkpoint_is_loaded_and_recorded(tmp_path, image_dir):
+def test_cli_checkpoint_is_loaded_and_recorded(tmp_path, image_dir, monkeypatch):
     import timm
     from safetensors.torch import save_file
     torch.manual_seed(3)
@@ -82,6 +82,20 @@ def test_cli_checkpoint_is_loaded_and_recorded(tmp_path, image_dir):
     assert main(['erf', 'vit_tiny_patch16_224', str(image_dir), '-o', str(out), '--images', '2', '--no-progress',
                  '--checkpoint', str(ckpt), '--tau', '0.5', '--gamma', '2'] + MODEL_ARGS) == 0
     spec = WindowSpec.load(out)
-    assert spec.provenance['checkpoint'] == str(ckpt.resolve())
+    assert spec.provenance['checkpoint'] == f'{tmp_path.name}/trained.safetensors'  # no machine path
+    monkeypatch.chdir(tmp_path)  # a path under the current folder is recorded relative to it
+    assert main(['erf', 'vit_tiny_patch16_224', str(image_dir), '-o', 'again.yaml', '--images', '1', '--no-progress',
+                 '--checkpoint', str(ckpt), '--tau', '0.5', '--gamma', '2'] + MODEL_ARGS) == 0
+    assert WindowSpec.load('again.yaml').provenance['checkpoint'] == 'trained.safetensors'
     expected = vitfree.measure_erf(vit, str(image_dir), tau=0.5, gamma=2, progress=False)
     assert all((a == b).all() for a, b in zip(spec.blocks, expected.blocks))
+
+
+def test_cli_says_when_every_block_came_out_global(tmp_path, image_dir, capsys):
+    out = tmp_path / 'spec.yaml'
+    assert main(['erf', 'vit_tiny_patch16_224', str(image_dir), '-o', str(out), '--images', '2', '--no-progress',
+                 '--gamma', '0.05'] + MODEL_ARGS) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning:')]
+    assert len(warned) == 1 and 'every block came out global' in warned[0], warned
+    assert 'gamma=0.05 of the 4x4 grid' in warned[0] and 'Lower gamma' in warned[0]
+    assert all(b is None for b in WindowSpec.load(out).blocks)

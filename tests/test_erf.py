@@ -261,3 +261,65 @@ def test_area_table_text_and_markdown():
     assert md[3].startswith('| 1 | 16.0 | 16 | 16 | 100.0% |')
     with pytest.raises(ValueError, match='table style'):
         res.format_summary('latex')
+
+
+def test_provenance_names_checkpoints_and_data_without_machine_paths(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from vitfree.analysis.erf import checkpoint_hint
+    from vitfree.weights import portable_path, portable_text
+    monkeypatch.chdir(tmp_path)
+    maps = {0: torch.full((4, 4), 0.25), 1: torch.eye(4)}
+    res = erf_from_interaction(maps, grid=(2, 2), provenance={
+        'checkpoint': f'{tmp_path}/runs/vit/model (seed 0)', 'data': 'image files under /srv/data/photos'})
+    assert res.spec.provenance['checkpoint'] == 'runs/vit/model (seed 0)'  # relative to the current folder
+    assert res.spec.provenance['data'] == 'image files under data/photos'   # elsewhere: its last two parts
+    assert portable_path('weights/x.safetensors') == 'weights/x.safetensors'  # relative paths stay as given
+    root = Path(vitfree.__file__).resolve().parent.parent
+    assert portable_path(root / 'weights' / 'x.safetensors') == str(Path('weights') / 'x.safetensors')
+    assert portable_text('see https://huggingface.co/timm/x and /a/b/c') == 'see https://huggingface.co/timm/x and b/c'
+    shipped = timm.create_model('vit_micro_patch2_28.fmnist', pretrained=True)
+    assert checkpoint_hint(shipped) == 'vit_micro_patch2_28.fmnist (weights/vit_micro_patch2_28.fmnist.safetensors)'
+    assert checkpoint_hint(timm.create_model('vit_tiny_patch16_224', **TINY)).startswith('hf-hub:timm/')
+
+
+def test_measure_erf_warns_when_every_block_comes_out_global():
+    vit = timm.create_model('vit_tiny_patch16_224', **TINY).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.warns(UserWarning, match=r'every block came out global: .*gamma=0.01 of the 4x4 grid '
+                                         r'\(0.2 of 16 patches; the smallest is [\d.]+ at tau=0.9\)'):
+        spec = vitfree.measure_erf(vit, x, gamma=0.01, progress=False)
+    assert all(b is None for b in spec.blocks)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # windows found: no warning
+        spec = vitfree.measure_erf(vit, x, tau=0.3, gamma=2.0, progress=False)
+    assert not all(b is None for b in spec.blocks)
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block under ``heading`` in the README, as it is written there."""
+    import re
+    from pathlib import Path
+    text = (Path(vitfree.__file__).resolve().parent.parent / 'README.md').read_text()
+    section = text[text.index(heading):]
+    return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+
+
+def test_readme_measuring_example_runs_as_written(tmp_path, monkeypatch, one_thread):
+    code = readme_block('## Measuring windows: recorder, interaction maps, ERFs')
+    monkeypatch.chdir(tmp_path)  # the block writes spec.yaml
+    import warnings
+    ns = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)  # no "every block came out global"
+        exec(compile(code, 'README.md', 'exec'), ns)
+    assert ns['rec'].attention[-1].shape == (8, 4, 197, 197) and ns['res'][3].shape == (196, 196)
+    spec = ns['spec']
+    assert not any(spec.is_global(b) for b in range(spec.depth))  # it measures windows, as the README says
+    assert all(0.51 <= a['fraction'] <= 0.61 for a in spec.summary()), spec.summary()  # as the README says
+    assert WindowSpec.load(tmp_path / 'spec.yaml') == spec and ns['winft'].window_spec == spec
+    assert spec.provenance['checkpoint'] == 'vit_micro_patch2_28.fmnist (weights/vit_micro_patch2_28.fmnist.safetensors)'
+    # and the README's other setting indeed gives no window, with the warning it promises
+    with pytest.warns(UserWarning, match='every block came out global'):
+        vitfree.measure_erf(ns['vit'], ns['images'], estimator='attention', tau=0.9, gamma=0.6, progress=False)

@@ -1,4 +1,7 @@
-"""Hub round trip: save_pretrained -> local-dir:/hf-hub: rebuild, safe loading, manifest, push (HfApi mocked)."""
+"""Export and local round trip: save_pretrained -> local-dir: rebuild, safe loading, manifest, the push plan.
+
+Everything that talks to the Hub (hf-hub: downloads, the cache, offline mode, push) runs through
+huggingface_hub's real HTTP code against a loopback server in tests/test_hub_loopback.py."""
 import json
 import shutil
 
@@ -100,46 +103,7 @@ def test_check_config_names_other_fields(tmp_path):
         check_config({'architecture': 'winft_tiny_patch16_224', 'model_args': {'windows': 3}})
 
 
-# ---- hf-hub, served from a local folder in place of the network ------------------------------------
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    """Replace the two download functions with a local "Hub": {repo_id: folder}."""
-    import huggingface_hub
-    import timm.models._hub as timm_hub
-    from huggingface_hub.utils import EntryNotFoundError
-
-    repos = {}
-    calls = []
-
-    def download(repo_id, filename, revision=None, cache_dir=None, **kw):
-        calls.append((repo_id, filename))
-        path = repos[repo_id] / filename
-        if not path.is_file():
-            raise EntryNotFoundError(f'{repo_id} has no {filename}')
-        return str(path)
-
-    monkeypatch.setattr(timm_hub, 'hf_hub_download', download)
-    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
-    repos['calls'] = calls
-    return repos
-
-
-def test_hf_hub_round_trip(tmp_path, fake_hub):
-    model = tiny_winft()
-    fake_hub['org/winft-tiny'] = save_pretrained(model, tmp_path / 'repo')
-    again = timm.create_model('hf-hub:org/winft-tiny', pretrained=True)
-    assert again.window_spec == model.window_spec and same_outputs(model, again)
-    assert ('org/winft-tiny', 'model.safetensors') in fake_hub['calls']
-
-
-def test_hub_pickle_weights_are_refused(tmp_path, fake_hub):
-    repo = save_pretrained(tiny_winft(), tmp_path / 'repo')
-    torch.save(torch.nn.Module().state_dict(), repo / 'pytorch_model.bin')
-    (repo / 'model.safetensors').unlink()
-    fake_hub['org/pickled'] = repo
-    with pytest.raises(UnsafeWeightsError, match='only as safetensors and will not fall back to pytorch_model.bin'):
-        timm.create_model('hf-hub:org/pickled', pretrained=True)
-    assert ('org/pickled', 'pytorch_model.bin') not in fake_hub['calls']
+def test_pickle_weights_are_refused_from_the_network_and_read_safely_from_disk(tmp_path):
     with pytest.raises(UnsafeWeightsError, match="refusing to load 'pytorch_model.bin' from hf-hub:org/x"):
         weights.secure_pretrained_cfg('winft_tiny_patch16_224',
                                   {'hf_hub_id': 'org/x', 'hf_hub_filename': 'pytorch_model.bin', 'source': 'hf-hub'})
@@ -198,19 +162,7 @@ def test_verify_weights_and_the_shipped_weights_hook(tmp_path, monkeypatch):
         verify_weights(w)
 
 
-def test_hub_download_listed_in_manifest_is_checked(tmp_path, fake_hub, monkeypatch):
-    repo = save_pretrained(tiny_winft(), tmp_path / 'repo')
-    fake_hub['org/winft-test'] = repo
-    manifest = tmp_path / 'manifest.json'
-    monkeypatch.setenv('VITFREE_WEIGHTS_MANIFEST', str(manifest))
-    add_to_manifest(repo / 'model.safetensors', 'winft_test.hub', hf_hub_id='org/winft-test')
-    assert timm.create_model('hf-hub:org/winft-test', pretrained=True).num_classes == 5
-    save_pretrained(tiny_winft(), repo)  # different weights under the same name
-    with pytest.raises(WeightsIntegrityError, match='winft_test.hub'):
-        timm.create_model('hf-hub:org/winft-test', pretrained=True)
-
-
-# ---- push (network boundary mocked) ------------------------------------------------------------
+# ---- push: the plan (the upload itself: tests/test_hub_loopback.py) ------------------------------------------------------------
 class RecordingApi:
     def __init__(self):
         self.calls = []
@@ -236,27 +188,8 @@ def test_push_prepares_create_repo_and_upload(tmp_path):
     assert (name2, repo2) == ('upload_folder', 'org/winft-tiny')
     assert kw2['folder_path'] == str(out) and kw2['allow_patterns'] == ['config.json', 'model.safetensors', 'README.md']
     assert kw2['commit_message'] == 'Upload WinfT (winft_tiny_patch16_224)'
-
-
-def test_push_cli_uses_real_hfapi_up_to_the_network(tmp_path, monkeypatch, capsys):
-    from huggingface_hub import HfApi
-    from vitfree.cli import main
-
-    api = RecordingApi()
-    seen = {}
-
-    def create_repo(self, repo_id, **kw):
-        seen['library'] = self.library_name
-        return api.create_repo(repo_id, **kw)
-
-    monkeypatch.setattr(HfApi, 'create_repo', create_repo)
-    monkeypatch.setattr(HfApi, 'upload_folder', lambda self, **kw: api.upload_folder(**kw))
-    out = save_pretrained(tiny_winft(), tmp_path / 'run' / 'model')
-    assert main(['push', str(tmp_path / 'run'), 'org/name', '--dry-run']) == 0  # a finetune output folder
-    assert 'dry run' in capsys.readouterr().out and api.calls == []
-    assert main(['push', str(out), 'org/name', '--message', 'first']) == 0
-    assert [c[0] for c in api.calls] == ['create_repo', 'upload_folder'] and seen['library'] == 'vitfree'
-    assert api.calls[1][2]['commit_message'] == 'first'
+    recorded = json.loads((out / 'config.json').read_text())['weights']['sha256']
+    assert prepare_push(out, 'org/x').sha256 == recorded  # checked before anything is sent
 
 
 def test_push_refuses_what_it_cannot_vouch_for(tmp_path, capsys):
@@ -270,18 +203,6 @@ def test_push_refuses_what_it_cannot_vouch_for(tmp_path, capsys):
         prepare_push(out, 'org/name')
     assert main(['push', str(out), 'org/name']) == 2
     assert 'no model.safetensors' in capsys.readouterr().err
-
-
-def test_offline_hub_miss_is_not_reported_as_missing_file(tmp_path, monkeypatch):
-    import huggingface_hub
-    from huggingface_hub.utils import LocalEntryNotFoundError
-
-    def offline(*a, **kw):
-        raise LocalEntryNotFoundError('offline')
-
-    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', offline)
-    with pytest.raises(weights.WeightsError, match='not in the local cache and the Hub cannot be reached'):
-        weights.secure_pretrained_cfg('winft_tiny_patch16_224', 'fb_in1k')
 
 
 # ---- honest exports, strict and checked loading (issue 15) ----------------------------------------
@@ -311,7 +232,7 @@ def test_export_records_weights_hash_real_architecture_and_no_borrowed_tag(tmp_p
     assert again.pretrained_cfg.get('tag') is None and again.pretrained_cfg.get('notes') is None
 
 
-def test_exported_weights_are_checked_against_config_json(tmp_path, fake_hub):
+def test_exported_weights_are_checked_against_config_json(tmp_path):
     out = save_pretrained(tiny_winft(), tmp_path / 'export')
     data = bytearray((out / 'model.safetensors').read_bytes())
     data[-3] ^= 0x01  # one bit in a tensor: safetensors itself cannot notice
@@ -320,9 +241,6 @@ def test_exported_weights_are_checked_against_config_json(tmp_path, fake_hub):
         timm.create_model(f'local-dir:{out}', pretrained=True)
     with pytest.raises(WeightsIntegrityError, match='model.safetensors'):
         hub.load_pretrained(out)
-    fake_hub['org/flipped'] = out
-    with pytest.raises(WeightsIntegrityError, match=r'recorded \(hf-hub:org/flipped/config.json\)'):
-        timm.create_model('hf-hub:org/flipped', pretrained=True)
     (out / 'model.safetensors').write_bytes(bytes(data[:len(data) // 2]))
     with pytest.raises(WeightsIntegrityError, match=r'has \d+ bytes but \d+ are recorded'):
         timm.create_model(f'local-dir:{out}', pretrained=True)
@@ -422,3 +340,16 @@ def test_push_without_network_is_one_error_line(tmp_path, capsys, monkeypatch):
     assert main(['push', str(out), 'org/name', '--token', 'hf_dummy']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: cannot create hf-hub:org/name') and 'offline' in err[0], err
+
+
+def test_model_card_names_data_sets_and_checkpoints_without_machine_paths(tmp_path):
+    from vitfree.hub import dataset_name
+    spec = measured_spec()
+    spec.provenance['checkpoint'] = '/home/someone/runs/vit_s0/model (seed 0)'
+    model = timm.create_model('winft_tiny_patch16_224', **dict(TINY, windows=spec, num_classes=5))
+    out = save_pretrained(model, tmp_path / 'export', training={'dataset': '/data/sets/flowers/', 'epochs': 3,
+                                                                 'initialised_from': 'local-dir:/home/someone/x/model'})
+    card = (out / 'README.md').read_text()
+    assert '**dataset:** flowers' in card and '/data/sets' not in card
+    assert 'vit_s0/model (seed 0)' in card and '/home/someone' not in card
+    assert dataset_name('digits') == 'digits' and dataset_name('runs/data/') == 'data'

@@ -297,34 +297,6 @@ def test_torch_compile_dynamic_size():
         assert (c(x) - m(x)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize('name, vit_name, hub_id', [
-    ('winft_tiny_patch16_224.fb_in1k', 'deit_tiny_patch16_224', 'timm/deit_tiny_patch16_224.fb_in1k'),
-    ('winft_tiny_patch16_384.augreg_in21k_ft_in1k', 'vit_tiny_patch16_384',
-     'timm/vit_tiny_patch16_384.augreg_in21k_ft_in1k'),
-])
-def test_pretrained_tags_use_timm_hub_checkpoints(monkeypatch, tmp_path, name, vit_name, hub_id):
-    """The real pretrained path up to the network: the Hub is asked for the safetensors of timm's
-    checkpoint of the same shape (answered here by a local ViT saved as safetensors) and it loads
-    strictly into the WinfT."""
-    import huggingface_hub
-    from safetensors.torch import save_file
-    vit = timm.create_model(vit_name)
-    f = tmp_path / 'model.safetensors'
-    save_file(vit.state_dict(), str(f))
-    asked = []
-
-    def fake_download(repo_id, filename, **kwargs):
-        asked.append((repo_id, filename))
-        return str(f)
-
-    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
-    m = timm.create_model(name, pretrained=True)
-    assert asked == [(hub_id, 'model.safetensors')]
-    for k, t in vit.state_dict().items():
-        assert torch.equal(m.state_dict()[k], t), k
-    assert m.window_spec.provenance['kind'] == 'prior'
-
-
 def test_window_resize_keep_through_timm_and_create_winft():
     import timm
     m = timm.create_model('winft_tiny_patch16_224', img_size=448, window_resize='keep', depth=2,

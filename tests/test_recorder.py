@@ -310,3 +310,32 @@ def test_override_replacement_reaches_the_output_and_attn_mask_is_honoured():
     for i in range(2):
         assert torch.all(rec.attention[i][..., 5] == 0)
         torch.testing.assert_close(rec.attention[i].sum(-1), torch.ones(1, 2, 17))
+
+
+def test_negative_block_indices_are_keys_too():
+    model = tiny_vit(depth=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), vitfree.record(model, blocks=[0, -1]) as rec:
+        model(x)
+    assert sorted(rec.attention) == [0, 2] and rec.blocks == [0, 2]
+    assert rec.attention[-1] is rec.attention[2] and -1 in rec.attention and -3 in rec.attention
+    assert rec.attention.get(-2) is None and 1 not in rec.attention
+    assert torch.equal(rec.patch_attention(-1), rec.patch_attention(2))
+    maps = rec.interaction_maps()
+    assert torch.equal(maps[-1], maps[2])
+    with pytest.raises(KeyError, match='block 1 was not recorded'):
+        rec.patch_attention(1)
+
+
+def test_result_reprs_are_short_and_hold_no_tensors():
+    model = tiny_vit().eval()
+    x = torch.randn(2, 3, 64, 64)
+    inter = vitfree.interaction(model, x, progress=False)
+    assert torch.equal(inter[-1], inter[1])  # negative indices count from the model's last block
+    text = repr(inter)
+    assert text == ("InteractionResult(attention, 2 block(s) [0, 1], grid 4x4, maps (16, 16) per block, 2 image(s), "
+                    "data='tensor batch of shape (2, 3, 64, 64)')")
+    res = vitfree.measure_erf(model, x, tau=0.5, gamma=2.0, progress=False, return_result=True)
+    for r in (res, res.blocks[0]):
+        assert 'tensor' not in repr(r) and 'array' not in repr(r) and len(repr(r)) < 300, repr(r)
+    assert repr(res).startswith('ErfResult(grid 4x4, tau 0.5, gamma 2, 2 blocks; mean ERF area per block: ')

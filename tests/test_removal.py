@@ -77,8 +77,14 @@ def test_scores_and_errors(model):
     torch.testing.assert_close(s[0], dataset_level.importance())
     res = patch_removal(model, (x, torch.tensor([0, 1])), fractions=[0.25], progress=False)
     assert set(res.accuracy) == {'interaction', 'sift', 'random'}
-    with pytest.raises(ValueError, match='needs labelled images'):
-        patch_removal(model, x, progress=False)
+    assert res.against == 'labels'
+    # without labels: agreement with the model's own unmasked prediction, as `analyze` does
+    own = model.eval()(x).argmax(1)
+    unlabelled = patch_removal(model, x, fractions=[0.0, 0.25], progress=False, seed=3)
+    same = patch_removal(model, (x, own), fractions=[0.0, 0.25], progress=False, seed=3)
+    assert unlabelled.against == 'predictions' and unlabelled.accuracy == same.accuracy
+    assert all(acc[0] == 1.0 for acc in unlabelled.accuracy.values())  # nothing hidden: full agreement
+    assert 'against predictions' in repr(unlabelled) and 'tensor' not in repr(unlabelled)
     with pytest.raises(ValueError, match='scores must be a non-empty list'):
         patch_removal(model, (x, torch.tensor([0, 1])), scores=['entropy'], progress=False)
     with pytest.raises(ValueError, match=r'fractions must be a non-empty list of numbers in \[0, 1\]'):

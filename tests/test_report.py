@@ -3,6 +3,7 @@ HTML page (sections, images inlined as data URIs, nothing fetched from the netwo
 import base64
 import io
 import json
+import types
 from html.parser import HTMLParser
 
 import numpy as np
@@ -197,16 +198,34 @@ def test_demo_writes_the_report(tmp_path, monkeypatch):
     from vitfree import demo
     if not demo.shipped_weights_available():
         pytest.skip('shipped weights not available')
-    calls = []
-    monkeypatch.setattr(demo, '_demo_report', lambda model, x, labels, out, log: calls.append((model, out)) or out)
-    result = demo.run_demo(tmp_path, log=lambda s: None)
-    assert result['files']['report'] == tmp_path / 'report' and type(calls[0][0]).__name__ == 'WinfT'
+    calls, lines = [], []
+
+    def fake_report(model, x, labels, out, log):
+        calls.append((model, out))
+        return types.SimpleNamespace(html=out / 'report.html', files={'model_windows': out / 'model_windows.png'})
+
+    monkeypatch.setattr(demo, '_demo_report', fake_report)
+    result = demo.run_demo(tmp_path, log=lines.append)
+    assert result['files']['report'] == tmp_path / 'report' / 'report.html' and type(calls[0][0]).__name__ == 'WinfT'
+    # every stage announces itself, and the times come at the end
+    for stage in ('classify', 'shipped ERFs', 'live ERFs', 'report'):
+        assert any(line.startswith(f'[{stage}] ') for line in lines), stage
+    assert lines[-1].startswith('stage times: classify ') and set(result['stage_times']) == {
+        'classify', 'shipped ERFs', 'live ERFs', 'report'}
+    # the shipped windows are drawn once (in the report), not again from the ERFs that give them
+    assert result['files']['shipped_window_sizes'] == tmp_path / 'report' / 'model_windows.png'
+    assert sorted(p.name for p in tmp_path.glob('*window_sizes.png')) == ['live_window_sizes.png']
+    # the last block's ERFs are the patch itself: the table says trivial, as the tendency picture does
+    for res in (result['shipped_erf'], result['live_erf']):
+        assert res.trivial_blocks == [5] and res.summary_rows()[5][-2:] == ('-', 'local, trivial')
+    assert not any('5.35' in line for line in lines)
     monkeypatch.undo()
     model = timm.create_model('winft_micro_patch2_28.fmnist', pretrained=True).eval()
     samples = demo.fashion_mnist_samples()
     x = demo.grey_to_model_input(samples['images'][:2], model)
     monkeypatch.setattr(demo, 'REPORT_IMAGES', 2)
-    page = demo._demo_report(model, x, torch.from_numpy(samples['labels'][:2]).long(), tmp_path / 'r', lambda s: None)
+    page = demo._demo_report(model, x, torch.from_numpy(samples['labels'][:2]).long(), tmp_path / 'r',
+                             lambda s: None).html
     assert page == tmp_path / 'r' / 'report.html'
     p = check_page(page, PARTS)
     text = ' '.join(p.text)

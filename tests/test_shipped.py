@@ -90,3 +90,38 @@ def test_shipped_erf_maps_reproduce_the_shipped_windows():
         if want is not None:
             np.testing.assert_array_equal(got, want)
     assert res.interaction.estimator == spec.provenance['estimator']
+
+
+def test_shipped_files_name_no_machine_paths():
+    """Specs, manifest and the ERF maps' metadata travel to other machines: no absolute path in them
+    (a checkpoint is named relative to the project, e.g. bench-out/fmnist-v2/runs/vit_s0/model)."""
+    import re
+
+    from safetensors import safe_open
+    root = Path(vitfree.__file__).resolve().parent.parent
+    absolute = re.compile(r'(?<![\w./-])(?:~/|/(?!/))[\w.-]+/')
+    files = sorted((root / 'configs').glob('*.yaml')) + sorted((root / 'weights').glob('*.json'))
+    assert any(f.name == 'winft_micro_fmnist.yaml' for f in files)
+    for f in files:
+        text = f.read_text()
+        assert not absolute.search(text), (f.name, absolute.search(text).group(0))
+    for f in sorted((root / 'weights').glob('*.safetensors')):
+        with safe_open(str(f), framework='pt') as st:
+            meta = ' '.join((st.metadata() or {}).values())
+        assert not absolute.search(meta), f.name
+    assert get_spec('winft_micro_fmnist').provenance['checkpoint'].startswith('bench-out/fmnist-v2/runs/vit_s0/')
+
+
+@pytest.mark.parametrize('name', SHIPPED)
+def test_manifest_gives_the_pretrained_cfg_origin_accuracy_and_notes(name):
+    from timm.models._pretrained import PretrainedCfg
+
+    from vitfree.weights import manifest_cfg_fields
+    entry = load_manifest()[name]
+    fields = manifest_cfg_fields(entry['file'])
+    PretrainedCfg(**fields)  # only fields timm's pretrained config has
+    assert entry['source'] in fields['description'] and f'{entry["test_top1_full"]} %' in fields['description']
+    notes = ' '.join(fields['notes'])
+    assert f'origin: {entry["source"]}' in notes and entry['recipe']['note'] in notes
+    assert f'{entry["test_top1_first1000"]} %' in notes and entry['sha256'] in notes
+    assert manifest_cfg_fields('not_shipped.safetensors') == {}

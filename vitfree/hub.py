@@ -26,8 +26,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .weights import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, WeightsError, parse_windows, recorded_weights,
-                      set_default_mode, sha256_file)
+from .weights import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, WeightsError, check_weights_file, network_error,
+                      parse_windows, portable_text, prefetch_pretrained, recorded_weights, set_default_mode,
+                      sha256_file)
 from .windows import MAX_SPEC_BYTES, WindowSpec, file_problem, parse_json, read_text_file
 
 __all__ = ['save_pretrained', 'load_pretrained', 'check_config', 'push_to_hub', 'prepare_push', 'PushPlan',
@@ -45,6 +46,17 @@ UPLOAD_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
 # holds other weights, so they are not copied into its config.json
 BORROWED_CFG_KEYS = ('tag', 'notes', 'description', 'origin_url', 'paper_name', 'paper_ids', 'hf_hub_id',
                      'hf_hub_filename', 'url', 'file', 'source')
+
+
+DATA_KEYS = ('dataset', 'data', 'train_data', 'val_data')  # training facts that name a data set
+
+
+def dataset_name(value: Any) -> str:
+    """How a model card names a data set: a built-in name (``digits``) as it is, a folder or file by
+    its own name only (``/data/flowers/`` -> ``flowers``), never the machine's path to it."""
+    text = str(value)
+    stripped = text.rstrip('/\\')
+    return Path(stripped).name if ('/' in stripped or '\\' in stripped) else text
 
 
 # ---- export ---------------------------------------------------------------------------------
@@ -150,7 +162,11 @@ def save_pretrained(
 
 def model_card(config: Mapping[str, Any], training: Optional[Mapping[str, Any]] = None,
                card: Optional[Mapping[str, Any]] = None) -> str:
-    """A Hub model card (``README.md``) for an exported WinfT, stating its window spec's provenance."""
+    """A Hub model card (``README.md``) for an exported WinfT, stating its window spec's provenance.
+
+    The card names no path of the machine it was written on: data sets by name or folder name
+    (:func:`dataset_name`), checkpoints and other paths relative to the project or by their last
+    two parts (:func:`~vitfree.weights.portable_text`)."""
     card = dict(card or {})
     spec = WindowSpec.from_dict(config['model_args']['windows'], source='model_args.windows')
     prov = spec.provenance
@@ -173,7 +189,7 @@ def model_card(config: Mapping[str, Any], training: Optional[Mapping[str, Any]] 
     lines.append(f'- **Provenance:** `{kind}`: {what}.')
     for key, value in prov.items():
         if key != 'kind':
-            lines.append(f'- **{key}:** {json.dumps(value) if not isinstance(value, str) else value}')
+            lines.append(f'- **{key}:** {json.dumps(value) if not isinstance(value, str) else portable_text(value)}')
     lines.append(f'- **Patch grid:** {spec.grid[0]}x{spec.grid[1]}, {spec.depth} blocks '
                  f'({sum(spec.is_global(i) for i in range(spec.depth))} global)')
     lines += ['', '| block | window | mean area (patches) | share of grid |', '|---:|:---|---:|---:|']
@@ -199,6 +215,10 @@ def model_card(config: Mapping[str, Any], training: Optional[Mapping[str, Any]] 
                 continue
             if isinstance(value, Mapping):
                 value = ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in value.items())
+            elif key in DATA_KEYS:
+                value = dataset_name(value)
+            elif isinstance(value, str):
+                value = portable_text(value)
             lines.append(f'- **{key}:** {value}')
     lines += ['', '## Usage', '', '```python', 'import timm, vitfree',
               "model = timm.create_model('hf-hub:ORG/NAME', pretrained=True)  # or 'local-dir:PATH'",
@@ -209,7 +229,9 @@ def model_card(config: Mapping[str, Any], training: Optional[Mapping[str, Any]] 
 def load_pretrained(name_or_path: Union[str, os.PathLike], **kwargs: Any) -> torch.nn.Module:
     """``timm.create_model(..., pretrained=True)`` for an export folder (``local-dir:``) or Hub id (``hf-hub:``).
 
-    A plain path is taken as a folder and a ``org/name`` that is not a folder as a Hub id.
+    A plain path is taken as a folder and a ``org/name`` that is not a folder as a Hub id.  When the
+    Hub cannot be reached (and the files are not cached) this raises
+    :class:`~vitfree.weights.HubUnreachableError` at once.
     """
     import timm
 
@@ -220,6 +242,7 @@ def load_pretrained(name_or_path: Union[str, os.PathLike], **kwargs: Any) -> tor
             name = f'local-dir:{name}'
         else:
             name = f'hf-hub:{name}'
+    prefetch_pretrained(name, kwargs)  # an unreachable Hub: HubUnreachableError at once, not timm's retries
     return timm.create_model(name, pretrained=True, **kwargs)
 
 
@@ -267,6 +290,7 @@ class PushPlan:
     files: List[str]
     create_repo: Dict[str, Any] = field(default_factory=dict)
     upload_folder: Dict[str, Any] = field(default_factory=dict)
+    sha256: Optional[str] = None  # of model.safetensors, checked against config.json (None: an older export)
 
 
 def _export_folder(folder: Union[str, os.PathLike]) -> Path:
@@ -284,7 +308,12 @@ def prepare_push(
         commit_message: Optional[str] = None,
         create_pr: bool = False,
 ) -> PushPlan:
-    """Check an export folder and prepare the ``create_repo`` / ``upload_folder`` arguments."""
+    """Check an export folder and prepare the ``create_repo`` / ``upload_folder`` arguments.
+
+    The folder must hold a readable ``model.safetensors``; when its ``config.json`` records the
+    weights' SHA-256 and size (every export :func:`save_pretrained` writes), the file is checked
+    against them, so a corrupted or swapped file is never uploaded
+    (:class:`~vitfree.weights.WeightsIntegrityError`)."""
     folder = _export_folder(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f'{folder}: no such folder (expected the output of vitfree.hub.save_pretrained)')
@@ -304,6 +333,13 @@ def prepare_push(
         raise ValueError(f'{folder / WEIGHTS_NAME} is not a readable safetensors file ({e})') from None
     if not keys:
         raise ValueError(f'{folder / WEIGHTS_NAME} holds no tensors')
+    record = recorded_weights(folder)
+    if record is not None:
+        if record['file'] != WEIGHTS_NAME:
+            raise ValueError(f'{folder / CONFIG_NAME} records the weights as {record["file"]!r}, but an export '
+                             f'uploads {WEIGHTS_NAME}; export again with vitfree.hub.save_pretrained')
+        check_weights_file(folder / WEIGHTS_NAME, record['sha256'], record['size'],
+                           recorded_in=str(folder / CONFIG_NAME))
     files = [n for n in UPLOAD_PATTERNS if (folder / n).is_file()]
     message = commit_message or f'Upload WinfT ({json.loads((folder / CONFIG_NAME).read_text())["architecture"]})'
     return PushPlan(
@@ -311,6 +347,7 @@ def prepare_push(
         create_repo=dict(repo_id=repo_id, private=private, exist_ok=True, repo_type='model'),
         upload_folder=dict(folder_path=str(folder), revision=revision, commit_message=message, create_pr=create_pr,
                            allow_patterns=list(files), repo_type='model'),
+        sha256=None if record is None else record['sha256'],
     )
 
 
@@ -343,9 +380,6 @@ def push_to_hub(
         return api.upload_folder(repo_id=target, **plan.upload_folder)
 
 
-_NETWORK_MODULES = ('huggingface_hub', 'httpx', 'httpx2', 'httpcore', 'requests', 'urllib3', 'ssl', 'socket')
-
-
 @contextlib.contextmanager
 def _hub_call(what: str):
     """Turn what the network and the Hub raise (no connection, offline mode, HTTP errors) into one
@@ -353,8 +387,7 @@ def _hub_call(what: str):
     try:
         yield
     except Exception as e:  # noqa: BLE001 - filtered below by where the exception class comes from
-        module = type(e).__module__.split('.')[0]
-        if not (isinstance(e, OSError) or module in _NETWORK_MODULES):
+        if not network_error(e):
             raise
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HubError(f'cannot {what}: {detail} ({type(e).__name__}). Check the network connection (and that '

@@ -22,6 +22,7 @@ Rules, applied whenever a WinfT (or ``vit_micro_patch2_28``) is built with ``pre
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,11 +33,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from .windows import MAX_SPEC_BYTES, WindowSpec, WindowSpecError, file_problem, parse_json, read_text_file
 
 __all__ = [
-    'WeightsError', 'UnsafeWeightsError', 'WeightsIntegrityError',
+    'WeightsError', 'UnsafeWeightsError', 'WeightsIntegrityError', 'HubUnreachableError', 'prefetch_pretrained',
+    'network_error',
     'prepare_factory_kwargs', 'secure_pretrained_cfg', 'strict_filter', 'check_state_dict',
     'load_manifest', 'verify_weights', 'add_to_manifest', 'manifest_path', 'shipped_weights_file',
     'sha256_file', 'set_default_mode', 'check_weights_file', 'read_weights', 'load_weights', 'recorded_weights',
-    'parse_windows', 'read_json', 'secure_factory_kwargs', 'check_loaded_weights',
+    'parse_windows', 'read_json', 'secure_factory_kwargs', 'check_loaded_weights', 'manifest_cfg_fields',
+    'portable_path', 'portable_text',
     'CONFIG_NAME', 'WEIGHTS_NAME', 'PICKLE_SUFFIXES',
 ]
 
@@ -60,6 +63,12 @@ class UnsafeWeightsError(WeightsError):
 
 class WeightsIntegrityError(WeightsError):
     """A weight file does not match its recorded SHA-256 / size, or is truncated."""
+
+
+class HubUnreachableError(WeightsError):
+    """The Hugging Face Hub cannot be reached (no network, ``HF_HUB_OFFLINE=1``, the server down) and
+    the file is not in the local cache; the one-line message names the model, the repo and file it
+    looked for, and how to pass local weights instead."""
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -87,6 +96,30 @@ def set_default_mode(path: Union[str, os.PathLike]) -> None:
         mask = os.umask(0o022)
         os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
+
+
+def portable_path(path: Union[str, os.PathLike]) -> str:
+    """A path as a provenance record or a model card may name it, without the machine's own folders: a
+    relative path as given; an absolute one relative to the project (the folder that holds the
+    ``vitfree`` package, so ``weights/...``, ``bench-out/...``) or to the current folder when it lies
+    under one of them; anything else by its last two parts (``runs/model``)."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_absolute():
+        return str(path)
+    p = Path(os.path.normpath(p))
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        try:
+            return str(p.relative_to(root))
+        except ValueError:
+            continue
+    return str(Path(*p.parts[-2:])) if len(p.parts) > 2 else p.name
+
+
+def portable_text(text: str) -> str:
+    """``text`` with every absolute path in it (a word starting with ``/`` or ``~/``, also after a
+    prefix such as ``local-dir:``; URLs stay) made :func:`portable_path`."""
+    import re
+    return re.sub(r'(?<![\w./-])(?:~/|/(?!/))[^\s,;()\'"]+', lambda m: portable_path(m.group(0)), text)
 
 
 def _is_sha256(value: Any) -> bool:
@@ -432,7 +465,9 @@ def secure_pretrained_cfg(
     * Hub (``hf-hub:`` or a registry ``hf_hub_id``): the safetensors file is downloaded here
       (``model.safetensors`` unless ``hf_hub_filename`` names another ``.safetensors``); pickle
       files are refused with :class:`UnsafeWeightsError`.  A hash recorded in the repo's
-      ``config.json`` or in the manifest is checked.
+      ``config.json`` or in the manifest is checked.  When the Hub cannot be reached and the file
+      is not cached, :class:`HubUnreachableError` is raised at once (no retries), naming the model,
+      the repo and the file.
     * URL: only ``.safetensors`` URLs.
     * local folder (``local-dir:``): its ``model.safetensors`` is checked against the hash its
       ``config.json`` records; pickles load with ``weights_only=True``.
@@ -465,17 +500,7 @@ def secure_pretrained_cfg(
     if cfg.get('state_dict') is not None and source != 'hf-hub':
         return cfg
     if source == 'hf-hub' or (not cfg.get('file') and cfg.get('hf_hub_id')):
-        repo = cfg['hf_hub_id']
-        filename = cfg.get('hf_hub_filename') or WEIGHTS_NAME
-        path = Path(_download_safetensors(repo, filename, cache_dir))
-        verify_weights(path, hub=f'{_strip_revision(repo)}/{filename}', required=False)
-        if source == 'hf-hub':
-            record = recorded_weights(path.parent, _hub_config(repo, cache_dir))
-            if record is not None and record['file'] == filename:
-                check_weights_file(path, record['sha256'], record['size'], recorded_in=f'hf-hub:{repo}/{CONFIG_NAME}')
-        check_weights_file(path)
-        cfg.update(file=str(path), source='file')
-        return cfg
+        return _secure_hub_cfg(variant, cfg, cache_dir)
     if cfg.get('file'):
         path = Path(cfg['file'])
         if _is_shipped(path):
@@ -500,6 +525,24 @@ def secure_pretrained_cfg(
                        f'(tag {cfg.get("tag")!r}); use pretrained=False, local-dir:PATH or hf-hub:ORG/NAME')
 
 
+def _secure_hub_cfg(variant: str, cfg: Dict[str, Any], cache_dir=None) -> Dict[str, Any]:
+    """The Hub branch of :func:`secure_pretrained_cfg`: download the safetensors file, check it
+    against the manifest and the repo's ``config.json``, and point ``cfg['file']`` at it."""
+    source, repo = cfg.get('source'), cfg['hf_hub_id']
+    filename = cfg.get('hf_hub_filename') or WEIGHTS_NAME
+    model = f'hf-hub:{repo}' if source == 'hf-hub' else \
+        f'{variant}.{cfg["tag"]}' if cfg.get('tag') and '.' not in variant else variant
+    path = Path(_download_safetensors(repo, filename, cache_dir, model))
+    verify_weights(path, hub=f'{_strip_revision(repo)}/{filename}', required=False)
+    if source == 'hf-hub':
+        record = recorded_weights(path.parent, _hub_config(repo, cache_dir, model))
+        if record is not None and record['file'] == filename:
+            check_weights_file(path, record['sha256'], record['size'], recorded_in=f'hf-hub:{repo}/{CONFIG_NAME}')
+    check_weights_file(path)
+    cfg.update(file=str(path), source='file')
+    return cfg
+
+
 def _strip_revision(repo: str) -> str:
     return repo.split('@')[0]
 
@@ -513,37 +556,148 @@ def _hub_errors():
     return EntryNotFoundError, LocalEntryNotFoundError
 
 
-def _hub_config(repo: str, cache_dir=None) -> Optional[Dict[str, Any]]:
-    """The repo's ``config.json`` (timm has just downloaded it, so this reads the cache)."""
-    from huggingface_hub import hf_hub_download
-    EntryNotFoundError, LocalEntryNotFoundError = _hub_errors()
-    repo_id, _, revision = repo.partition('@')
+_NETWORK_MODULES = ('huggingface_hub', 'httpx', 'httpx2', 'httpcore', 'requests', 'urllib3', 'ssl', 'socket')
+
+
+def network_error(e: BaseException) -> bool:
+    """True for what the network and the Hub raise (no connection, offline mode, timeouts, HTTP
+    errors): an ``OSError`` or an exception class of the HTTP stack; programming errors are not."""
+    return isinstance(e, OSError) or type(e).__module__.split('.')[0] in _NETWORK_MODULES
+
+
+def _unreachable_reason(e: BaseException) -> Optional[str]:
+    """Why the Hub could not be asked (offline mode, no connection, a timeout, a server error), or
+    ``None`` when ``e`` is an answer (a missing repo or file, a refused token) to pass on."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+    if isinstance(e, (EntryNotFoundError, RepositoryNotFoundError)):
+        return None
+    if type(e).__name__ == 'OfflineModeIsEnabled':
+        return 'offline mode is on (HF_HUB_OFFLINE=1)'
+    status = getattr(getattr(e, 'response', None), 'status_code', None)
+    if isinstance(e, HfHubHTTPError):
+        return f'{constants.ENDPOINT} answered HTTP {status}' if status is None or status >= 500 or status == 429 \
+            else None
+    if not network_error(e):
+        return None
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    return f'{constants.ENDPOINT} cannot be reached ({type(e).__name__}{": " + detail[:120] if detail else ""})'
+
+
+def _probe_hub(repo_id: str, filename: str, revision: Optional[str]) -> None:
+    """One HEAD request for the file, without huggingface_hub's retries (which take about 20 s, and
+    minutes on a network that drops packets): raises what it met."""
+    import inspect
+
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    timeout = constants.HF_HUB_ETAG_TIMEOUT
+    if timeout == getattr(constants, 'DEFAULT_ETAG_TIMEOUT', timeout):
+        timeout = min(float(timeout), 5.0)  # unless HF_HUB_ETAG_TIMEOUT asks for more
+    extra = {'retry_on_errors': False} if 'retry_on_errors' in inspect.signature(get_hf_file_metadata).parameters \
+        else {}
+    get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=timeout, **extra)
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs():
+    """huggingface_hub's retry messages stay out of the user's way (errors still raise)."""
+    hub_logger = logging.getLogger('huggingface_hub')
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
-        path = hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None, cache_dir=cache_dir,
-                               library_name='vitfree')
-    except (EntryNotFoundError, LocalEntryNotFoundError):
+        yield
+    finally:
+        hub_logger.setLevel(level)
+
+
+def _unreachable(model: Optional[str], repo: str, filename: str, reason: str, cache_dir=None) -> HubUnreachableError:
+    from huggingface_hub import constants
+    who = f'{model}: ' if model else ''
+    cache = cache_dir or constants.HF_HUB_CACHE
+    return HubUnreachableError(
+        f'{who}cannot get {filename} of hf-hub:{repo}: {reason}, and it is not in the local cache ({cache}). '
+        f'Pass local weights instead: --checkpoint FILE.safetensors on the command line, '
+        f'pretrained_cfg_overlay=dict(file=FILE) in Python, or an exported folder as local-dir:PATH')
+
+
+def _hub_fetch(repo: str, filename: str, cache_dir=None, model: Optional[str] = None) -> str:
+    """The local path of ``filename`` of ``repo`` (``org/name[@revision]``), through huggingface_hub's own
+    download and cache.  When the Hub cannot be reached (no network, offline mode, server down) this
+    fails at once, after one request without retries, with :class:`HubUnreachableError` naming
+    ``model``, the repo and the file, unless the file is in the cache.  A missing repo or file raises
+    huggingface_hub's own error (``EntryNotFoundError``, ``RepositoryNotFoundError``)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    repo_id, _, revision = repo.partition('@')
+    revision = revision or None
+    try:
+        _probe_hub(repo_id, filename, revision)
+    except Exception as e:  # noqa: BLE001 - sorted by _unreachable_reason
+        reason = _unreachable_reason(e)
+        if reason is None:
+            raise
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        if isinstance(cached, str):
+            return cached
+        raise _unreachable(model, repo, filename, reason, cache_dir) from None
+    _, LocalEntryNotFoundError = _hub_errors()
+    try:
+        with _quiet_hub_logs():
+            return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, library_name='vitfree')
+    except LocalEntryNotFoundError as e:  # the Hub went away between the probe and the download
+        raise _unreachable(model, repo, filename, _unreachable_reason(e.__cause__ or e) or 'the download failed',
+                           cache_dir) from None
+
+
+def _hub_config(repo: str, cache_dir=None, model: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The repo's ``config.json`` (timm has just downloaded it, so this reads the cache), ``None``
+    when the repo has none."""
+    EntryNotFoundError, _ = _hub_errors()
+    try:
+        path = _hub_fetch(repo, CONFIG_NAME, cache_dir, model)
+    except EntryNotFoundError:
         return None
     return read_json(path, 'config', source=f'hf-hub:{repo}/{CONFIG_NAME}')
 
 
-def _download_safetensors(repo: str, filename: str, cache_dir=None) -> str:
+def _download_safetensors(repo: str, filename: str, cache_dir=None, model: Optional[str] = None) -> str:
     if not filename.endswith('.safetensors'):
         raise UnsafeWeightsError(f'refusing to load {filename!r} from hf-hub:{repo}: vitfree loads weights from the '
                                  f'Hub only as .safetensors (a pickle can run code when loaded). Convert it locally '
                                  f'and load it with local-dir:PATH, or upload a model.safetensors')
-    from huggingface_hub import hf_hub_download
-    EntryNotFoundError, LocalEntryNotFoundError = _hub_errors()
-    repo_id, _, revision = repo.partition('@')
+    EntryNotFoundError, _ = _hub_errors()
     try:
-        return hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir,
-                               library_name='vitfree')
-    except LocalEntryNotFoundError as e:
-        raise WeightsError(f'cannot get {filename} of hf-hub:{repo}: it is not in the local cache and the Hub '
-                           f'cannot be reached ({type(e).__name__}); go online, or load a local export with '
-                           f'local-dir:PATH') from None
+        return _hub_fetch(repo, filename, cache_dir, model)
     except EntryNotFoundError:
         raise UnsafeWeightsError(f'hf-hub:{repo} has no {filename}; vitfree loads weights from the Hub only as '
                                  f'safetensors and will not fall back to pytorch_model.bin or other pickles') from None
+
+
+def prefetch_pretrained(name: str, kwargs: Optional[Mapping[str, Any]] = None, cache_dir=None) -> None:
+    """Fetch what ``timm.create_model(name, pretrained=True, **kwargs)`` will download from the Hub
+    (an ``hf-hub:`` model's ``config.json``; the safetensors weights of a registered model whose
+    pretrained config names a Hub repo), so that an unreachable Hub fails at once with
+    :class:`HubUnreachableError` (the model, the repo and file, how to pass local weights) instead of
+    timm's own retries and pickle fallbacks.  Files in the cache are not fetched again."""
+    kwargs = dict(kwargs or {})
+    EntryNotFoundError, _ = _hub_errors()
+    if name.startswith('hf-hub:'):
+        repo = name[len('hf-hub:'):]
+        _hub_fetch(repo, CONFIG_NAME, cache_dir, name)
+        targets = [(repo, WEIGHTS_NAME)]
+    elif name.startswith('local-dir:'):
+        return
+    else:
+        from timm.models._builder import resolve_pretrained_cfg
+        cfg = resolve_pretrained_cfg(name, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=dict(kwargs.get('pretrained_cfg_overlay') or {})).to_dict()
+        if cfg.get('file') or cfg.get('state_dict') is not None or not cfg.get('hf_hub_id'):  # timm's order
+            return
+        targets = [(cfg['hf_hub_id'], cfg.get('hf_hub_filename') or WEIGHTS_NAME)]
+    for repo, filename in targets:
+        try:
+            _hub_fetch(repo, filename, cache_dir, name)
+        except EntryNotFoundError:
+            pass  # no such file: the model's own loader says what it does instead
 
 
 # ---- manifest of shipped weights ----------------------------------------------------------------------
@@ -641,6 +795,41 @@ def verify_weights(
     check_weights_file(path, entry['sha256'], entry.get('size'),
                        recorded_in=f'manifest entry {key!r} in {manifest or manifest_path()}')
     return key
+
+
+def manifest_cfg_fields(weights_file: str, manifest: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Any]:
+    """``pretrained_cfg`` fields for a shipped weight file, from its manifest entry: ``description``
+    (what the weights are, where they come from, their test top-1) and ``notes`` (origin, accuracy,
+    recipe, initialisation, windows, as timm's ``notes`` tuple).  ``{}`` when the manifest does not
+    list the file or cannot be read (loading the file then says why)::
+
+        _cfg(file=shipped_weights_file(name), **manifest_cfg_fields(name), ...)
+    """
+    try:
+        entries = load_manifest(manifest)
+    except WeightsError:
+        return {}
+    entry = next((e for e in entries.values() if Path(str(e.get('file', ''))).name == Path(weights_file).name), None)
+    if entry is None:
+        return {}
+    origin = entry.get('source')
+    acc = [f'{entry["test_top1_full"]} % on the full test set' if 'test_top1_full' in entry else None,
+           f'{entry["test_top1_first1000"]} % on the first 1,000 test images (tests/data)'
+           if 'test_top1_first1000' in entry else None,
+           f'validation top-1 {entry["val_top1"]} %' if 'val_top1' in entry else None]
+    accuracy = 'test top-1 ' + ', '.join(a for a in acc if a) if any(acc) else None
+    recipe = entry.get('recipe')
+    notes = [f'origin: {origin}' + (f' (seed {entry["seed"]})' if 'seed' in entry else '') if origin else None,
+             accuracy,
+             f'recipe: {recipe["note"]}' if isinstance(recipe, Mapping) and recipe.get('note') else None,
+             f'initialised from {entry["initialised_from"]}' if entry.get('initialised_from') else None,
+             f'windows: {entry["windows"]}' if entry.get('windows') else None,
+             f'SHA-256 {entry["sha256"]} (checked on every load, {manifest or manifest_path().name})']
+    out: Dict[str, Any] = {'notes': tuple(n for n in notes if n)}
+    if origin or accuracy:
+        out['description'] = '; '.join(x for x in (f'trained by this project ({origin})' if origin else None,
+                                                    accuracy) if x)
+    return out
 
 
 def add_to_manifest(

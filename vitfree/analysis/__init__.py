@@ -4,15 +4,17 @@ layer's one hook point (``attn_drop`` on the explicit-softmax path) and through 
 ``attn_mask`` argument; nothing in ``windows``, ``ops``, ``layers`` or ``models`` imports this
 package.
 
-Layout, lowest first (each module imports only modules above it in this list, except that
-``Recorder.save`` draws with ``report.plots``, which itself imports only ``inputs``; a test
-checks that there are no import circles):
+Layout, lowest first (each module imports only modules above it in this list; a test checks
+that nothing outside ``report`` imports ``report``, and that there are no import circles):
 
-``inputs``       images, data sets, labels, display conversion, progress bars
+``inputs``       images, data sets, labels, display conversion, and the one image loop every
+                 analysis runs (:class:`~vitfree.analysis.inputs.ImageLoop`: eval mode, progress
+                 bar, grid check, the error for empty input)
+``plots``        every picture (reads result objects by their attributes; imports only ``inputs``)
 ``capture``      the recorder and attention overrides on the hook point, key masks
 ``interaction``, ``erf``, ``profiles``, ``heads``, ``patterns``, ``semantic``, ``removal``
                  one file per analysis
-``report``       orchestration (:func:`analyze`), HTML page, pictures
+``report``       orchestration (:func:`analyze`) and the HTML page
 
 matplotlib, tqdm and OpenCV are imported only by the functions that need them.
 """

@@ -35,10 +35,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import torch
 import torch.nn as nn
 
-from .inputs import ImagesLike, _count, describe_images, eval_mode, iter_images, progress_bar
+from .inputs import ImageLoop, ImagesLike, patch_grid
 
 __all__ = [
-    'attention_modules', 'normalize_blocks', 'num_prefix_tokens', 'class_token_index', 'patch_grid',
+    'attention_modules', 'normalize_blocks', 'BlockDict', 'num_prefix_tokens', 'class_token_index', 'patch_grid',
     'row_normalize', 'attention_override', 'capture_block_io', 'mask_patch_keys', 'zero_empty_rows', 'combine_masks',
     'attention_pass',
     'Recorder', 'record', 'RecordingTooLarge', 'available_memory',
@@ -75,6 +75,29 @@ def normalize_blocks(blocks: Optional[Iterable[int]], depth: int) -> List[int]:
     return sorted(set(out))
 
 
+class BlockDict(dict):
+    """A dict keyed by block index that also takes negative indices, counted from the end of the
+    model (``d[-1]`` is the last block's entry when the last block is a key)."""
+
+    def __init__(self, depth: int, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.depth = int(depth)
+
+    def _key(self, block):
+        if isinstance(block, int) and not isinstance(block, bool) and -self.depth <= block < 0:
+            return block + self.depth
+        return block
+
+    def __getitem__(self, block):
+        return super().__getitem__(self._key(block))
+
+    def __contains__(self, block) -> bool:
+        return super().__contains__(self._key(block))
+
+    def get(self, block, default=None):
+        return super().get(self._key(block), default)
+
+
 def num_prefix_tokens(model: nn.Module) -> int:
     """Leading class/register tokens of a timm ViT-family model (0 when it has none)."""
     return int(getattr(model, 'num_prefix_tokens', 0))
@@ -83,17 +106,6 @@ def num_prefix_tokens(model: nn.Module) -> int:
 def class_token_index(model: nn.Module) -> Optional[int]:
     """Token index of the class token (timm puts it first), ``None`` when the model has none."""
     return 0 if getattr(model, 'cls_token', None) is not None else None
-
-
-def patch_grid(model: nn.Module, image_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
-    """The patch grid ``(H, W)`` the model uses for images of ``image_size = (h, w)`` pixels
-    (its native grid when ``image_size`` is None or the model has a fixed input size)."""
-    pe = getattr(model, 'patch_embed', None)
-    if pe is None or not hasattr(pe, 'grid_size'):
-        raise TypeError(f'{type(model).__name__} has no patch_embed.grid_size; expected a timm ViT-family model')
-    if image_size is not None and getattr(model, 'dynamic_img_size', False):
-        return tuple(int(g) for g in pe.dynamic_feat_size(tuple(int(s) for s in image_size)))
-    return tuple(int(g) for g in pe.grid_size)
 
 
 def row_normalize(m: torch.Tensor) -> torch.Tensor:
@@ -256,8 +268,7 @@ def attention_pass(
     the concatenated ``logits`` (CPU, float) and ``labels`` (``None`` unless every batch had
     labels), so callers also get the predictions.
     """
-    depth = len(attention_modules(model))
-    chosen = normalize_blocks(blocks, depth)
+    chosen = normalize_blocks(blocks, len(attention_modules(model)))
     state: Dict[str, object] = {}
     logits: List[torch.Tensor] = []
     labels: List[Optional[torch.Tensor]] = []
@@ -265,19 +276,13 @@ def attention_pass(
     def probs_fn(block: int, probs: torch.Tensor) -> None:
         on_probs(block, probs, state['x'], state['grid'])
 
-    bar = progress_bar(_count(images, num_images), desc, progress)
-    try:
-        with eval_mode(model), torch.no_grad(), attention_override(model, chosen, probs_fn=probs_fn):
-            for x, y in iter_images(model, images, batch_size, num_images, device):
-                state['x'] = x
-                state['grid'] = patch_grid(model, x.shape[-2:])
-                logits.append(model(x).detach().float().cpu())
-                labels.append(None if y is None else y.cpu())
-                bar.update(x.shape[0])
-    finally:
-        bar.close()
-    if not logits:
-        raise ValueError(f'no images: {describe_images(images)} yielded none')
+    loop = ImageLoop(model, images, desc, batch_size=batch_size, num_images=num_images, device=device,
+                     progress=progress)
+    with loop, attention_override(model, chosen, probs_fn=probs_fn):
+        for x, y in loop:
+            state['x'], state['grid'] = x, loop.grid
+            logits.append(model(x).detach().float().cpu())
+            labels.append(None if y is None else y.cpu())
     y = None if any(v is None for v in labels) else torch.cat(labels)
     return {'logits': torch.cat(logits), 'labels': y}
 
@@ -333,8 +338,9 @@ class Recorder:
             half the memory available on the storage device when the forward starts.
 
     ``attention[block]`` holds the last forward's ``(B, heads, T, T)`` probabilities (each
-    forward replaces the previous one); ``grid`` and ``num_prefix_tokens`` say how to split
-    ``T``.  Use as a context manager or call :meth:`attach` / :meth:`detach` yourself.
+    forward replaces the previous one); its keys are the block indices counted from 0, and a
+    negative index counts from the end, as in ``blocks`` (``rec.attention[-1]`` is the last
+    block's recording).  ``grid`` and ``num_prefix_tokens`` say how to split ``T``.  Use as a context manager or call :meth:`attach` / :meth:`detach` yourself.
     """
 
     def __init__(
@@ -368,7 +374,7 @@ class Recorder:
         self.max_bytes = max_bytes
         self.num_prefix_tokens = num_prefix_tokens(model)
         self.grid: Optional[Tuple[int, int]] = None
-        self.attention: Dict[int, torch.Tensor] = {}
+        self.attention: Dict[int, torch.Tensor] = BlockDict(len(mods))
         self.calls = 0
         self._stack: Optional[contextlib.ExitStack] = None
 
@@ -466,7 +472,8 @@ class Recorder:
     def patch_attention(self, block: int) -> torch.Tensor:
         """The patch-to-patch part ``(B, heads, N, N)`` of a recorded block."""
         if block not in self.attention:
-            raise KeyError(f'block {block} was not recorded (recorded: {sorted(self.attention) or "none yet"})')
+            raise KeyError(f'block {block} was not recorded (recorded: {sorted(self.attention) or "none yet"}; '
+                           f'negative indices count from the end)')
         p = self.num_prefix_tokens
         return self.attention[block][..., p:, p:]
 
@@ -474,7 +481,7 @@ class Recorder:
         """Per recorded block, the attention interaction map of the last forward: the patch block
         averaged over images (and heads unless ``per_head``), each row rescaled to sum to 1.
         Shape ``(N, N)`` (or ``(heads, N, N)``), queries are rows."""
-        out = {}
+        out = BlockDict(self.attention.depth)
         for b in sorted(self.attention):
             a = self.patch_attention(b).detach().float().mean(0)
             out[b] = row_normalize(a if per_head else a.mean(0)).cpu()
@@ -485,7 +492,7 @@ class Recorder:
         """Write PNGs of the interaction maps of the last forward into ``out_dir``: the whole
         ``N x N`` matrix per block, and, when ``image`` (a ``(3, H, W)`` tensor as the model saw
         it, or a PIL image) is given, the maps of a few ``patches`` drawn over the image."""
-        from .report.plots import plot_interaction, plot_interaction_matrices
+        from .plots import plot_interaction, plot_interaction_matrices
         if not self.attention:
             raise RuntimeError('nothing recorded yet: run a forward inside the recorder first')
         out_dir = Path(out_dir)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -41,14 +42,15 @@ import torch
 import torch.nn as nn
 
 from ..version import __version__
+from ..weights import portable_text
 from ..windows import WindowSpec, to_grid
 from .capture import attention_modules
-from .inputs import ImagesLike
+from .inputs import ImagesLike, model_name
 from .interaction import InteractionResult, interaction
 from .tables import format_table
 
 __all__ = ['measure_erf', 'erf_from_interaction', 'erf_rectangles', 'tendency_vectors', 'uniform_tendency', 'model_windows',
-           'ErfResult', 'BlockErf', 'checkpoint_hint']
+           'ErfResult', 'BlockErf', 'checkpoint_hint', 'warn_all_global', 'trivial_blocks']
 
 _RTOL = 1e-9   # strip gains (and half-plane masses) this close to the best count as ties
 _MASS_TOL = 1e-9  # captured mass within this of tau counts as reaching tau
@@ -209,6 +211,19 @@ class BlockErf:
     def mean_area(self) -> float:
         return float(self.area.mean())
 
+    @property
+    def trivial(self) -> bool:
+        """Every patch (and head) interacts only with itself: every ERF is the patch, holding all of
+        its mass.  Nothing is learned there about where a patch draws from (1x1 windows, or a last
+        block whose patch outputs never reach the logit under ``attribution``), so its tendency
+        and excess tendency are not analysed."""
+        return bool(np.all(self.area == 1) and np.all(self.mass >= 1 - _MASS_TOL))
+
+    def __repr__(self) -> str:
+        what = 'trivial: every patch interacts only with itself' if self.trivial else \
+            f'mean ERF area {self.mean_area:.1f} patches'
+        return f'BlockErf(block {self.block}, rects {tuple(self.rects.shape)}, {what})'
+
 
 @dataclass
 class ErfResult:
@@ -226,33 +241,54 @@ class ErfResult:
     def __getitem__(self, block: int) -> BlockErf:
         return self.blocks[block]
 
+    @property
+    def trivial_blocks(self) -> List[int]:
+        """Blocks where every patch interacts only with itself (:attr:`BlockErf.trivial`)."""
+        return [b.block for b in self.blocks if b.trivial]
+
+    def __repr__(self) -> str:
+        areas = ', '.join(f'{b.mean_area:.1f}' for b in self.blocks)
+        return (f'ErfResult(grid {self.grid[0]}x{self.grid[1]}, tau {self.tau:g}, gamma {self.gamma:g}, '
+                f'{len(self.blocks)} blocks; mean ERF area per block: {areas} patches; global: '
+                f'{self.global_blocks or "none"}; trivial: {self.trivial_blocks or "none"})')
+
     def summary(self) -> List[Dict[str, Any]]:
         """Per block: mean / min / max ERF area (patches), the mean as a share of the grid, mean
-        captured mass, mean length of the tendency and of the excess tendency (patches), and
-        whether the block became global."""
+        captured mass, mean length of the tendency and of the excess tendency (patches; NaN for a
+        trivial block, where every patch interacts only with itself), whether the block is trivial
+        and whether it became global."""
         n = self.grid[0] * self.grid[1]
         out = []
         for b in self.blocks:
             area = b.area
+            excess = float('nan') if b.trivial else float(np.linalg.norm(b.excess_tendency, axis=-1).mean())
             out.append({'block': b.block, 'mean_area': b.mean_area, 'min_area': int(area.min()),
                         'max_area': int(area.max()), 'fraction': b.mean_area / n,
                         'mean_mass': float(b.mass.mean()),
                         'mean_tendency': float(np.linalg.norm(b.tendency, axis=-1).mean()),
-                        'mean_excess_tendency': float(np.linalg.norm(b.excess_tendency, axis=-1).mean()),
+                        'mean_excess_tendency': excess, 'trivial': b.trivial,
                         'global': b.block in self.global_blocks})
         return out
+
+    def summary_rows(self) -> List[Tuple]:
+        """:meth:`summary` as the rows of :meth:`format_summary` (and of the report's table)."""
+        return [(r['block'], f'{r["mean_area"]:.1f}', r['min_area'], r['max_area'], f'{100 * r["fraction"]:.1f}%',
+                 f'{r["mean_mass"]:.3f}', f'{r["mean_tendency"]:.2f}',
+                 '-' if math.isnan(r['mean_excess_tendency']) else f'{r["mean_excess_tendency"]:.2f}',
+                 'global' if r['global'] else 'local, trivial' if r['trivial'] else 'local')
+                for r in self.summary()]
+
+    SUMMARY_HEADER = ('block', 'mean ERF area', 'min', 'max', 'of grid', 'mass', '|t|', '|t - u|', 'window')
 
     def format_summary(self, style: str = 'text') -> str:
         """The per-block summary as a table (``style``: ``'text'`` or ``'markdown'``)."""
         n = self.grid[0] * self.grid[1]
-        rows = [(r['block'], f'{r["mean_area"]:.1f}', r['min_area'], r['max_area'], f'{100 * r["fraction"]:.1f}%',
-                 f'{r["mean_mass"]:.3f}', f'{r["mean_tendency"]:.2f}', f'{r["mean_excess_tendency"]:.2f}',
-                 'global' if r['global'] else 'local') for r in self.summary()]
-        table = format_table(['block', 'mean ERF area', 'min', 'max', 'of grid', 'mass', '|t|', '|t - u|', 'window'],
-                             rows, style)
+        table = format_table(list(self.SUMMARY_HEADER), self.summary_rows(), style)
         note = (f'grid {self.grid[0]}x{self.grid[1]} = {n} patches, tau={self.tau:g}, gamma={self.gamma:g}: global '
                 f'when the mean ERF area >= {self.gamma * n:.1f}; areas in patches; |t|: mean tendency length, '
                 f'|t - u|: beyond uniform interaction over the same keys (patches)')
+        if self.trivial_blocks:
+            note += ('; trivial: every patch interacts only with itself, so there is no tendency to compare (-)')
         return f'{table}\n\n{note}' if style == 'markdown' else f'{table}\n({note})'
 
 
@@ -310,6 +346,9 @@ def erf_from_interaction(
             extents.append(erf.rects)
     prov: Dict[str, Any] = {'kind': 'measured'}
     prov.update(provenance or {})
+    for key in ('checkpoint', 'data'):  # provenance travels with the spec: no paths of this machine
+        if isinstance(prov.get(key), str):
+            prov[key] = portable_text(prov[key])
     prov.setdefault('tau', tau)
     prov.setdefault('gamma', gamma)
     prov['global_blocks'] = global_blocks
@@ -330,15 +369,40 @@ def model_windows(model: nn.Module, grid: Sequence[int]) -> List[Optional[np.nda
     return out
 
 
+def trivial_blocks(model: nn.Module, grid: Optional[Sequence[int]] = None) -> List[int]:
+    """Blocks whose every window is 1x1 at ``grid`` (default: the model's own): each patch attends
+    only to itself (and the prefix tokens), so analyses of where patches look say nothing there."""
+    from .inputs import patch_grid
+    windows = model_windows(model, grid if grid is not None else patch_grid(model))
+    return [b for b, ext in enumerate(windows) if ext is not None and not np.any(ext)]
+
+
 def checkpoint_hint(model: nn.Module) -> Optional[str]:
-    """The checkpoint timm associates with the model's config (``hf-hub:...``, a file or a URL).
-    timm does not record whether those weights were actually loaded."""
+    """The checkpoint timm associates with the model's config, named without machine paths: a
+    shipped file as ``model.tag (weights/FILE)``, a Hub download as ``hf-hub:ORG/NAME``, another
+    file or export folder by :func:`~vitfree.weights.portable_path`, else the URL.  timm does not
+    record whether those weights were actually loaded."""
+    from ..weights import portable_path, shipped_weights_file
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    if cfg.get('file'):
-        return str(cfg['file'])
-    if cfg.get('hf_hub_id'):
-        return f'hf-hub:{cfg["hf_hub_id"]}'
+    file, hub = cfg.get('file'), cfg.get('hf_hub_id')
+    if file:
+        if Path(shipped_weights_file(Path(file).name)).resolve() == Path(file).resolve():
+            return f'{model_name(model)} (weights/{Path(file).name})'
+        if hub and _in_hub_cache(file):  # downloaded from the Hub by vitfree's safe loader
+            return f'hf-hub:{hub}'
+        return portable_path(file)
+    if hub:
+        return f'hf-hub:{hub}'
     return cfg.get('url') or None
+
+
+def _in_hub_cache(path: str) -> bool:
+    from huggingface_hub import constants
+    try:
+        Path(path).resolve().relative_to(Path(constants.HF_HUB_CACHE).resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def measure_erf(
@@ -375,8 +439,10 @@ def measure_erf(
             an index).
         data: how to describe the images in the provenance (default: derived from ``images``).
         checkpoint: which weights the model holds, for the provenance (default: the checkpoint
-            timm's ``pretrained_cfg`` names - pass it explicitly for a randomly initialised or
-            fine-tuned model).
+            timm's ``pretrained_cfg`` names, see :func:`checkpoint_hint` - pass it explicitly for a
+            randomly initialised or fine-tuned model).  Absolute paths in it (and in ``data``) are
+            recorded relative to the project or the current folder, or by their last two parts:
+            a spec travels, the machine's folders do not.
         progress: progress bar over images.
         return_result: return the full :class:`ErfResult` (rectangles, tendency, mass, the maps
             and ``.spec``) instead of just the spec.
@@ -384,7 +450,9 @@ def measure_erf(
             ``max_bytes``, ``device``).
 
     Returns a :class:`WindowSpec` with ``provenance.kind == 'measured'`` recording the model,
-    checkpoint, data, image count, estimator, tau and gamma (or an :class:`ErfResult`).
+    checkpoint, data, image count, estimator, tau and gamma (or an :class:`ErfResult`).  When every
+    block comes out global there is nothing to build a WinfT from: a ``UserWarning`` says so,
+    naming gamma, tau and the grid.
     """
     _check_tau(tau)
     inter = interaction(model, images, estimator, blocks=None, num_images=num_images, batch_size=batch_size,
@@ -406,4 +474,19 @@ def measure_erf(
     prov['vitfree_version'] = __version__
     res = erf_from_interaction(inter, tau=tau, gamma=gamma, provenance=prov,
                                windows=model_windows(model, inter.grid))
+    if len(res.global_blocks) == len(res.blocks):
+        warn_all_global(res)
     return res if return_result else res.spec
+
+
+def warn_all_global(res: ErfResult) -> None:
+    """Warn that a measurement gave no window at all, naming the threshold and the grid."""
+    import warnings
+    h, w = res.grid
+    n = h * w
+    smallest = min(b.mean_area for b in res.blocks)
+    warnings.warn(f'every block came out global: each mean ERF area is at least gamma={res.gamma:g} of the {h}x{w} '
+                  f'grid ({res.gamma * n:.1f} of {n} patches; the smallest is {smallest:.1f} at tau={res.tau:g}), so '
+                  f'the spec has no windows and a WinfT built from it is the ViT itself. Lower gamma (below '
+                  f'{smallest / n:.2f}) or tau, or measure on images that give a larger patch grid',
+                  UserWarning, stacklevel=3)

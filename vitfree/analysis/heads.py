@@ -43,8 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .capture import attention_modules, attention_override, capture_block_io, normalize_blocks, num_prefix_tokens
-from .inputs import (ImagesLike, _count, describe_images, eval_mode, iter_images, model_name, progress_bar,
-                     resolve_targets)
+from .inputs import ImageLoop, ImagesLike, describe_images, model_name, resolve_targets
 
 __all__ = ['MODES', 'MODE_NAMES', 'HeadImportance', 'pruning_keep_mask', 'prune_heads', 'gate_gradients',
            'head_importance']
@@ -88,6 +87,25 @@ def pruning_keep_mask(
     return (~zero).to(dtype)
 
 
+def _prune_args(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, modes: Sequence[int],
+                blocks: Optional[Iterable[int]], heads: Optional[Sequence[int]], prune_batch: int
+                ) -> Tuple[List[int], List[int], List[int]]:
+    """The checked modes, blocks and heads of :func:`prune_heads`; errors name the bad value."""
+    modes = _check_modes(modes)
+    mods = attention_modules(model)
+    chosen = normalize_blocks(blocks, len(mods))
+    num_heads = mods[0].num_heads
+    heads = list(range(num_heads)) if heads is None else [int(h) for h in heads]
+    if not heads or any(not 0 <= h < num_heads for h in heads):
+        raise ValueError(f'heads must be a non-empty list of indices in 0..{num_heads - 1}, got {heads!r}')
+    if prune_batch < 1:
+        raise ValueError(f'prune_batch must be >= 1, got {prune_batch}')
+    if x.dim() != 4 or targets.shape != (x.shape[0],):
+        raise ValueError(f'expected images (B, C, H, W) and targets (B,), got {tuple(x.shape)} and '
+                         f'{tuple(targets.shape)}')
+    return modes, chosen, heads
+
+
 def prune_heads(
         model: nn.Module,
         x: torch.Tensor,
@@ -117,18 +135,7 @@ def prune_heads(
         ``prob`` and ``pred``, each ``(B, modes, blocks, heads)``: the softmax probability of the
         target class and the arg-max class with that head pruned in that mode.
     """
-    modes = _check_modes(modes)
-    mods = attention_modules(model)
-    chosen = normalize_blocks(blocks, len(mods))
-    num_heads = mods[0].num_heads
-    heads = list(range(num_heads)) if heads is None else [int(h) for h in heads]
-    if not heads or any(not 0 <= h < num_heads for h in heads):
-        raise ValueError(f'heads must be a non-empty list of indices in 0..{num_heads - 1}, got {heads!r}')
-    if prune_batch < 1:
-        raise ValueError(f'prune_batch must be >= 1, got {prune_batch}')
-    if x.dim() != 4 or targets.shape != (x.shape[0],):
-        raise ValueError(f'expected images (B, C, H, W) and targets (B,), got {tuple(x.shape)} and '
-                         f'{tuple(targets.shape)}')
+    modes, chosen, heads = _prune_args(model, x, targets, modes, blocks, heads, prune_batch)
     npt = num_prefix_tokens(model)
     device = x.device
     B, M, L, Hh = x.shape[0], len(modes), len(chosen), len(heads)
@@ -274,6 +281,31 @@ class HeadImportance:
         """``(blocks, heads)``: mean absolute gate gradient (``None`` when not computed)."""
         return None if self.gate is None else self.gate.mean(0)
 
+    def mode_groups(self, measure: str = 'prob_drop', rel_tol: float = 0.01) -> List[List[int]]:
+        """The measured modes grouped by equal results: modes whose ``(blocks, heads)`` values of
+        ``measure`` (``'prob_drop'`` or ``'accuracy_drop'``) differ nowhere by more than ``rel_tol``
+        of the largest absolute value (of any mode) fall in one group, in mode order.  A model
+        without prefix tokens, for example, gives modes 1, 3, 5 and 6 one group (they zero
+        nothing)."""
+        data = self.prob_drop() if measure == 'prob_drop' else self.accuracy_drop()
+        tol = rel_tol * max(float(np.abs(data).max()), 1e-12)
+        groups: List[List[int]] = []
+        for i, m in enumerate(self.modes):
+            for g in groups:
+                if float(np.abs(data[i] - data[self.modes.index(g[0])]).max()) <= tol:
+                    g.append(m)
+                    break
+            else:
+                groups.append([m])
+        return groups
+
+    def __repr__(self) -> str:
+        (b, h, d), = self.ranking(2 if 2 in self.modes else self.modes[0], 1)
+        return (f'HeadImportance({self.num_images} image(s), modes {self.modes}, {len(self.blocks)} blocks x '
+                f'{len(self.heads)} heads, against {"labels" if self.labels is not None else "the targets"}; most '
+                f'important head: block {b}, head {h} (probability drop {d:+.4f}); gate scores: '
+                f'{"yes" if self.gate is not None else "no"})')
+
     def mode_index(self, mode: int) -> int:
         if mode not in self.modes:
             raise KeyError(f'mode {mode} was not measured (measured: {self.modes})')
@@ -340,33 +372,28 @@ def head_importance(
     chosen = normalize_blocks(blocks, len(mods))
     heads = list(range(mods[0].num_heads))
     rows_per_image = len(modes) * len(chosen) * len(heads)
-    total = _count(images, num_images)
-    bar = progress_bar(None if total is None else total * rows_per_image, 'head pruning', progress, unit='fwd')
     acc: Dict[str, List[torch.Tensor]] = {k: [] for k in ('prob', 'pred', 'base_prob', 'base_pred', 'targets',
                                                           'labels', 'gate')}
     have_labels = True
-    try:
-        with eval_mode(model):
-            for x, y in iter_images(model, images, batch_size, num_images, device):
-                with torch.no_grad():
-                    logits = model(x).float()
-                t = resolve_targets(logits, y, target)
-                acc['base_prob'].append(logits.softmax(-1).gather(1, t[:, None]).squeeze(1).cpu())
-                acc['base_pred'].append(logits.argmax(-1).cpu())
-                acc['targets'].append(t.cpu())
-                have_labels = have_labels and y is not None
-                if y is not None:
-                    acc['labels'].append(y.cpu())
-                prob, pred = prune_heads(model, x, t, modes, chosen, renormalize=renormalize,
-                                         prune_batch=prune_batch, bar=bar)
-                acc['prob'].append(prob.cpu())
-                acc['pred'].append(pred.cpu())
-                if gate:
-                    acc['gate'].append(gate_gradients(model, x, t, chosen).cpu())
-    finally:
-        bar.close()
-    if not acc['prob']:
-        raise ValueError(f'no images: {describe_images(images)} yielded none')
+    loop = ImageLoop(model, images, 'head pruning', batch_size=batch_size, num_images=num_images, device=device,
+                     progress=progress, grad=True, unit='fwd', per_image=rows_per_image, auto_update=False)
+    with loop:
+        for x, y in loop:
+            with torch.no_grad():
+                logits = model(x).float()
+            t = resolve_targets(logits, y, target)
+            acc['base_prob'].append(logits.softmax(-1).gather(1, t[:, None]).squeeze(1).cpu())
+            acc['base_pred'].append(logits.argmax(-1).cpu())
+            acc['targets'].append(t.cpu())
+            have_labels = have_labels and y is not None
+            if y is not None:
+                acc['labels'].append(y.cpu())
+            prob, pred = prune_heads(model, x, t, modes, chosen, renormalize=renormalize, prune_batch=prune_batch,
+                                     bar=loop.bar)
+            acc['prob'].append(prob.cpu())
+            acc['pred'].append(pred.cpu())
+            if gate:
+                acc['gate'].append(gate_gradients(model, x, t, chosen).cpu())
     cat = {k: torch.cat(v).numpy() for k, v in acc.items() if v}
     return HeadImportance(
         modes=modes, blocks=chosen, heads=heads, prob=cat['prob'], pred=cat['pred'], base_prob=cat['base_prob'],

@@ -6,7 +6,8 @@ tensor batch, an ``(images, labels)`` pair, a DataLoader, a Dataset of images or
 what a user types on the command line (a folder, image files, a built-in data set name, a
 ``.npz`` file of images) into such a Dataset, and :func:`load_images` into one batch with a
 name and label per image.  :func:`to_display_image` undoes the model's normalisation, so
-pictures and SIFT see the pixels the model sees.
+pictures and SIFT see the pixels the model sees.  :class:`ImageLoop` is the one loop every
+analysis runs over its images (eval mode, progress bar, one patch grid, an error for empty input).
 
 Nothing here knows about attention; the rest of :mod:`vitfree.analysis` builds on this module.
 """
@@ -23,13 +24,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..data import IMG_EXTENSIONS
+
 __all__ = [
-    'ImagesLike', 'IMAGE_SUFFIXES', 'eval_mode', 'model_name', 'model_transform', 'to_display_image',
-    'list_image_files', 'ImageFiles', 'describe_images', 'iter_images', 'resolve_targets', 'progress_bar',
-    'LoadedImages', 'load_images', 'open_data',
+    'ImagesLike', 'eval_mode', 'model_name', 'model_transform', 'to_display_image',
+    'list_image_files', 'ImageFiles', 'describe_images', 'iter_images', 'ImageLoop', 'patch_grid',
+    'resolve_targets', 'progress_bar',
+    'LoadedImages', 'load_images', 'gather_images', 'open_data',
 ]
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 ImagesLike = Any  # tensor | (tensor, labels) | DataLoader | Dataset | list of images/paths | folder path
 
 
@@ -105,9 +108,9 @@ def list_image_files(folder: Union[str, os.PathLike]) -> List[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f'image folder not found: {str(folder)!r}')
-    files = sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
     if not files:
-        raise FileNotFoundError(f'no image files ({", ".join(IMAGE_SUFFIXES)}) under {str(folder)!r}')
+        raise FileNotFoundError(f'no image files ({", ".join(IMG_EXTENSIONS)}) under {str(folder)!r}')
     return files
 
 
@@ -204,13 +207,79 @@ def _stack(xs: List[torch.Tensor], ys: List[Optional[int]]) -> Tuple[torch.Tenso
     return x, y
 
 
+Batch = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+def _is_labelled_pair(images: Any) -> bool:
+    return isinstance(images, tuple) and len(images) == 2 and torch.is_tensor(images[0]) and torch.is_tensor(images[1])
+
+
+def _tensor_batches(images: Any, batch_size: int) -> Iterator[Batch]:
+    """Batches of a ``(B, C, H, W)`` / ``(C, H, W)`` tensor or a ``(tensor, labels)`` pair."""
+    x, y = (images, None) if torch.is_tensor(images) else images
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f'an image tensor must be (B, C, H, W) or (C, H, W), got shape {tuple(x.shape)}')
+    if y is not None and y.shape[0] != x.shape[0]:
+        raise ValueError(f'{y.shape[0]} labels for {x.shape[0]} images')
+    if y is not None and bool((y < 0).any()):
+        y = None
+    for s in range(0, x.shape[0], batch_size):
+        yield x[s:s + batch_size], None if y is None else y[s:s + batch_size]
+
+
+def _loader_batches(loader: Any) -> Iterator[Batch]:
+    """The batches of a DataLoader: tensors, ``(images, labels, ...)`` or dicts."""
+    for batch in loader:
+        if torch.is_tensor(batch):
+            x, y = batch, None
+        elif isinstance(batch, dict):
+            x, y = batch.get('image', batch.get('img')), batch.get('label', batch.get('target'))
+        elif isinstance(batch, (list, tuple)):
+            x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        else:
+            raise TypeError(f'DataLoader batches must be tensors, (images, labels) pairs or dicts, '
+                            f'got {type(batch).__name__}')
+        if not torch.is_tensor(x):
+            raise TypeError(f'DataLoader batches must hold image tensors (use a transform), got {type(x).__name__}')
+        if y is not None and (not torch.is_tensor(y) or y.dim() != 1 or bool((y < 0).any())):
+            y = None
+        yield x, y
+
+
+def _dataset_batches(model: nn.Module, images: Any, batch_size: int, limit: float) -> Iterator[Batch]:
+    """Batches of a Dataset or list of images / ``(image, label)`` items (at most ``limit`` images);
+    non-tensor images go through the model's evaluation transform."""
+    if not (hasattr(images, '__getitem__') and hasattr(images, '__len__')):
+        raise TypeError(f'images must be a tensor, a (tensor, labels) pair, a DataLoader, a Dataset, a list of '
+                        f'images or a folder path, got {type(images).__name__}')
+    if len(images) == 0:
+        raise ValueError('no images given (empty dataset or list)')
+    transform = None
+    mode = 'L' if _in_chans(model) == 1 else 'RGB'
+    xs: List[torch.Tensor] = []
+    ys: List[Optional[int]] = []
+    for i in range(int(min(len(images), limit))):
+        img, y = _split_item(images[i])
+        if not torch.is_tensor(img) and transform is None:
+            transform = model_transform(model)
+        xs.append(_to_tensor_image(img, transform, mode))
+        ys.append(y)
+        if len(xs) == batch_size:
+            yield _stack(xs, ys)
+            xs, ys = [], []
+    if xs:
+        yield _stack(xs, ys)
+
+
 def iter_images(
         model: nn.Module,
         images: ImagesLike,
         batch_size: int = 16,
         num_images: Optional[int] = None,
         device: Union[str, torch.device, None] = None,
-) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+) -> Iterator[Batch]:
     """Yield ``(x, labels_or_None)`` batches on ``device`` from any of:
 
     * a tensor ``(B, C, H, W)`` (or one image ``(C, H, W)``), already normalised for the model;
@@ -222,7 +291,7 @@ def iter_images(
     * a list of such images, or a folder (read recursively with PIL).
 
     Labels below zero count as unknown.  At most ``num_images`` images are yielded (all when
-    ``None``).
+    ``None``).  The analyses run this inside :class:`ImageLoop`.
     """
     from torch.utils.data import DataLoader
     if batch_size < 1:
@@ -231,74 +300,21 @@ def iter_images(
         raise ValueError(f'num_images must be >= 1 (or None for all), got {num_images}')
     device = _model_device(model) if device is None else torch.device(device)
     budget = float('inf') if num_images is None else int(num_images)
-    seen = 0
-
-    def emit(x: torch.Tensor, y: Optional[torch.Tensor]):
-        nonlocal seen
-        take = int(min(x.shape[0], budget - seen))
-        seen += take
-        return x[:take].to(device), (None if y is None else y[:take].to(device))
-
     if isinstance(images, (str, os.PathLike)):
         images = ImageFiles(images)
-    if torch.is_tensor(images) or (isinstance(images, tuple) and len(images) == 2 and torch.is_tensor(images[0])
-                                   and torch.is_tensor(images[1])):
-        x, y = (images, None) if torch.is_tensor(images) else images
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        if x.dim() != 4:
-            raise ValueError(f'an image tensor must be (B, C, H, W) or (C, H, W), got shape {tuple(x.shape)}')
-        if y is not None and y.shape[0] != x.shape[0]:
-            raise ValueError(f'{y.shape[0]} labels for {x.shape[0]} images')
-        if y is not None and bool((y < 0).any()):
-            y = None
-        for s in range(0, x.shape[0], batch_size):
-            if seen >= budget:
-                return
-            yield emit(x[s:s + batch_size], None if y is None else y[s:s + batch_size])
-        return
-    if isinstance(images, DataLoader):
-        for batch in images:
-            if seen >= budget:
-                return
-            if torch.is_tensor(batch):
-                x, y = batch, None
-            elif isinstance(batch, dict):
-                x, y = batch.get('image', batch.get('img')), batch.get('label', batch.get('target'))
-            elif isinstance(batch, (list, tuple)):
-                x, y = batch[0], (batch[1] if len(batch) > 1 else None)
-            else:
-                raise TypeError(f'DataLoader batches must be tensors, (images, labels) pairs or dicts, '
-                                f'got {type(batch).__name__}')
-            if not torch.is_tensor(x):
-                raise TypeError(f'DataLoader batches must hold image tensors (use a transform), got '
-                                f'{type(x).__name__}')
-            if y is not None and (not torch.is_tensor(y) or y.dim() != 1 or bool((y < 0).any())):
-                y = None
-            yield emit(x, y)
-        return
-    if not (hasattr(images, '__getitem__') and hasattr(images, '__len__')):
-        raise TypeError(f'images must be a tensor, a (tensor, labels) pair, a DataLoader, a Dataset, a list of '
-                        f'images or a folder path, got {type(images).__name__}')
-    if len(images) == 0:
-        raise ValueError('no images given (empty dataset or list)')
-    transform = None
-    mode = 'L' if _in_chans(model) == 1 else 'RGB'
-    xs: List[torch.Tensor] = []
-    ys: List[Optional[int]] = []
-    for i in range(len(images)):
-        if seen + len(xs) >= budget:
-            break
-        img, y = _split_item(images[i])
-        if not torch.is_tensor(img) and transform is None:
-            transform = model_transform(model)
-        xs.append(_to_tensor_image(img, transform, mode))
-        ys.append(y)
-        if len(xs) == batch_size:
-            yield emit(*_stack(xs, ys))
-            xs, ys = [], []
-    if xs and seen < budget:
-        yield emit(*_stack(xs, ys))
+    if torch.is_tensor(images) or _is_labelled_pair(images):
+        batches = _tensor_batches(images, batch_size)
+    elif isinstance(images, DataLoader):
+        batches = _loader_batches(images)
+    else:
+        batches = _dataset_batches(model, images, batch_size, budget)
+    seen = 0
+    for x, y in batches:
+        if seen >= budget:
+            return
+        take = int(min(x.shape[0], budget - seen))
+        seen += take
+        yield x[:take].to(device), (None if y is None else y[:take].to(device))
 
 
 def _count(images: ImagesLike, num_images: Optional[int]) -> Optional[int]:
@@ -321,6 +337,79 @@ def _count(images: ImagesLike, num_images: Optional[int]) -> Optional[int]:
     if num_images is None:
         return n
     return num_images if n is None else min(n, num_images)
+
+
+def patch_grid(model: nn.Module, image_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
+    """The patch grid ``(H, W)`` the model uses for images of ``image_size = (h, w)`` pixels
+    (its native grid when ``image_size`` is None or the model has a fixed input size)."""
+    pe = getattr(model, 'patch_embed', None)
+    if pe is None or not hasattr(pe, 'grid_size'):
+        raise TypeError(f'{type(model).__name__} has no patch_embed.grid_size; expected a timm ViT-family model')
+    if image_size is not None and getattr(model, 'dynamic_img_size', False):
+        return tuple(int(g) for g in pe.dynamic_feat_size(tuple(int(s) for s in image_size)))
+    return tuple(int(g) for g in pe.grid_size)
+
+
+class ImageLoop:
+    """The one image loop every analysis runs::
+
+        with ImageLoop(model, images, 'patch removal', batch_size=8, progress=True) as loop:
+            for x, y in loop:          # (B, C, H, W) on the device, labels or None
+                ...                    # loop.grid: the patch grid, the same for every batch
+
+    Inside the ``with``: the model in eval mode (every module's own flag restored on exit),
+    gradients off unless ``grad=True``, and a progress bar over images (or over ``per_image``
+    steps per image, which the body advances with ``loop.bar.update`` when ``auto_update`` is
+    off).  Iterating checks that every batch gives the same patch grid, and raises a
+    ``ValueError`` naming the source when it yielded no image at all.  ``loop.count`` is the
+    number of images seen.  Batches come from :func:`iter_images`.
+    """
+
+    def __init__(self, model: nn.Module, images: ImagesLike, desc: str, *, batch_size: int = 16,
+                 num_images: Optional[int] = None, device: Union[str, torch.device, None] = None,
+                 progress: bool = True, grad: bool = False, unit: str = 'img', per_image: int = 1,
+                 auto_update: bool = True) -> None:
+        self.model, self.images, self.desc = model, images, desc
+        self.batch_size, self.num_images, self.device = batch_size, num_images, device
+        self.progress, self.grad, self.unit, self.per_image = progress, grad, unit, per_image
+        self.auto_update = auto_update
+        self.grid: Optional[Tuple[int, int]] = None
+        self.count = 0
+        self.bar = None
+        self._stack: Optional[contextlib.ExitStack] = None
+
+    def __enter__(self) -> 'ImageLoop':
+        total = _count(self.images, self.num_images)
+        stack = contextlib.ExitStack()
+        stack.enter_context(eval_mode(self.model))
+        if not self.grad:
+            stack.enter_context(torch.no_grad())
+        self.bar = progress_bar(None if total is None else total * self.per_image, self.desc, self.progress,
+                                unit=self.unit)
+        stack.callback(self.bar.close)
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._stack is None:
+            raise RuntimeError('iterate an ImageLoop inside its `with` block')
+        for x, y in iter_images(self.model, self.images, self.batch_size, self.num_images, self.device):
+            g = patch_grid(self.model, x.shape[-2:])
+            if self.grid is not None and g != self.grid:
+                raise ValueError(f'all images must give the same patch grid: got {g} after {self.grid} (image size '
+                                 f'{tuple(x.shape[-2:])}); resize them to one size')
+            self.grid = g
+            yield x, y
+            self.count += x.shape[0]
+            if self.auto_update:
+                self.bar.update(x.shape[0] * self.per_image)
+        if self.count == 0:
+            raise ValueError(f'no images: {describe_images(self.images)} yielded none')
 
 
 def resolve_targets(logits: torch.Tensor, labels: Optional[torch.Tensor], target: Union[str, int]) -> torch.Tensor:
@@ -397,7 +486,7 @@ def open_data(sources: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]
         elif p.is_file():
             files.append(p)
             described.append(f'image {p}')
-        elif p.suffix.lower() in IMAGE_SUFFIXES + ('.npz',):
+        elif p.suffix.lower() in IMG_EXTENSIONS + ('.npz',):
             raise FileNotFoundError(f'image file not found: {str(s)!r}')
         else:
             ds = build_dataset(str(s), split=split)  # a built-in name, else a DataError naming DATA
@@ -428,6 +517,19 @@ def _item_names(dataset: Any, count: int, desc: str) -> List[str]:
     return [f'{label} #{i}' for i in range(min(count, len(dataset)))]
 
 
+def gather_images(model: nn.Module, images: ImagesLike, max_images: Optional[int] = None,
+                  device: Union[str, torch.device, None] = None) -> Batch:
+    """Every image (at most ``max_images``) as one batch ``x`` with its ``labels`` (``None`` unless every
+    image has one), through the :class:`ImageLoop`."""
+    xs: List[torch.Tensor] = []
+    ys: List[Optional[torch.Tensor]] = []
+    with ImageLoop(model, images, 'reading images', num_images=max_images, device=device, progress=False) as loop:
+        for x, y in loop:
+            xs.append(x)
+            ys.append(y)
+    return torch.cat(xs), (None if any(y is None for y in ys) else torch.cat(ys))
+
+
 @dataclass
 class LoadedImages:
     """A batch ready for the model: ``x`` ``(B, C, H, W)`` normalised, a name per image,
@@ -438,6 +540,7 @@ class LoadedImages:
     labels: Optional[torch.Tensor]
     classes: Optional[List[str]]
     source: str
+    total: Optional[int] = None  # images the source holds (more than len(x) when max_images cut it)
 
 
 def load_images(
@@ -452,16 +555,10 @@ def load_images(
     if max_images is not None and max_images < 1:
         raise ValueError(f'max_images must be >= 1 (or None for all), got {max_images}')
     dataset, desc = open_data(sources, split)
-    xs, ys = [], []
-    for x, y in iter_images(model, dataset, batch_size=16, num_images=max_images, device=device):
-        xs.append(x)
-        ys.append(y)
-    if not xs:
-        raise ValueError(f'no images in {desc}')
-    x = torch.cat(xs)
-    labels = None if any(y is None for y in ys) else torch.cat(ys)
+    x, labels = gather_images(model, dataset, max_images, device)
     classes = getattr(dataset, 'classes', None)
     if classes is None and isinstance(dataset, torch.utils.data.ConcatDataset):
         found = {tuple(getattr(d, 'classes', None) or ()) for d in dataset.datasets}
         classes = list(found.pop()) if len(found) == 1 else None
-    return LoadedImages(x, _item_names(dataset, len(x), desc), labels, list(classes) if classes else None, desc)
+    return LoadedImages(x, _item_names(dataset, len(x), desc), labels, list(classes) if classes else None, desc,
+                        total=_count(dataset, None))

@@ -30,9 +30,8 @@ import torch
 import torch.nn as nn
 
 from .capture import (Recorder, attention_modules, attention_override, capture_block_io, normalize_blocks,
-                      num_prefix_tokens, patch_grid, row_normalize, zero_empty_rows)
-from .inputs import ImagesLike, _count, describe_images, eval_mode, iter_images, model_name, progress_bar, \
-    resolve_targets
+                      num_prefix_tokens, row_normalize, zero_empty_rows)
+from .inputs import ImageLoop, ImagesLike, describe_images, model_name, resolve_targets
 
 __all__ = ['interaction', 'InteractionResult', 'ESTIMATORS', 'row_normalize']
 
@@ -58,15 +57,24 @@ class InteractionResult:
     data: Optional[str] = None
     model: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    depth: Optional[int] = None  # blocks of the model (negative block indices count from its end)
 
     @property
     def blocks(self) -> List[int]:
         return sorted(self.maps)
 
     def __getitem__(self, block: int) -> torch.Tensor:
+        if self.depth is not None and isinstance(block, int) and -self.depth <= block < 0:
+            block += self.depth
         if block not in self.maps:
             raise KeyError(f'block {block} was not measured (measured blocks: {self.blocks})')
         return self.maps[block]
+
+    def __repr__(self) -> str:
+        shape = tuple(self.maps[self.blocks[0]].shape) if self.maps else ()
+        where = f', data={self.data!r}' if self.data else ''
+        return (f'InteractionResult({self.estimator}, {len(self.maps)} block(s) {_span(self.blocks)}, grid '
+                f'{self.grid[0]}x{self.grid[1]}, maps {shape} per block, {self.num_images} image(s){where})')
 
     def head_mean(self, block: int) -> torch.Tensor:
         """The ``(N, N)`` map of a block (per-head maps averaged over heads)."""
@@ -80,15 +88,14 @@ class InteractionResult:
         return torch.stack([self.head_mean(b).sum(0) for b in blocks]).mean(0)
 
 
+def _span(blocks: List[int]) -> str:
+    """``[0..5]`` for consecutive block indices, else the list."""
+    if blocks and blocks == list(range(blocks[0], blocks[-1] + 1)) and len(blocks) > 2:
+        return f'[{blocks[0]}..{blocks[-1]}]'
+    return str(blocks)
+
+
 # ---- the estimators --------------------------------------------------------------------------
-def _check_grid(model: nn.Module, x: torch.Tensor, grid: Optional[Tuple[int, int]]) -> Tuple[int, int]:
-    g = patch_grid(model, x.shape[-2:])
-    if grid is not None and g != grid:
-        raise ValueError(f'all images must give the same patch grid to be averaged: got {g} after {grid} '
-                         f'(image size {tuple(x.shape[-2:])}); resize them to one size')
-    return g
-
-
 def _accumulate_attention(model, x, blocks, acc, npt, per_head) -> None:
     def on_probs(block: int, probs: torch.Tensor) -> None:
         a = probs[:, :, npt:, npt:].double()
@@ -202,28 +209,20 @@ def interaction(
     chosen = normalize_blocks(blocks, depth)
     npt = num_prefix_tokens(model)
     acc: Dict[int, torch.Tensor] = {}
-    grid: Optional[Tuple[int, int]] = None
-    count = 0
-    bar = progress_bar(_count(images, num_images), f'interaction ({estimator})', progress)
-    try:
-        with eval_mode(model):
-            for x, y in iter_images(model, images, batch_size, num_images, device):
-                grid = _check_grid(model, x, grid)
-                if estimator == 'attention':
-                    _accumulate_attention(model, x, chosen, acc, npt, per_head)
-                elif estimator == 'attribution':
-                    _accumulate_attribution(model, x, y, chosen, acc, npt, per_head, target, max_bytes)
-                else:
-                    _accumulate_ablation(model, x, chosen, acc, npt, ablation_batch)
-                count += x.shape[0]
-                bar.update(x.shape[0])
-    finally:
-        bar.close()
-    if count == 0:
-        raise ValueError(f'no images to measure: {describe_images(images)} yielded none')
+    loop = ImageLoop(model, images, f'interaction ({estimator})', batch_size=batch_size, num_images=num_images,
+                     device=device, progress=progress)
+    with loop:
+        for x, y in loop:
+            if estimator == 'attention':
+                _accumulate_attention(model, x, chosen, acc, npt, per_head)
+            elif estimator == 'attribution':
+                _accumulate_attribution(model, x, y, chosen, acc, npt, per_head, target, max_bytes)
+            else:
+                _accumulate_ablation(model, x, chosen, acc, npt, ablation_batch)
+    count, grid = loop.count, loop.grid
     maps = {b: row_normalize(acc[b] / count).float().cpu() for b in chosen}
     return InteractionResult(
         maps=maps, grid=grid, estimator=estimator, num_images=count, num_prefix_tokens=npt, per_head=per_head,
         target=(str(target) if estimator == 'attribution' else None),
-        data=data if data is not None else describe_images(images), model=model_name(model),
+        data=data if data is not None else describe_images(images), model=model_name(model), depth=depth,
     )

@@ -3,7 +3,9 @@
 Patches are ranked per image by an importance score, the lowest fraction is masked as keys
 in every block (no query may attend to them - their tokens still flow through the residual
 stream, they just stop informing anyone else), and top-1 accuracy is recorded against the
-fraction removed, one curve per score:
+fraction removed, one curve per score.  Accuracy is measured against the labels; images without
+labels are scored against the model's own unmasked prediction (agreement), as ``vitfree analyze``
+does, and :attr:`RemovalResult.against` says which:
 
 ``interaction``
     column sums of the interaction map ``P`` averaged over blocks - how much the other
@@ -28,10 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .capture import attention_modules, attention_override, mask_patch_keys, num_prefix_tokens, patch_grid, \
-    row_normalize
-from .inputs import ImagesLike, _count, describe_images, eval_mode, iter_images, model_name, progress_bar, \
-    to_display_image
+from .capture import attention_modules, attention_override, mask_patch_keys, num_prefix_tokens, row_normalize
+from .inputs import ImageLoop, ImagesLike, describe_images, model_name, patch_grid, to_display_image
 from .interaction import InteractionResult
 from .semantic import patch_semantic_mass
 
@@ -53,10 +53,17 @@ class RemovalResult:
     model: Optional[str] = None
     data: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    against: str = 'labels'  # or 'predictions' (the unmasked model's), or 'labels and predictions'
 
     def to_dict(self) -> Dict[str, Any]:
         return {'fractions': self.fractions, 'removed': self.removed, 'accuracy': self.accuracy,
-                'num_images': self.num_images, 'grid': list(self.grid), 'model': self.model, 'data': self.data}
+                'num_images': self.num_images, 'grid': list(self.grid), 'model': self.model, 'data': self.data,
+                'against': self.against}
+
+    def __repr__(self) -> str:
+        means = ', '.join(f'{s} {100 * float(np.mean(a)):.1f}%' for s, a in self.accuracy.items())
+        return (f'RemovalResult({self.num_images} images, grid {self.grid[0]}x{self.grid[1]}, '
+                f'{len(self.fractions)} fractions, against {self.against}; mean accuracy over the curve: {means})')
 
     def format_table(self) -> str:
         scores = list(self.accuracy)
@@ -109,6 +116,22 @@ def _lowest(scores: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return perm.gather(1, order)
 
 
+def _remove_and_count(model: nn.Module, x: torch.Tensor, y: torch.Tensor, scores: Sequence[str],
+                      fractions: Sequence[float], grid: Tuple[int, int], gen: torch.Generator,
+                      interaction: Optional[InteractionResult], correct: Dict[str, List[int]]) -> None:
+    """One batch: for every score and fraction, hide the lowest-ranked patches as keys and add the
+    images whose prediction still equals ``y`` to ``correct[score][k]``."""
+    n = grid[0] * grid[1]
+    for sc in scores:
+        order = _lowest(patch_scores(model, x, sc, interaction=interaction), gen)
+        for k, f in enumerate(fractions):
+            removed = torch.zeros(x.shape[0], n, dtype=torch.bool, device=x.device)
+            removed.scatter_(1, order[:, :int(round(f * n))], True)
+            with mask_patch_keys(model, removed):
+                pred = model(x).argmax(1)
+            correct[sc][k] += int((pred == y).sum())
+
+
 def patch_removal(
         model: nn.Module,
         images: ImagesLike,
@@ -126,7 +149,8 @@ def patch_removal(
 
     Args:
         model: a timm ViT-family classifier.
-        images: labelled images (see :func:`vitfree.analysis.inputs.iter_images`).
+        images: images, best with labels (see :func:`vitfree.analysis.inputs.iter_images`);
+            without labels, accuracy is agreement with the model's own unmasked prediction.
         scores: any of ``'interaction'``, ``'sift'``, ``'random'``; default: all three, ``sift``
             only when OpenCV is installed.
         fractions: fractions of the patches to remove, each in ``[0, 1]``; ``round(f * N)``
@@ -151,38 +175,21 @@ def patch_removal(
     if not fractions or any(not 0.0 <= f <= 1.0 for f in fractions):
         raise ValueError(f'fractions must be a non-empty list of numbers in [0, 1], got {fractions!r}')
     gen = torch.Generator().manual_seed(int(seed))
-    correct = {s: [0] * len(fractions) for s in scores}
-    count = 0
-    grid: Optional[Tuple[int, int]] = None
-    bar = progress_bar(_count(images, num_images), 'patch removal', progress)
-    try:
-        with eval_mode(model), torch.no_grad():
-            for x, y in iter_images(model, images, batch_size, num_images, device):
-                if y is None:
-                    raise ValueError(f'patch removal measures accuracy and needs labelled images; '
-                                     f'{describe_images(images)} has no labels')
-                g = patch_grid(model, x.shape[-2:])
-                if grid is not None and g != grid:
-                    raise ValueError(f'all images must give one patch grid, got {g} after {grid}')
-                grid = g
-                n = g[0] * g[1]
-                for s in scores:
-                    order = _lowest(patch_scores(model, x, s, interaction=interaction), gen)
-                    for k, f in enumerate(fractions):
-                        removed = torch.zeros(x.shape[0], n, dtype=torch.bool, device=x.device)
-                        removed.scatter_(1, order[:, :int(round(f * n))], True)
-                        with mask_patch_keys(model, removed):
-                            pred = model(x).argmax(1)
-                        correct[s][k] += int((pred == y).sum())
-                count += x.shape[0]
-                bar.update(x.shape[0])
-    finally:
-        bar.close()
-    if count == 0:
-        raise ValueError(f'no images: {describe_images(images)} yielded none')
+    correct = {sc: [0] * len(fractions) for sc in scores}
+    against = set()
+    loop = ImageLoop(model, images, 'patch removal', batch_size=batch_size, num_images=num_images, device=device,
+                     progress=progress)
+    with loop:
+        for x, y in loop:
+            against.add('labels' if y is not None else 'predictions')
+            if y is None:  # no labels: agreement with the model's own unmasked prediction
+                y = model(x).argmax(1)
+            _remove_and_count(model, x, y, scores, fractions, loop.grid, gen, interaction, correct)
+    count, grid = loop.count, loop.grid
     n = grid[0] * grid[1]
     return RemovalResult(
         fractions=fractions, removed=[int(round(f * n)) for f in fractions],
         accuracy={s: [c / count for c in correct[s]] for s in scores}, num_images=count, grid=grid,
         model=model_name(model), data=describe_images(images), extra={'seed': seed},
+        against=' and '.join(sorted(against)),
     )

@@ -46,9 +46,8 @@ import torch
 import torch.nn as nn
 
 from .capture import (attention_modules, attention_pass, class_token_index, mask_patch_keys, normalize_blocks,
-                      num_prefix_tokens, patch_grid)
-from .inputs import (ImagesLike, _count, describe_images, eval_mode, iter_images, model_name, progress_bar,
-                     to_display_image)
+                      num_prefix_tokens)
+from .inputs import ImageLoop, ImagesLike, describe_images, model_name, to_display_image
 
 __all__ = [
     'WEIGHTS', 'GROUP_NAMES', 'Keypoints', 'SemanticImage', 'SemanticResult', 'PromptingResult',
@@ -513,6 +512,31 @@ def _low_semantic(s: SemanticImage, by: str, fraction: float, gen: torch.Generat
     return out
 
 
+def _prompt_batch(model: nn.Module, x: torch.Tensor, low: torch.Tensor, repeats: int,
+                  gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """One batch of :func:`prompting`: predictions with the ``low`` patches (``(B, N)`` bool) hidden as
+    keys, and with as many random patches hidden, ``repeats`` times."""
+    n = low.shape[1]
+    base = model(x).float().softmax(-1)
+    bp = base.argmax(-1)
+    with mask_patch_keys(model, low):
+        sp = model(x).float().softmax(-1)
+    changed = torch.zeros(x.shape[0], device=x.device)
+    rconf = torch.zeros(x.shape[0], device=x.device)
+    k = low.sum(1)
+    for _ in range(repeats):
+        order = torch.rand(x.shape[0], n, generator=gen).argsort(1).to(x.device)
+        rmask = torch.arange(n, device=x.device)[None] < k[:, None]
+        rnd = torch.zeros_like(low).scatter(1, order, rmask)
+        with mask_patch_keys(model, rnd):
+            rp = model(x).float().softmax(-1)
+        changed += (rp.argmax(-1) != bp).float()
+        rconf += rp.gather(1, bp[:, None]).squeeze(1)
+    return {'masked': k, 'base_pred': bp, 'base_conf': base.gather(1, bp[:, None])[:, 0], 'sem_pred': sp.argmax(-1),
+            'sem_conf': sp.gather(1, bp[:, None])[:, 0], 'rand_changed': changed / repeats,
+            'rand_conf': rconf / repeats}
+
+
 def prompting(
         model: nn.Module,
         images: ImagesLike,
@@ -549,38 +573,14 @@ def prompting(
     gen = torch.Generator().manual_seed(int(seed))
     acc: Dict[str, List[np.ndarray]] = {k: [] for k in ('masked', 'base_pred', 'base_conf', 'sem_pred', 'sem_conf',
                                                         'rand_changed', 'rand_conf')}
-    bar = progress_bar(_count(images, num_images), 'prompting', progress)
-    try:
-        with eval_mode(model), torch.no_grad():
-            for x, _ in iter_images(model, images, batch_size, num_images, device):
-                grid = patch_grid(model, x.shape[-2:])
-                n = grid[0] * grid[1]
-                sem = [semantic_image(to_display_image(img, model), grid, weight) for img in x]
-                low = torch.as_tensor(np.stack([_low_semantic(s, by, fraction, gen) for s in sem]), device=x.device)
-                base = model(x).float().softmax(-1)
-                bp = base.argmax(-1)
-                with mask_patch_keys(model, low):
-                    sp = model(x).float().softmax(-1)
-                changed = torch.zeros(x.shape[0], device=x.device)
-                rconf = torch.zeros(x.shape[0], device=x.device)
-                k = low.sum(1)
-                for _ in range(repeats):
-                    order = torch.rand(x.shape[0], n, generator=gen).argsort(1).to(x.device)
-                    rmask = torch.arange(n, device=x.device)[None] < k[:, None]
-                    rnd = torch.zeros_like(low).scatter(1, order, rmask)
-                    with mask_patch_keys(model, rnd):
-                        rp = model(x).float().softmax(-1)
-                    changed += (rp.argmax(-1) != bp).float()
-                    rconf += rp.gather(1, bp[:, None]).squeeze(1)
-                for key, val in (('masked', k), ('base_pred', bp), ('base_conf', base.gather(1, bp[:, None])[:, 0]),
-                                 ('sem_pred', sp.argmax(-1)), ('sem_conf', sp.gather(1, bp[:, None])[:, 0]),
-                                 ('rand_changed', changed / repeats), ('rand_conf', rconf / repeats)):
-                    acc[key].append(val.cpu().numpy())
-                bar.update(x.shape[0])
-    finally:
-        bar.close()
-    if not acc['masked']:
-        raise ValueError(f'no images: {describe_images(images)} yielded none')
+    loop = ImageLoop(model, images, 'prompting', batch_size=batch_size, num_images=num_images, device=device,
+                     progress=progress)
+    with loop:
+        for x, _ in loop:
+            sem = [semantic_image(to_display_image(img, model), loop.grid, weight) for img in x]
+            low = torch.as_tensor(np.stack([_low_semantic(si, by, fraction, gen) for si in sem]), device=x.device)
+            for key, val in _prompt_batch(model, x, low, repeats, gen).items():
+                acc[key].append(val.cpu().numpy())
     cat = {k: np.concatenate(v) for k, v in acc.items()}
     return PromptingResult(by=by, repeats=repeats, meta={'weight': weight, 'fraction': fraction, 'seed': seed},
                            **cat)

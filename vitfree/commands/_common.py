@@ -190,7 +190,7 @@ def create_model(args):
     import torch
 
     from ..train.distributed import check_device
-    from ..weights import load_weights
+    from ..weights import load_weights, prefetch_pretrained
     check_model_name(args.model)
     kwargs = dict(args.model_kwargs)
     check_model_kwargs(args.model, kwargs)
@@ -200,6 +200,8 @@ def create_model(args):
         device = check_device(args.device)
     except ValueError as e:
         raise CommandError(f'--device: {e}') from None
+    if args.pretrained:  # an unreachable Hub fails here at once, naming the model, repo and file
+        prefetch_pretrained(args.model, kwargs)
     torch.manual_seed(args.seed)
     try:
         model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)

@@ -63,7 +63,7 @@ def run(args) -> int:
         raise CommandError(f"--target {args.target!r}: give predicted, label or a class index (an integer >= 0)")
     model = create_model(args)
     if args.checkpoint:
-        checkpoint = str(Path(args.checkpoint).resolve())
+        checkpoint = args.checkpoint  # recorded relative to the project (measure_erf keeps machine paths out)
     elif args.pretrained:
         checkpoint = checkpoint_hint(model) or args.model
     else:
@@ -94,7 +94,7 @@ def run(args) -> int:
     written: List[Path] = [path]
     if args.pictures:
         from ..analysis.inputs import iter_images
-        from ..analysis.report.plots import erf_pictures
+        from ..analysis.plots import erf_pictures
         x, _ = next(iter_images(model, dataset, batch_size=1, num_images=1, device=args.device))
         written += list(erf_pictures(result, args.pictures, image=x[0], model=model).values())
     print(f'wrote {len(written)} file(s):')

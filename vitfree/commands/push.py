@@ -23,6 +23,10 @@ def run(args) -> int:
     plan = prepare_push(args.folder, args.repo_id, private=args.private, revision=args.revision,
                         commit_message=args.message, create_pr=args.create_pr)
     print(f'{plan.folder} -> hf-hub:{plan.repo_id}: {", ".join(plan.files)}')
+    if plan.sha256:
+        print(f'model.safetensors matches the SHA-256 config.json records ({plan.sha256[:16]}...)')
+    else:
+        print('note: config.json records no SHA-256 of model.safetensors (an older export), so it was not checked')
     if args.dry_run:
         print(f'dry run: would call HfApi.create_repo({plan.create_repo}) and upload_folder({plan.upload_folder})')
         return 0

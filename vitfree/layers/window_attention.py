@@ -102,6 +102,7 @@ def run_windows(windows: LayerWindows, grid: Tuple[int, int], resize_mode: str, 
 
 
 @torch.fx.wrap
+@torch.jit.ignore
 def fx_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: Optional[torch.Tensor],
                         extents: torch.Tensor, native_h: int, native_w: int, resize_mode: str, num_prefix_tokens: int,
                         scale: float, dropout_p: float, attn_mask: Optional[torch.Tensor], backend: str) -> torch.Tensor:

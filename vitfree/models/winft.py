@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from ..data import FASHION_MNIST_CLASSES
 from ..layers import WindowAttention
-from ..weights import prepare_factory_kwargs, shipped_weights_file
+from ..weights import manifest_cfg_fields, prepare_factory_kwargs, shipped_weights_file
 from ..windows import WindowSpec
 from .build import Family, WinfTMixin, create_winft, register_family, to_winft
 
@@ -108,13 +108,12 @@ default_cfgs = generate_default_cfgs({
 # Micro models for 28x28 grey images given as RGB (Fashion-MNIST), 14x14 patch grid; their weights
 # are trained by benchmarks/fmnist_study.py and shipped in weights/ (see weights/manifest.json).
 FMNIST_MEAN, FMNIST_STD = (0.2860,) * 3, (0.3530,) * 3  # grey images replicated to RGB
-FMNIST_LABELS = FASHION_MNIST_CLASSES  # the shipped models' label_names, in label order
 
 
 def _micro_cfg(weights: str, **kwargs) -> Dict[str, Any]:
     return _cfg(file=shipped_weights_file(weights), num_classes=10, input_size=(3, 28, 28), crop_pct=1.0,
-                interpolation='bilinear', mean=FMNIST_MEAN, std=FMNIST_STD, label_names=FMNIST_LABELS,
-                license='apache-2.0', **kwargs)
+                interpolation='bilinear', mean=FMNIST_MEAN, std=FMNIST_STD, label_names=FASHION_MNIST_CLASSES,
+                license='apache-2.0', **{**manifest_cfg_fields(weights), **kwargs})
 
 
 default_cfgs.update(generate_default_cfgs({

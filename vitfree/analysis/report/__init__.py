@@ -3,7 +3,9 @@ PNGs, ``results.json`` and one self-contained HTML page.
 
 ``orchestrate``  :func:`analyze` and one function per part of the page
 ``html``         page writing (self-contained: pictures inlined, no scripts, no network)
-``plots``        every picture of the analyses
+
+The pictures come from :mod:`vitfree.analysis.plots`, which the recorder, the ERF command and
+the demo use too.
 """
 from .orchestrate import PART_TITLES, PARTS, AnalysisReport, ReportOptions, analyze
 from .html import write_html

@@ -31,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..capture import attention_modules, num_prefix_tokens, patch_grid
+from ..capture import attention_modules, num_prefix_tokens
 from ..erf import checkpoint_hint
-from ..inputs import ImagesLike, eval_mode, iter_images, load_images, model_name, to_display_image
+from ..inputs import (ImagesLike, _count, eval_mode, gather_images, load_images, model_name, patch_grid,
+                      to_display_image)
 from ..removal import DEFAULT_FRACTIONS
-from . import plots
+from .. import plots
 from .html import escape, figure, table, to_json, write_html
 
 __all__ = ['PARTS', 'PART_TITLES', 'PART_FUNCTIONS', 'ReportOptions', 'ReportContext', 'AnalysisReport', 'analyze']
@@ -125,6 +126,19 @@ class ReportContext:
         return num_prefix_tokens(self.model)
 
     @property
+    def trivial(self) -> List[int]:
+        """Blocks with 1x1 windows only (every patch attends only to itself): left out of the
+        analyses of where patches look (profiles, patterns, patch-query lifts)."""
+        from ..erf import trivial_blocks
+        return trivial_blocks(self.model, self.grid)
+
+    @property
+    def looked_at(self) -> List[int]:
+        """The blocks that are not trivial (all of them when every block is)."""
+        depth = len(attention_modules(self.model))
+        return [b for b in range(depth) if b not in self.trivial] or list(range(depth))
+
+    @property
     def pred(self) -> torch.Tensor:
         return self.probs.argmax(-1)
 
@@ -162,23 +176,23 @@ def _class_names(model: nn.Module) -> Optional[List[str]]:
 
 
 def _read_images(model: nn.Module, images: Any, names: Optional[Sequence[str]], max_images: Optional[int],
-                 device: torch.device, split: str):
-    """``(x, names, labels, classes, source)`` for any image source :func:`analyze` takes."""
+                 device: torch.device, split: str, log: Callable[[str], None]):
+    """``(x, names, labels, classes, source)`` for any image source :func:`analyze` takes; says when
+    ``max_images`` leaves images out."""
     labels = classes = None
     if isinstance(images, (str, os.PathLike)) or (isinstance(images, (list, tuple)) and images
                                                   and all(isinstance(s, (str, os.PathLike)) for s in images)):
         loaded = load_images(model, images, max_images, device, split=split)
         x, default_names, labels, classes, source = (loaded.x, loaded.names, loaded.labels, loaded.classes,
                                                      loaded.source)
+        total = loaded.total
     else:
-        batches = list(iter_images(model, images, batch_size=16, num_images=max_images, device=device))
-        if not batches:
-            raise ValueError('no images given')
-        x = torch.cat([b[0] for b in batches])
-        ys = [b[1] for b in batches]
-        labels = None if any(y is None for y in ys) else torch.cat(ys)
+        x, labels = gather_images(model, images, max_images, device)
         default_names = [f'image {i}' for i in range(len(x))]
         source = f'{len(x)} image(s) given as {type(images).__name__}'
+        total = _count(images, None)
+    if total is not None and total > len(x):
+        log(f'using the first {len(x)} of the {total} images (max_images / --max-images {max_images})')
     names = list(names) if names is not None else default_names
     if len(names) != len(x):
         raise ValueError(f'{len(names)} names for {len(x)} images')
@@ -251,85 +265,116 @@ def images_section(ctx: ReportContext) -> str:
     return body + table(header, rows, left=tuple(range(len(header))))
 
 
-def _erf_table(res) -> Tuple[List[str], List[Tuple]]:
-    rows = [(r['block'], f'{r["mean_area"]:.1f}', r['min_area'], r['max_area'], f'{100 * r["fraction"]:.1f}%',
-             f'{r["mean_mass"]:.3f}', f'{r["mean_tendency"]:.2f}', f'{r["mean_excess_tendency"]:.2f}',
-             'global' if r['global'] else 'local') for r in res.summary()]
-    return ['block', 'mean ERF area', 'min', 'max', 'of grid', 'mass held', '|t|', '|t - u|', 'window'], rows
+def _model_windows_section(ctx: ReportContext) -> str:
+    """The model's own windows (one picture), or a line saying it has none."""
+    spec = getattr(ctx.model, 'window_spec', None)
+    grid, mname = ctx.grid, model_name(ctx.model)
+    if spec is None:
+        return ('<p>This model has no windows (every block attends globally); below are the windows its ERFs '
+                'would give.</p>')
+    ctx.picture('model_windows', plots.plot_window_sizes(spec, ctx.out / 'model_windows.png',
+                                                         title=f'{mname}: window area per patch and block'))
+    trivial = ctx.trivial
+    note = (f' Block{"s" if len(trivial) > 1 else ""} {", ".join(map(str, trivial))} '
+            f'{"have" if len(trivial) > 1 else "has"} 1x1 windows: every patch attends only to itself (and the '
+            f'prefix tokens), so the analyses of where patches look call {"them" if len(trivial) > 1 else "it"} '
+            f'trivial and leave {"them" if len(trivial) > 1 else "it"} out.') if trivial else ''
+    return (f'<h3>The model\'s windows</h3><p>The window of every patch in every block '
+            f'({escape(spec.provenance.get("kind"))} spec).{note}</p>'
+            + figure(ctx.files['model_windows'], 'model windows',
+                     f'Each panel is one block; each patch is coloured by the area of its window as a share of '
+                     f'the {grid[0]}x{grid[1]} grid (colour bar); "global" blocks have no window.'))
+
+
+def _erf_captions(ctx: ReportContext, windowed: bool) -> Dict[str, str]:
+    o, n = ctx.opts, ctx.grid[0] * ctx.grid[1]
+    return {
+        'window_sizes': f'The window spec these ERFs would give: each patch coloured by its window area as a share '
+                        f'of the {n}-patch grid (colour bar); blocks whose mean ERF covers at least {o.gamma:g} of '
+                        f'the grid are global.',
+        'erf_rects': f'ERF rectangles of {plots.MAX_PATCHES} query patches (the centre, two corners and one '
+                     f'off-centre patch): each filled square is a query patch, the solid outline of the same colour '
+                     f'its ERF' + (', the dashed outline its window in this model' if windowed else '')
+                     + ' (legend). Panel titles: mean ERF area; trivial blocks say so.',
+        'tendency': 'Excess tendency t(i) - u(i): where a patch draws its interaction from, minus where uniform '
+                    'interaction over the keys it may see would draw from, so that a border patch is not shown pulled '
+                    'to the centre by geometry alone. Arrows from each patch (key arrow: length in patches); colour: '
+                    'the arrow\'s length, |t - u| in the table (colour bar, one scale for all blocks).',
+    }
+
+
+def _interaction_section(ctx: ReportContext, pics: Dict[str, Path]) -> str:
+    n = ctx.grid[0] * ctx.grid[1]
+    if 'interaction_matrices' not in pics and 'interaction_maps' not in pics:
+        return ''
+    body = ('<h3>Interaction maps</h3><p>How much each patch (query) draws on every other patch (key): '
+            'attention averaged over heads and images, each query\'s row rescaled to sum to one.</p>')
+    if 'interaction_maps' in pics:
+        body += figure(pics['interaction_maps'], 'interaction maps',
+                       f'Rows: blocks; columns: query patches (cyan squares) over {escape(ctx.names[0])}. '
+                       f'Colour: the interaction of the query with each key patch, on one logarithmic scale '
+                       f'shared by all panels (colour bar); keys with exactly zero interaction (outside the '
+                       f'query\'s window) are grey.')
+    if 'interaction_matrices' in pics:
+        body += figure(pics['interaction_matrices'], 'interaction matrices',
+                       f'The whole {n} x {n} map of each block (row = query patch, column = key patch, both in '
+                       f'raster order), all blocks on one logarithmic colour scale (colour bar); grey entries '
+                       f'are exactly zero (the key is outside the query\'s window).')
+    return body
 
 
 def part_erf(ctx: ReportContext) -> str:
     """The model's windows, the ERFs measured on the images, interaction maps."""
+    import warnings
+
     from ..erf import measure_erf
-    o, grid, mname = ctx.opts, ctx.grid, model_name(ctx.model)
-    n = grid[0] * grid[1]
-    body = []
-    spec = getattr(ctx.model, 'window_spec', None)
-    if spec is not None:
-        ctx.picture('model_windows', plots.plot_window_sizes(spec, ctx.out / 'model_windows.png',
-                                                             title=f'{mname}: window area per patch and block'))
-        body.append(f'<h3>The model\'s windows</h3><p>The window of every patch in every block '
-                    f'({escape(spec.provenance.get("kind"))} spec).</p>'
-                    + figure(ctx.files['model_windows'], 'model windows',
-                             f'Each panel is one block; each patch is coloured by the area of its window as a share of '
-                             f'the {grid[0]}x{grid[1]} grid (colour bar); "global" blocks have no window.'))
-    else:
-        body.append('<p>This model has no windows (every block attends globally); below are the windows its ERFs '
-                    'would give.</p>')
-    res = measure_erf(ctx.model, ctx.x, tau=o.tau, gamma=o.gamma, return_result=True,
-                      data=f'{len(ctx.x)} report image(s)', **ctx.common)
+    o = ctx.opts
+    body = [_model_windows_section(ctx)]
+    with warnings.catch_warnings():  # an all-global result is said on the page, below
+        warnings.simplefilter('ignore', UserWarning)
+        res = measure_erf(ctx.model, ctx.x, tau=o.tau, gamma=o.gamma, return_result=True,
+                          data=f'{len(ctx.x)} report image(s)', **ctx.common)
     ctx.results['erf'] = res
     pics = plots.erf_pictures(res, ctx.out, image=ctx.x[0], model=ctx.model, prefix='erf_')
     for key, path in pics.items():
         ctx.picture(f'erf_{key}', path)
+    trivial = (' "trivial": every patch interacts only with itself, so there is no tendency (-).'
+               if res.trivial_blocks else '')
     body.append(f'<h3>Measured ERFs</h3><p>For every patch and block, the smallest rectangle holding {o.tau:g} of '
                 f'the patch\'s interaction mass (attention estimator, {len(ctx.x)} image(s)); a block whose mean ERF '
                 f'covers at least {o.gamma:g} of the grid becomes global. Areas are in patches; |t| is the mean '
                 f'length of the tendency (where a patch draws from, in patches), |t - u| the same beyond what uniform '
-                f'interaction over the keys the patch may see would give.</p>'
-                + table(*_erf_table(res), left=()))
+                f'interaction over the keys the patch may see would give.{trivial}</p>'
+                + table(list(res.SUMMARY_HEADER), res.summary_rows(), left=()))
+    if len(res.global_blocks) == len(res.blocks):
+        body.append(caveat(f'Every block came out global: each mean ERF covers at least gamma = {o.gamma:g} of the '
+                           f'{ctx.grid[0]}x{ctx.grid[1]} grid, so these ERFs give no windows. A lower gamma or tau '
+                           f'would.'))
     if len(ctx.x) < 32:
         body.append(caveat(f'Measured on {len(ctx.x)} image(s): measure ERFs for a window spec on a few hundred '
                            f'held-out images (vitfree erf).'))
-    captions = {
-        'window_sizes': f'The window spec these ERFs would give: each patch coloured by its window area as a share '
-                        f'of the {n}-patch grid (colour bar); blocks whose mean ERF covers at least {o.gamma:g} of '
-                        f'the grid are global.',
-        'erf_rects': 'ERF rectangles of nine sample patches: each filled square is a query patch, the solid outline '
-                     'of the same colour its ERF' + (', the dashed outline its window in this model' if spec is not None
-                                                    else '') + ' (legend). Panel titles: mean ERF area.',
-        'tendency_arrows': 'Excess tendency t(i) - u(i) as arrows from each patch (key arrow: length in patches): '
-                           'where the patch draws its interaction from, minus where uniform interaction over the keys '
-                           'it may see would draw from, so that a border patch is not shown pulled to the centre by '
-                           'geometry alone. Grey background: ERF area (colour bar).',
-        'tendency_flow': 'The same excess tendency as colour: hue is the direction (colour wheel), strength the length '
-                         '(square-root scale, one scale for all blocks); white = nothing beyond the geometry.',
-    }
-    for key, cap in captions.items():
+    for key, cap in _erf_captions(ctx, getattr(ctx.model, 'window_spec', None) is not None).items():
         if key in pics:
             body.append(figure(pics[key], key, cap))
-    if 'interaction_matrices' in pics or 'interaction_maps' in pics:
-        body.append('<h3>Interaction maps</h3><p>How much each patch (query) draws on every other patch (key): '
-                    'attention averaged over heads and images, each query\'s row rescaled to sum to one.</p>')
-        if 'interaction_maps' in pics:
-            body.append(figure(pics['interaction_maps'], 'interaction maps',
-                               f'Rows: blocks; columns: query patches (cyan squares) over {escape(ctx.names[0])}. '
-                               f'Colour: the interaction of the query with each key patch, on one logarithmic scale '
-                               f'shared by all panels (colour bar); keys with exactly zero interaction (outside the '
-                               f'query\'s window) are grey.'))
-        if 'interaction_matrices' in pics:
-            body.append(figure(pics['interaction_matrices'], 'interaction matrices',
-                               f'The whole {n} x {n} map of each block (row = query patch, column = key patch, both in '
-                               f'raster order), all blocks on one logarithmic colour scale (colour bar); grey entries '
-                               f'are exactly zero (the key is outside the query\'s window).'))
+    body.append(_interaction_section(ctx, pics))
     return ''.join(body)
+
+
+def _left_out(ctx: ReportContext) -> str:
+    """The note that trivial blocks are not analysed in a section (empty when there are none)."""
+    trivial = [b for b in ctx.trivial if b not in ctx.looked_at]
+    if not trivial:
+        return ''
+    many = len(trivial) > 1
+    return (f'<p class="skip">Block{"s" if many else ""} {", ".join(map(str, trivial))}: trivial (1x1 windows, every '
+            f'patch attends only to itself), not analysed here.</p>')
 
 
 def part_profiles(ctx: ReportContext) -> str:
     """Attention strength by hop distance and head entropy."""
     from ..profiles import distance_profiles
     o = ctx.opts
-    prof = distance_profiles(ctx.model, ctx.x, average=o.average, **ctx.common)
+    prof = distance_profiles(ctx.model, ctx.x, blocks=ctx.looked_at, average=o.average, **ctx.common)
     ctx.results['profiles'] = prof
     ctx.picture('hop_profiles', plots.plot_hop_profiles(prof, ctx.out / 'hop_profiles.png'))
     ctx.picture('entropy', plots.plot_entropy_by_layer(prof, ctx.out / 'entropy_by_layer.png'))
@@ -341,7 +386,7 @@ def part_profiles(ctx: ReportContext) -> str:
             f'{prof.hops - 1}). A head\'s strength at hop n is its attention averaged over the patch pairs n hops apart '
             f'({escape(o.average)}); normalised over n it is a distribution whose entropy is 0 for a head that only '
             f'looks at its own patch and ln({prof.hops}) = {np.log(prof.hops):.2f} for a head with no distance '
-            f'preference.</p>'
+            f'preference.</p>' + _left_out(ctx)
             + figure(ctx.files['hop_profiles'], 'hop profiles',
                      'Each panel is one block and each coloured line one head (legend): its share of attention '
                      'strength at each hop distance, averaged over the images. Dotted: uniform attention.')
@@ -375,13 +420,16 @@ def part_heads(ctx: ReportContext) -> str:
                                'and equal mode 1.</p>')
     m = imp.num_images
     against = 'the labels' if imp.labels is not None else 'the unpruned prediction'
+    merged = [g for g in imp.mode_groups('prob_drop') if len(g) > 1]
+    same = (' Modes whose results agree within 1 % of the colour scale share one panel: '
+            + '; '.join(f'modes {", ".join(map(str, g))}' for g in merged) + '.') if merged else ''
     figs = (figure(ctx.files['head_prob_drop'], 'head importance: probability drop',
                    'One panel per pruning mode: blocks (rows) x heads (columns); each cell gives the mean drop of the '
                    'predicted class\'s probability when that head alone is pruned in that mode. Red: pruning hurts, '
-                   'blue: it helps; one colour scale for all panels (colour bar).')
+                   f'blue: it helps; one colour scale for all panels (colour bar).{same}')
             + figure(ctx.files['head_accuracy_drop'], 'head importance: accuracy drop',
                      f'The same layout for the drop in top-1 accuracy (against {against}), one colour scale for all '
-                     f'panels.'))
+                     f'panels; modes with equal results share a panel.'))
     if 'head_gate' in ctx.files:
         figs += figure(ctx.files['head_gate'], 'head importance: gate score',
                        'Gradient gate score per block (rows) and head (columns): the mean absolute derivative of the '
@@ -402,7 +450,7 @@ def part_patterns(ctx: ReportContext) -> str:
     """Attention patterns: autoencoder on per-head descriptors, 2-D map, k-means clusters."""
     from ..patterns import attention_patterns, pattern_descriptors
     o, grid = ctx.opts, ctx.grid
-    desc = pattern_descriptors(ctx.model, ctx.x, average=o.average, **ctx.common)
+    desc = pattern_descriptors(ctx.model, ctx.x, blocks=ctx.looked_at, average=o.average, **ctx.common)
     kk = min(o.k, len(desc))
     pat = attention_patterns(desc, latent_dim=o.latent_dim, k=kk, epochs=o.epochs, seed=o.seed)
     ctx.results['patterns'] = pat
@@ -422,15 +470,16 @@ def part_patterns(ctx: ReportContext) -> str:
             f'{grid[0]}x{grid[1]} grid and by its hop distribution. A small autoencoder (latent size {o.latent_dim}, '
             f'{o.epochs} epochs, final loss {pat.loss[-1]:.4f}) compresses the {len(desc)} descriptors; k-means '
             f'(k={kk}{note}) clusters the latents and PCA draws them in 2-D. Seed {o.seed}: the same inputs give the '
-            f'same clusters.</p>' + warn
+            f'same clusters.</p>' + _left_out(ctx) + warn
             + figure(ctx.files['pattern_map'], 'pattern map',
                      'Left: each dot is one (image, block, head) descriptor, placed by the first two principal '
                      'components of its autoencoder code and coloured by k-means cluster (legend, with cluster sizes). '
                      'Right: the cluster each head falls in for most images (blocks x heads, colours as on the left).')
             + figure(ctx.files['pattern_clusters'], 'pattern clusters',
                      f'One column per cluster (n = its number of descriptors): top, the mean map of where the '
-                     f'{escape(desc.source)} attends on the patch grid (brighter = more attention, colour bar); '
-                     f'bottom, the mean share of attention strength per hop distance (dotted: uniform).'))
+                     f'{escape(desc.source)} attends on the patch grid (brighter = more attention, one logarithmic '
+                     f'colour scale for all clusters, colour bar); bottom, the mean share of attention strength per '
+                     f'hop distance (dotted: uniform).'))
 
 
 def part_sift(ctx: ReportContext) -> str:
@@ -441,7 +490,7 @@ def part_sift(ctx: ReportContext) -> str:
                                  names=ctx.names, **ctx.common)
     ctx.results['sift'] = sem
     ctx.picture('sift_keypoints', plots.plot_sift_keypoints(sem.images, ctx.names, ctx.out / 'sift_keypoints.png'))
-    ctx.picture('sift_lifts', plots.plot_semantic_lifts(sem, ctx.out / 'sift_lifts.png'))
+    ctx.picture('sift_lifts', plots.plot_semantic_lifts(sem, ctx.out / 'sift_lifts.png', trivial=ctx.trivial))
     counts = [len(s.keypoints) for s in sem.images]
     h_px, w_px = sem.images[0].image.shape[:2]
     shown = min(4, len(sem.images))
@@ -506,12 +555,11 @@ def part_removal(ctx: ReportContext) -> str:
     """Accuracy against the fraction of patches hidden as keys, per ranking score."""
     from ..removal import patch_removal
     o = ctx.opts
-    target = ctx.labels if ctx.labels is not None else ctx.pred
-    res = patch_removal(ctx.model, (ctx.x, target.to(ctx.x.device)), fractions=o.removal_fractions, seed=o.seed,
-                        **ctx.common)
+    images = ctx.x if ctx.labels is None else (ctx.x, ctx.labels.to(ctx.x.device))  # no labels: agreement
+    res = patch_removal(ctx.model, images, fractions=o.removal_fractions, seed=o.seed, **ctx.common)
     ctx.results['removal'] = res
     ctx.picture('removal', plots.plot_removal(res, ctx.out / 'removal.png'))
-    against = ('the labels' if ctx.labels is not None else
+    against = ('the labels' if res.against == 'labels' else
                'the unmasked prediction (there are no labels, so every curve starts at 100%)')
     n = res.num_images
     rows = [(f'{100 * f:.0f}%', k) + tuple(f'{100 * res.accuracy[s][i]:.1f}%' for s in res.accuracy)
@@ -660,7 +708,8 @@ def analyze(
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     dev = torch.device(device) if device is not None else next(iter(model.parameters())).device
-    x, names, labels, data_classes, data_source = _read_images(model, images, names, opts.max_images, dev, split)
+    x, names, labels, data_classes, data_source = _read_images(model, images, names, opts.max_images, dev, split,
+                                                                log)
     report = AnalysisReport(out, out / 'report.html', out / 'results.json')
     with eval_mode(model):
         with torch.no_grad():

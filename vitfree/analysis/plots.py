@@ -23,12 +23,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..inputs import to_display_image
+from .inputs import to_display_image
 
 __all__ = [
     'DPI', 'PAGE_WIDTH', 'SMALL_FONT',
-    'plot_window_sizes', 'plot_interaction', 'plot_interaction_matrices', 'plot_erf_rects',
-    'plot_tendency_arrows', 'plot_tendency_flow', 'flow_colors', 'plot_removal', 'erf_pictures',
+    'plot_window_sizes', 'plot_interaction', 'plot_interaction_matrices', 'plot_erf_rects', 'MAX_PATCHES',
+    'plot_tendency', 'plot_removal', 'erf_pictures',
     'default_patches', 'pick_blocks',
     'plot_head_importance', 'HEAD_MEASURES', 'plot_entropy_by_layer', 'plot_hop_profiles', 'plot_pattern_map',
     'plot_pattern_clusters', 'plot_sift_keypoints', 'plot_semantic_lifts', 'plot_images',
@@ -192,7 +192,8 @@ def plot_window_sizes(spec, path: PathLike, title: Optional[str] = None) -> Path
             frac, label = np.ones((h, w)), f'block {i}: global'
         else:
             frac = (areas.mean(axis=0) if areas.ndim == 3 else areas) / n
-            label = f'block {i}: {100 * frac.mean():.0f}% of grid'
+            label = f'block {i}: 1x1 windows (trivial)' if np.all(areas == 1) else \
+                f'block {i}: {100 * frac.mean():.0f}% of grid'
         im = ax.imshow(frac, vmin=0, vmax=1, cmap='viridis', interpolation='nearest')
         ax.set_xticks([])
         ax.set_yticks([])
@@ -214,10 +215,12 @@ def plot_interaction(
         blocks: Optional[Sequence[int]] = None,
         model=None,
         title: Optional[str] = None,
+        trivial: Sequence[int] = (),
 ) -> Path:
     """Rows: blocks; columns: query patches (outlined in cyan).  Each panel shows the image with
     the query's interaction row ``P_l(i, .)`` laid over it, on one logarithmic colour scale
     shared by all panels; keys with exactly zero interaction (outside a window) are grey.
+    Blocks in ``trivial`` (every patch interacts only with itself) are labelled so.
 
     ``image``: a normalised ``(C, H, W)`` tensor (pass ``model`` to undo the normalisation), a PIL
     image or an array; ``maps``: an InteractionResult or ``{block: (N, N)}``.
@@ -251,7 +254,7 @@ def plot_interaction(
             if r == 0:
                 ax.set_title(f'query patch ({y},{x})')
             if c == 0:
-                ax.set_ylabel(f'block {b}')
+                ax.set_ylabel(f'block {b}' + ('\n(trivial)' if b in trivial else ''))
     cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, pad=0.02)
     cb.set_label('interaction P(i, j), log scale shared by all panels; grey: exactly 0')
     fig.suptitle(title or 'How much each key patch informs the query patch (cyan), block by block')
@@ -260,9 +263,10 @@ def plot_interaction(
 
 @_styled
 def plot_interaction_matrices(maps: Any, path: PathLike, blocks: Optional[Sequence[int]] = None,
-                              title: Optional[str] = None) -> Path:
+                              title: Optional[str] = None, trivial: Sequence[int] = ()) -> Path:
     """The full ``N x N`` map per block (queries are rows, keys columns), all blocks on one
-    logarithmic colour scale; entries that are exactly zero (keys outside a query's window) grey."""
+    logarithmic colour scale; entries that are exactly zero (keys outside a query's window) grey.
+    Blocks in ``trivial`` (the identity: every patch interacts only with itself) are labelled so."""
     m = _maps_dict(maps)
     blocks = pick_blocks(sorted(m) if blocks is None else list(blocks), 12)
     n = next(iter(m.values())).shape[-1]
@@ -274,7 +278,7 @@ def plot_interaction_matrices(maps: Any, path: PathLike, blocks: Optional[Sequen
     for k, (ax, b) in enumerate(zip(panels, blocks)):
         a = m[b]
         im = ax.imshow(np.ma.masked_where(a <= 0, a), cmap=cmap, norm=norm, interpolation='nearest')
-        ax.set_title(f'block {b}')
+        ax.set_title(f'block {b}' + (' (trivial: identity)' if b in trivial else ''))
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlabel('key patch j')
@@ -287,18 +291,30 @@ def plot_interaction_matrices(maps: Any, path: PathLike, blocks: Optional[Sequen
 
 
 # ---- ERFs -----------------------------------------------------------------------------------------
-def _sample_patches(grid: Sequence[int], per_side: int = 3) -> List[Tuple[int, int]]:
-    h, w = int(grid[0]), int(grid[1])
-    ys = np.unique(np.round(np.linspace(0, h - 1, min(per_side, h))).astype(int))
-    xs = np.unique(np.round(np.linspace(0, w - 1, min(per_side, w))).astype(int))
-    return [(int(y), int(x)) for y in ys for x in xs]
+MAX_PATCHES = 4    # query patches drawn in one ERF panel: more outlines than this cannot be told apart
+TRIVIAL = 'trivial: every patch\ninteracts only with itself'
 
 
 def _block_title(result, b: int) -> str:
     erf = result.blocks[b]
     n = result.grid[0] * result.grid[1]
+    if _trivial(result, b):
+        return f'block {b}\nERF = the patch (trivial)'
     tag = ' (global)' if b in result.global_blocks else ''
     return f'block {b}{tag}\nERF {100 * erf.mean_area / n:.0f}% of grid'
+
+
+def _trivial(result, b: int) -> bool:
+    """Block ``b`` of an ERF result is trivial (every patch interacts only with itself; see
+    :attr:`~vitfree.analysis.erf.BlockErf.trivial`): nothing to draw but the word."""
+    erf = result.blocks[b]
+    return bool(getattr(erf, 'trivial', np.all(np.asarray(erf.area) <= 1)))
+
+
+def _say_trivial(ax, grid: Sequence[int]) -> None:
+    h, w = int(grid[0]), int(grid[1])
+    ax.text(w / 2, h / 2, TRIVIAL, ha='center', va='center', fontsize=SMALL_FONT + 0.5,
+            bbox=dict(facecolor='white', edgecolor='0.7', boxstyle='round,pad=0.3'))
 
 
 def _rect(ax, y: int, x: int, ext, grid, inset: float, **kw) -> None:
@@ -311,45 +327,57 @@ def _rect(ax, y: int, x: int, ext, grid, inset: float, **kw) -> None:
                            **kw))
 
 
+def _block_rects(erf, head: Optional[int]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The ERF rectangles and (when the measured model had them) the windows of one block, for one head."""
+    rects = erf.rects if erf.rects.ndim == 3 else erf.rects[0 if head is None else head]
+    win = getattr(erf, 'window', None)
+    if win is not None and win.ndim == 4:
+        win = win[0 if head is None else head]
+    return rects, win
+
+
 @_styled
 def plot_erf_rects(result, path: PathLike, blocks: Optional[Sequence[int]] = None,
                    patches: Optional[Sequence[PatchLike]] = None, head: Optional[int] = None,
                    title: Optional[str] = None) -> Path:
-    """ERF rectangles of a few patches (a 3x3 lattice by default) in each block, drawn on the
-    patch grid, each in its own colour with its patch filled; where the measured model had
-    windows, each patch's window is drawn dashed in the same colour.  Panel titles give the mean
-    ERF area as a share of the grid and mark blocks that became global.  Per-head results show
-    ``head`` (default: head 0)."""
+    """ERF rectangles of at most :data:`MAX_PATCHES` query patches (by default the centre, two
+    corners and an off-centre patch) in each block, drawn on the patch grid, each in its own
+    colour with its patch filled; where the measured model had windows, each patch's window is
+    drawn dashed in the same colour.  Panel titles give the mean ERF area as a share of the grid
+    and mark blocks that became global; trivial blocks say so.  Per-head results show ``head``
+    (default: head 0)."""
     plt = _plt()
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
     grid = result.grid
     blocks = pick_blocks(range(len(result.blocks)) if blocks is None else list(blocks), 12)
-    pts = [_patch_yx(p, grid) for p in (_sample_patches(grid) if patches is None else patches)]
+    pts = [_patch_yx(p, grid) for p in (default_patches(grid) if patches is None else patches)]
+    if len(pts) > MAX_PATCHES:
+        raise ValueError(f'at most {MAX_PATCHES} patches per ERF panel can be told apart, got {len(pts)}')
     colors = plt.get_cmap('tab10')
     fig, axes, panels, _ = _grid_panels(len(blocks))
     windowed = False
     for ax, b in zip(panels, blocks):
-        erf = result.blocks[b]
-        rects = erf.rects if erf.rects.ndim == 3 else erf.rects[0 if head is None else head]
-        win = getattr(erf, 'window', None)
-        if win is not None and win.ndim == 4:
-            win = win[0 if head is None else head]
+        rects, win = _block_rects(result.blocks[b], head)
         _grid_axes(ax, grid)
+        ax.set_title(_block_title(result, b))
         for k, (y, x) in enumerate(pts):
             col = colors(k % 10)
+            ax.fill_between([x, x + 1], y, y + 1, color=col, alpha=0.85, lw=0)
+            if _trivial(result, b):
+                continue
             if win is not None:
                 windowed = True
                 _rect(ax, y, x, win[y, x], grid, 0.02, ec=col, lw=1.0, ls=(0, (3, 2)))
-            _rect(ax, y, x, rects[y, x], grid, 0.1, ec=col, lw=1.6)
-            ax.fill_between([x, x + 1], y, y + 1, color=col, alpha=0.85, lw=0)
-        ax.set_title(_block_title(result, b))
-    handles = [Patch(color='0.35', label='query patch i'),
-               Line2D([], [], color='0.35', lw=1.6, label=f'its ERF: smallest rectangle holding {result.tau:g} of P(i, .)')]
+            _rect(ax, y, x, rects[y, x], grid, 0.1 + 0.08 * k, ec=col, lw=1.8)
+        if _trivial(result, b):
+            _say_trivial(ax, grid)
+    handles = [Patch(color=colors(k % 10), label=f'patch ({y},{x})') for k, (y, x) in enumerate(pts)]
+    handles.append(Line2D([], [], color='0.35', lw=1.8, label=f'ERF: smallest rectangle holding {result.tau:g} of P(i, .)'))
     if windowed:
-        handles.append(Line2D([], [], color='0.35', lw=1.0, ls=(0, (3, 2)), label="its window in the measured model"))
-    fig.legend(handles=handles, loc='outside lower center', ncol=2, frameon=False)
-    fig.suptitle(title or 'ERF rectangles of sample patches (one colour per patch)')
+        handles.append(Line2D([], [], color='0.35', lw=1.0, ls=(0, (3, 2)), label='window in the measured model'))
+    fig.legend(handles=handles, loc='outside lower center', ncol=3, frameon=False)
+    fig.suptitle(title or f'ERF rectangles of {len(pts)} query patches (one colour per patch)')
     return _save(fig, path)
 
 
@@ -362,34 +390,25 @@ def _excess(result, b: int, head: Optional[int]) -> np.ndarray:
     return t
 
 
-SELF_ONLY = 'every ERF is the patch itself:\nno tendency to draw'
-
-
-def _self_only(result, b: int) -> bool:
-    """True when every ERF of block ``b`` is its own patch (area 1), e.g. a last block whose patch
-    outputs never reach the logit (attribution) or rows without any interaction: the excess
-    tendency is then only the patch's offset from its window's centre, not something measured, so
-    it is neither drawn nor allowed to set the common arrow scale."""
-    return bool(np.all(np.asarray(result.blocks[b].area) <= 1))
-
-
 def _fields_and_top(result, blocks, head):
+    """Per block its excess tendency, and the longest one among the blocks that are not trivial
+    (a trivial block has no measured tendency and must not set the scale shared by all)."""
     fields = {b: _excess(result, b, head) for b in blocks}
-    scaled = [f for b, f in fields.items() if not _self_only(result, b)] or list(fields.values())
-    top = max(float(np.hypot(f[..., 0], f[..., 1]).max()) for f in scaled)
+    scaled = [f for b, f in fields.items() if not _trivial(result, b)]
+    top = max([float(np.hypot(f[..., 0], f[..., 1]).max()) for f in scaled] + [0.0])
     return fields, top
 
 
 @_styled
-def plot_tendency_arrows(result, path: PathLike, blocks: Optional[Sequence[int]] = None,
-                         head: Optional[int] = None, title: Optional[str] = None) -> Path:
-    """Excess tendency vectors ``t(i) - u(i)`` (METHODS 3.2) as arrows from patch centres (every
-    patch on grids up to 12 a side, a lattice otherwise) over the ERF area of each patch in
-    grey.  One arrow scale for all blocks, shown by the key arrow.  Per-head results: mean over
-    heads unless ``head`` is given."""
+def plot_tendency(result, path: PathLike, blocks: Optional[Sequence[int]] = None,
+                  head: Optional[int] = None, title: Optional[str] = None) -> Path:
+    """The excess tendency ``t(i) - u(i)`` (METHODS 3.2), the one tendency picture: arrows from
+    patch centres (every patch on grids up to 12 a side, a lattice otherwise) and, behind them,
+    each patch coloured by the arrow's length, one scale for all blocks (colour bar; the key
+    arrow shows the arrow scale), so the picture shows the ``|t - u|`` column of the tables.
+    Trivial blocks say so.  Per-head results: mean over heads unless ``head`` is given."""
     grid = result.grid
     h, w = grid
-    n = h * w
     blocks = pick_blocks(range(len(result.blocks)) if blocks is None else list(blocks), 12)
     fields, top = _fields_and_top(result, blocks, head)
     step = max(1, math.ceil(max(h, w) / 12))
@@ -397,73 +416,27 @@ def plot_tendency_arrows(result, path: PathLike, blocks: Optional[Sequence[int]]
     ys, xs = np.mgrid[0:h:step, 0:w:step]
     fig, axes, panels, _ = _grid_panels(len(blocks))
     from matplotlib.colors import LinearSegmentedColormap
-    greys = LinearSegmentedColormap.from_list('erf_area', ['white', '0.5'])  # light enough for red arrows
+    blues = LinearSegmentedColormap.from_list('excess', ['white', '#6baed6'])  # light enough for dark arrows
     im = q = None
     for ax, b in zip(panels, blocks):
-        area = result.blocks[b].area
-        area = area.mean(0) if area.ndim == 3 else area
-        im = ax.imshow(area / n, extent=(0, w, h, 0), cmap=greys, vmin=0, vmax=1, interpolation='nearest')
         _grid_axes(ax, grid, lines=False)
         ax.set_title(_block_title(result, b))
-        if _self_only(result, b):
-            ax.text(w / 2, h / 2, SELF_ONLY, ha='center', va='center', fontsize=SMALL_FONT)
+        if _trivial(result, b):
+            _say_trivial(ax, grid)
             continue
+        length = np.hypot(fields[b][..., 0], fields[b][..., 1])
+        im = ax.imshow(length, extent=(0, w, h, 0), cmap=blues, vmin=0, vmax=max(top, 1e-12), interpolation='nearest')
         t = fields[b][::step, ::step]
         q = ax.quiver(xs + 0.5, ys + 0.5, t[..., 1], t[..., 0], angles='xy', scale_units='xy', scale=scale,
-                      color='tab:red', width=0.012, headwidth=3.5, minlength=0.05)
+                      color='#a50f15', width=0.012, headwidth=3.5, minlength=0.05)
     if q is not None:
         key = float(f'{top:.1g}') if top > 0 else 1.0
         panels[0].quiverkey(q, 0.05, -0.1, key, f'key arrow: {key:g} patches', labelpos='E', coordinates='axes',
                             fontproperties={'size': SMALL_FONT + 0.5})
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, pad=0.02, label='grey: ERF area / grid area')
-    fig.suptitle(title or f'Excess tendency t(i) - u(i) as arrows (longest {top:.2f} patches)')
-    return _save(fig, path)
-
-
-def flow_colors(vectors: np.ndarray, max_length: Optional[float] = None) -> np.ndarray:
-    """Optical-flow style colours for ``(..., 2)`` vectors ``(dy, dx)``: hue = direction, saturation
-    = ``sqrt(length / max_length)`` (default: the largest length; the square root keeps short
-    vectors visible), value = 1, so zero is white.  Returns ``(..., 3)`` RGB floats in ``[0, 1]``."""
-    from matplotlib.colors import hsv_to_rgb
-    dy, dx = vectors[..., 0], vectors[..., 1]
-    length = np.hypot(dx, dy)
-    top = float(length.max()) if max_length is None else float(max_length)
-    hue = (np.arctan2(-dy, dx) / (2 * np.pi)) % 1.0  # counter-clockwise from "right", y up on screen
-    sat = np.sqrt(np.clip(length / top, 0, 1)) if top > 0 else np.zeros_like(length)
-    return hsv_to_rgb(np.stack([hue, sat, np.ones_like(hue)], axis=-1))
-
-
-@_styled
-def plot_tendency_flow(result, path: PathLike, blocks: Optional[Sequence[int]] = None,
-                       head: Optional[int] = None, title: Optional[str] = None) -> Path:
-    """The excess tendency ``t(i) - u(i)`` as a colour image per block (hue = direction,
-    saturation = square root of the length, one scale for all blocks, white = nothing beyond
-    the geometry), with the colour wheel as the key."""
-    grid = result.grid
-    h, w = grid
-    blocks = pick_blocks(range(len(result.blocks)) if blocks is None else list(blocks), 12)
-    fields, top = _fields_and_top(result, blocks, head)
-    fig, axes, panels, extra = _grid_panels(len(blocks), extra=1)
-    for ax, b in zip(panels, blocks):
-        self_only = _self_only(result, b)
-        ax.imshow(flow_colors(fields[b] * (0 if self_only else 1), top), extent=(0, w, h, 0), interpolation='nearest')
-        _grid_axes(ax, grid, lines=False)
-        ax.set_title(_block_title(result, b))
-        if self_only:
-            ax.text(w / 2, h / 2, SELF_ONLY, ha='center', va='center', fontsize=SMALL_FONT)
-    key = extra[0]
-    span = top if top > 0 else 1.0
-    r = np.linspace(-1, 1, 121)
-    yy, xx = np.meshgrid(r, r, indexing='ij')
-    wheel = flow_colors(np.stack([yy, xx], axis=-1) * span, span)
-    wheel[np.hypot(xx, yy) > 1] = 1.0
-    key.imshow(wheel, extent=(-span, span, span, -span))
-    key.set_xticks([-span, 0, span], [f'{-span:.2g}', '0', f'{span:.2g}'])
-    key.set_yticks([-span, 0, span], [f'{-span:.2g}', '0', f'{span:.2g}'])
-    key.set_title(f'key: hue = direction,\nstrength = length (max {top:.2f})')
-    key.set_xlabel('dx (patches, right +)')
-    key.set_ylabel('dy (patches, down +)')
-    fig.suptitle(title or 'Excess tendency t(i) - u(i) as colour')
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, pad=0.02, label='|t - u| (patches)')
+    fig.suptitle(title or f'Excess tendency t(i) - u(i): arrows, and their length as colour (longest {top:.2f} '
+                          f'patches)')
     return _save(fig, path)
 
 
@@ -490,25 +463,27 @@ def plot_removal(result, path: PathLike, title: Optional[str] = None) -> Path:
 
 # ---- everything for one measurement ----------------------------------------------------------------
 def erf_pictures(result, out_dir: PathLike, image: Any = None, model=None,
-                 patches: Optional[Sequence[PatchLike]] = None, prefix: str = '') -> Dict[str, Path]:
+                 patches: Optional[Sequence[PatchLike]] = None, prefix: str = '',
+                 window_sizes: bool = True) -> Dict[str, Path]:
     """Write the standard pictures of an :class:`~vitfree.analysis.erf.ErfResult` into ``out_dir``:
-    window sizes of the measured spec, ERF rectangles, excess tendency as arrows and as a colour
-    field, the interaction matrices, and (with ``image``) interaction maps of a few patches over
-    the image.  Returns ``{name: path}``."""
+    window sizes of the measured spec (unless ``window_sizes`` is off, e.g. when they are drawn
+    elsewhere already), ERF rectangles, the excess tendency, the interaction matrices, and (with
+    ``image``) interaction maps of a few patches over the image.  Returns ``{name: path}``."""
     out = Path(out_dir)
-    files = {
-        'window_sizes': plot_window_sizes(result.spec, out / f'{prefix}window_sizes.png'),
-        'erf_rects': plot_erf_rects(result, out / f'{prefix}erf_rects.png'),
-        'tendency_arrows': plot_tendency_arrows(result, out / f'{prefix}tendency_arrows.png'),
-        'tendency_flow': plot_tendency_flow(result, out / f'{prefix}tendency_flow.png'),
-    }
+    files = {}
+    if window_sizes:
+        files['window_sizes'] = plot_window_sizes(result.spec, out / f'{prefix}window_sizes.png')
+    files['erf_rects'] = plot_erf_rects(result, out / f'{prefix}erf_rects.png', patches=patches)
+    files['tendency'] = plot_tendency(result, out / f'{prefix}tendency.png')
+    trivial = [b.block for b in result.blocks if getattr(b, 'trivial', False)]
     if result.interaction is not None:
         files['interaction_matrices'] = plot_interaction_matrices(result.interaction,
-                                                                  out / f'{prefix}interaction_matrices.png')
+                                                                  out / f'{prefix}interaction_matrices.png',
+                                                                  trivial=trivial)
         if image is not None:
             files['interaction_maps'] = plot_interaction(image, result.interaction, result.grid,
                                                          out / f'{prefix}interaction_maps.png', patches=patches,
-                                                         model=model)
+                                                         model=model, trivial=trivial)
     return files
 
 
@@ -528,12 +503,14 @@ def _grid_lines(ax, grid: Sequence[int]) -> None:
 
 
 def _heat(ax, values: np.ndarray, title: str, cmap: str, vmin: float, vmax: float, blocks: Sequence[int],
-          cell: Tuple[float, float], fmt: str = '{:.2f}'):
-    """A blocks x heads heat map; cell numbers only when a cell (``cell`` = width, height in
-    inches) is large enough to print them at :data:`SMALL_FONT`."""
+          cell: Tuple[float, float], fmt: str = '{:.2f}', norm=None):
+    """A blocks x heads heat map (linear from ``vmin`` to ``vmax``, or ``norm``); cell numbers only
+    when a cell (``cell`` = width, height in inches) is large enough to print them at
+    :data:`SMALL_FONT`."""
+    from matplotlib.colors import Normalize
     cm = _masked_cmap(cmap)
-    im = ax.imshow(np.ma.masked_invalid(values), cmap=cm, vmin=vmin, vmax=vmax, aspect='auto',
-                   interpolation='nearest')
+    norm = norm if norm is not None else Normalize(vmin=vmin, vmax=vmax)
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=cm, norm=norm, aspect='auto', interpolation='nearest')
     ax.set_title(title)
     nb, nh = values.shape
     step_h = max(1, math.ceil(nh / 16))
@@ -543,20 +520,41 @@ def _heat(ax, values: np.ndarray, title: str, cmap: str, vmin: float, vmax: floa
     ax.set_yticks(range(0, nb, step))
     ax.set_yticklabels([str(blocks[i]) for i in range(0, nb, step)])
     if cell[0] >= 0.4 and cell[1] >= 0.17:
-        span = max(abs(vmax - vmin), 1e-12)
-        diverging = cmap in ('RdBu_r', 'coolwarm')
-        for b in range(nb):
-            for h in range(nh):
-                v = values[b, h]
-                if np.isfinite(v):
-                    # white text on the dark ends of the colour map
-                    light = abs(v - (vmin + vmax) / 2) / span > 0.3 if diverging else (v - vmin) / span > 0.6
-                    text = fmt.format(v)
-                    if text.lstrip('-+').strip('0.') == '':
-                        text = '0'
-                    ax.text(h, b, text, ha='center', va='center', fontsize=SMALL_FONT,
-                            color='white' if light else 'black')
+        _cell_numbers(ax, values, norm, fmt, diverging=cmap in ('RdBu_r', 'coolwarm'))
     return im
+
+
+def _cell_numbers(ax, values: np.ndarray, norm, fmt: str, diverging: bool) -> None:
+    """Each finite cell's value, white on the dark ends of the colour map."""
+    for b in range(values.shape[0]):
+        for h in range(values.shape[1]):
+            v = values[b, h]
+            if np.isfinite(v):
+                pos = float(np.clip(norm(v), 0, 1))
+                light = abs(pos - 0.5) > 0.3 if diverging else pos > 0.6
+                text = fmt.format(v)
+                if text.lstrip('-+').strip('0.') == '':
+                    text = '0'
+                ax.text(h, b, text, ha='center', va='center', fontsize=SMALL_FONT, color='white' if light else 'black')
+
+
+def _plain_ticks(cb) -> None:
+    """Ratios on a log colour bar read as numbers (0.5, 1, 2), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    norm = cb.mappable.norm
+    cb.set_ticks(sorted({round(float(v), 2) for v in np.geomspace(norm.vmin, norm.vmax, 5)} | {1.0}))
+    cb.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:.2g}'))
+    cb.ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _ratio_norm(values: np.ndarray):
+    """A logarithmic colour scale centred on 1 for ratios (lifts): from ``1/r`` to ``r``, ``r`` the
+    largest factor away from 1, so one large lift does not wash out the others and 2 and 1/2 are
+    equally far from "no preference"."""
+    from matplotlib.colors import LogNorm
+    v = values[np.isfinite(values) & (values > 0)]
+    r = max(float(np.max(np.maximum(v, 1 / v))) if v.size else 1.0, 1.001)
+    return LogNorm(vmin=1 / r, vmax=r, clip=True)
 
 
 HEAD_MEASURES = {
@@ -584,13 +582,13 @@ def plot_head_importance(imp, path: PathLike, measure: str = 'prob_drop', title:
         cmap, fmt = 'viridis', '{:.2g}'
     else:
         data = imp.prob_drop() if measure == 'prob_drop' else imp.accuracy_drop()
-        panels = [(data[i], f'mode {m}: {imp.mode_names[m]}') for i, m in enumerate(imp.modes)]
+        panels = _merged_mode_panels(imp, data, measure)
         top = max(float(np.abs(data).max()), 1e-6)
         lim = (-top, top)
         decimals = int(min(4, max(2, 1 - math.floor(math.log10(top)))))  # small drops keep a significant digit
         cmap, fmt = 'RdBu_r', '{:+.%df}' % decimals
     nb, nh = panels[0][0].shape
-    cols = min(3, len(panels))
+    cols = 2 if len(panels) == 4 else min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     pw = min((PAGE_WIDTH - 1.3) / cols, max(1.6, 0.45 * nh + 0.5))
     ph = max(1.4, 0.24 * nb + 0.5)
@@ -609,8 +607,27 @@ def plot_head_importance(imp, path: PathLike, measure: str = 'prob_drop', title:
         if k // cols == rows - 1 or k + cols >= len(panels):
             ax.set_xlabel('head')
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9, label=bar_label)
-    fig.suptitle(title or f'Head importance: {what} ({imp.num_images} image(s))')
+    merged = '\n(modes that agree within 1 % of the colour scale share a panel)' \
+        if len(panels) < len(imp.modes) and measure != 'gate' else ''
+    fig.suptitle(title or f'Head importance: {what} ({imp.num_images} image(s)){merged}')
     return _save(fig, path)
+
+
+def _merged_mode_panels(imp, data: np.ndarray, measure: str, rel_tol: float = 0.01) -> List[Tuple[np.ndarray, str]]:
+    """One panel per group of modes with equal results (:meth:`HeadImportance.mode_groups`): two
+    panels that look the same are drawn once, titled with every mode they stand for; a panel whose
+    every value is within ``rel_tol`` of the colour scale of zero says "no effect"."""
+    panels = []
+    tol = rel_tol * max(float(np.abs(data).max()), 1e-12)
+    for group in imp.mode_groups(measure, rel_tol):
+        values = data[imp.modes.index(group[0])]
+        names = ', '.join(imp.mode_names[m] for m in group)
+        label = f'mode {group[0]}: {names}' if len(group) == 1 else \
+            f'modes {", ".join(map(str, group))}:\n{names}'  # two lines: merged titles are long
+        if float(np.abs(values).max()) <= tol:
+            label += ' (no effect)'
+        panels.append((values, label))
+    return panels
 
 
 # ---- distance profiles -----------------------------------------------------------------------------
@@ -739,7 +756,8 @@ def plot_pattern_map(pat, path: PathLike, title: Optional[str] = None) -> Path:
 @_styled
 def plot_pattern_clusters(pat, path: PathLike, title: Optional[str] = None) -> Path:
     """One column per cluster: its mean class-token map over the patch grid (top, brighter =
-    more attention) and its mean hop distribution (bottom; dotted: uniform)."""
+    more attention, one logarithmic scale for all clusters so that a peaked cluster does not
+    darken the others) and its mean hop distribution (bottom; dotted: uniform)."""
     plt = _plt()
     k = pat.k
     cw = min(1.7, (PAGE_WIDTH - 0.9) / k)
@@ -749,10 +767,12 @@ def plot_pattern_clusters(pat, path: PathLike, title: Optional[str] = None) -> P
     top = max(float(pat.mean_hop.max()), 1e-6) * 1.1
     sizes = pat.cluster_sizes()
     im = None
-    vmax = max(float(pat.mean_cls_map.max()), 1e-12)
+    maps = np.asarray(pat.mean_cls_map, dtype=np.float64)
+    norm = _shared_log_norm(list(maps), maps[0].size)  # a few peaked clusters must not turn the rest black
+    cmap = _masked_cmap('magma')
     for c in range(k):
         ax = axes[0][c]
-        im = ax.imshow(pat.mean_cls_map[c], cmap='magma', vmin=0, vmax=vmax, interpolation='nearest')
+        im = ax.imshow(np.ma.masked_where(maps[c] <= 0, maps[c]), cmap=cmap, norm=norm, interpolation='nearest')
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f'cluster {c}\nn={sizes[c]}', color=colors(c % 10))
@@ -765,7 +785,7 @@ def plot_pattern_clusters(pat, path: PathLike, title: Optional[str] = None) -> P
             ax.set_yticklabels([])
     axes[0][0].set_ylabel(f'{pat.descriptors.source}\nmap')
     axes[1][0].set_ylabel('share p_n')
-    fig.colorbar(im, ax=[axes[0][c] for c in range(k)], shrink=0.9, label='share of attention')
+    fig.colorbar(im, ax=[axes[0][c] for c in range(k)], shrink=0.9, label='share of attention\n(log scale)')
     fig.suptitle(title or 'Mean descriptor per cluster: where the attention lands (top), how far it reaches (bottom)')
     return _save(fig, path)
 
@@ -836,57 +856,77 @@ def plot_sift_keypoints(sem_images: Sequence, names: Sequence[str], path: PathLi
 
 
 @_styled
-def plot_semantic_lifts(sem, path: PathLike, title: Optional[str] = None) -> Path:
+def plot_semantic_lifts(sem, path: PathLike, title: Optional[str] = None, trivial: Sequence[int] = ()) -> Path:
     """Three panels: the query lift per block and head (top left); the group-to-group lift of
-    the last measured block (top right); the class-token lift on each group against block
-    (bottom).  Lifts are ratios to uniform attention over the same keys: 1 = no preference."""
+    the last measured block that is not trivial (top right); the class-token lift on each group
+    against block (bottom).  Lifts are ratios to uniform attention over the same keys: 1 = no
+    preference.  Blocks in ``trivial`` (1x1 windows: a patch query sees only itself, so its lift
+    is 1 by construction) are marked, not drawn; groups empty in every image are left out."""
     plt = _plt()
-    names = sem.group_names
-    q = sem.mean_query_lift()
-    cl = sem.mean_cls_lift()
-    g = sem.mean_group_lift()
+    q = np.array(sem.mean_query_lift(), dtype=np.float64)
     nb, nh = q.shape
+    rows = [i for i, b in enumerate(sem.blocks) if b in trivial]
+    q[rows] = np.nan
     fig = plt.figure(figsize=(PAGE_WIDTH, 6.4), layout='constrained')
+    fig.get_layout_engine().set(wspace=0.12)  # room between the first colour bar and the second panel's labels
     grid = fig.add_gridspec(2, 2, height_ratios=[max(1.0, 0.2 * nb + 0.6), 1.0])
     ax0, ax1, ax2 = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
-    finite = q[np.isfinite(q)]
-    span = max(float(np.abs(finite - 1).max()) if finite.size else 0.0, 1e-3)
-    im = _heat(ax0, q, 'query lift (mean over images)', 'RdBu_r', 1 - span, 1 + span, sem.blocks,
-               (3.4 / max(nh, 1), 2.4 / max(nb, 1)))
+    im = _heat(ax0, q, 'query lift (mean over images)', 'RdBu_r', 0, 0, sem.blocks,
+               (3.4 / max(nh, 1), 2.4 / max(nb, 1)), norm=_ratio_norm(q))
+    for r in rows:
+        ax0.text((nh - 1) / 2, r, 'trivial (1x1 windows)', ha='center', va='center', fontsize=SMALL_FONT)
     ax0.set_xlabel('head')
     ax0.set_ylabel('block')
-    fig.colorbar(im, ax=ax0, shrink=0.9, label='lift (1 = none)')
-    last = g[-1]
-    fin = last[np.isfinite(last)]
-    span = max(float(np.abs(fin - 1).max()) if fin.size else 0.0, 1e-3)
-    im = ax1.imshow(np.ma.masked_invalid(last), cmap=_masked_cmap('RdBu_r'), vmin=1 - span, vmax=1 + span,
-                    interpolation='nearest')
-    for a in range(4):
-        for b in range(4):
-            v = last[a, b]
-            ax1.text(b, a, '-' if not np.isfinite(v) else f'{v:.2f}', ha='center', va='center', fontsize=8)
-    ax1.set_xticks(range(4))
-    ax1.set_xticklabels([f'{k} {names[k]}' for k in range(4)])
-    ax1.set_yticks(range(4))
-    ax1.set_yticklabels([f'{k} {names[k]}' for k in range(4)])
-    ax1.set_xlabel('key group')
-    ax1.set_ylabel('query group')
-    ax1.set_title(f'group-to-group lift, block {sem.blocks[-1]} (grey: empty group)')
-    fig.colorbar(im, ax=ax1, shrink=0.9, label='lift (1 = none)')
-    if cl is not None:
-        colors = ['#969696', '#fdae6b', '#f16913', '#a50f15']
-        for k in range(4):
-            ax2.plot(sem.blocks, cl[:, k], marker='o', ms=4, color=colors[k], label=f'group {k}: {names[k]}')
-        ax2.axhline(1.0, ls=':', color='0.4', lw=0.8, label='1 = no preference')
-        ax2.set_xticks(sem.blocks)
-        ax2.set_xlabel('block')
-        ax2.set_ylabel("class token's lift")
-        ax2.legend(loc='upper center', bbox_to_anchor=(0.5, -0.22), ncol=5, frameon=False)
-        ax2.grid(alpha=0.25)
-        ax2.set_title('class-token lift per keypoint group (mean over heads and images)')
-    else:
-        ax2.axis('off')
-        ax2.text(0.5, 0.5, 'no class token: no class-token lift', ha='center', va='center')
+    _plain_ticks(fig.colorbar(im, ax=ax0, shrink=0.9, label='lift (1 = none), log scale'))
+    _group_lift_panel(fig, ax1, sem, [i for i in range(nb) if i not in rows])
+    _class_lift_panel(ax2, sem)
     fig.suptitle(title or f'Semantic attention lift ({sem.weight} weights): attention on keypoint mass against uniform\n'
                           f'attention over the same keys; above 1 = the heads seek out structure')
     return _save(fig, path)
+
+
+def _group_lift_panel(fig, ax, sem, usable: Sequence[int]) -> None:
+    """The group-to-group lift of the last block in ``usable`` (indices into ``sem.blocks``)."""
+    names = sem.group_names
+    if not usable:
+        ax.axis('off')
+        ax.text(0.5, 0.5, 'every block is trivial: no group-to-group lift', ha='center', va='center')
+        return
+    last = sem.mean_group_lift()[usable[-1]]
+    im = ax.imshow(np.ma.masked_invalid(last), cmap=_masked_cmap('RdBu_r'), norm=_ratio_norm(last),
+                   interpolation='nearest')
+    for a in range(4):
+        for b in range(4):
+            v = last[a, b]
+            ax.text(b, a, '-' if not np.isfinite(v) else f'{v:.2f}', ha='center', va='center', fontsize=8)
+    ax.set_xticks(range(4))
+    ax.set_xticklabels([f'{k} {names[k]}' for k in range(4)])
+    ax.set_yticks(range(4))
+    ax.set_yticklabels([f'{k} {names[k]}' for k in range(4)])
+    ax.set_xlabel('key group')
+    ax.set_ylabel('query group')
+    ax.set_title(f'group-to-group lift, block {sem.blocks[usable[-1]]} (grey: empty group)')
+    _plain_ticks(fig.colorbar(im, ax=ax, shrink=0.9, label='lift (1 = none), log scale'))
+
+
+def _class_lift_panel(ax, sem) -> None:
+    """The class token's lift on each keypoint group against block (groups with values only)."""
+    cl = sem.mean_cls_lift()
+    if cl is None:
+        ax.axis('off')
+        ax.text(0.5, 0.5, 'no class token: no class-token lift', ha='center', va='center')
+        return
+    names = sem.group_names
+    colors = ['#969696', '#fdae6b', '#f16913', '#a50f15']
+    empty = [k for k in range(4) if not np.isfinite(cl[:, k]).any()]
+    for k in range(4):
+        if k not in empty:
+            ax.plot(sem.blocks, cl[:, k], marker='o', ms=4, color=colors[k], label=f'group {k}: {names[k]}')
+    ax.axhline(1.0, ls=':', color='0.4', lw=0.8, label='1 = no preference')
+    ax.set_xticks(sem.blocks)
+    ax.set_xlabel('block')
+    ax.set_ylabel("class token's lift")
+    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.22), ncol=5, frameon=False)
+    ax.grid(alpha=0.25)
+    gone = f'; empty in every image: {", ".join(f"group {k} ({names[k]})" for k in empty)}' if empty else ''
+    ax.set_title(f'class-token lift per keypoint group (mean over heads and images){gone}')
