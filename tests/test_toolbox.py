@@ -170,3 +170,79 @@ def test_attention_extract_under_eager_backend_without_global_switch():
         out = ex(X)
     windowed = [i for i in range(6) if not m.window_spec.is_global(i)]
     assert [f'blocks.{i}.attn.attn_drop' for i in windowed] == [k for k in out if int(k.split('.')[1]) in windowed]
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_fx_graph_is_bit_exact_with_the_module(name):
+    """timm's FX graph of a WinfT calls the very kernel the module runs (one leaf per windowed layer), so
+    the two agree bit for bit, as timm's own test_model_forward_fx asks."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    m = _make(name)
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                         param_shapes_constant=True)
+    last = get_graph_node_names(m, tracer_kwargs=tracer_kwargs)[1][-1]
+    fx_model = create_feature_extractor(m, return_nodes=[last], tracer_kwargs=tracer_kwargs)
+    with torch.inference_mode():
+        out, ref = fx_model(X)[last], m(X)
+    assert torch.equal(out, ref)
+
+
+def test_attention_extract_hook_with_fused_attention_on_plain_vit_gets_nothing():
+    from timm.utils import AttentionExtract
+    assert AttentionExtract(_make('vit'), method='hook')(X) == {}  # timm's own ViT: fused attention skips attn_drop
+
+
+@pytest.mark.parametrize('name', [n for n in NAMES if n != 'vit'])
+def test_attention_extract_hook_with_fused_attention_on(name):
+    """With fused attention on, a hook on attn_drop sends the layer through the explicit softmax, so
+    AttentionExtract(method='hook') captures every block (timm's own ViT returns {} there)."""
+    from timm.utils import AttentionExtract
+    m = _make(name)
+    assert all(b.attn.fused_attn for b in m.blocks)
+    with torch.no_grad():
+        ref = m(X)
+    ex = AttentionExtract(m, method='hook')
+    out = ex(X)
+    assert list(out) == [f'blocks.{i}.attn.attn_drop' for i in range(6)]
+    for a in out.values():
+        _close(a.sum(-1), torch.ones(2, 4, 197))
+    with torch.no_grad():
+        _close(ex.model(X), ref)  # the hooked forward computes the same output
+
+
+@pytest.mark.parametrize('name', ['winft_measured', 'winft_per_head'])
+def test_attention_extract_fx_with_fused_attention_off(name):
+    from timm.utils import AttentionExtract
+    timm.layers.set_fused_attn(False)
+    try:
+        m = _make(name)
+    finally:
+        timm.layers.set_fused_attn(True)
+    hooked = AttentionExtract(m, method='hook')(X)
+    traced = AttentionExtract(m, method='fx')(X)
+    assert list(traced) == [f'blocks.{i}.attn.softmax' for i in range(6)]
+    for a, b in zip(traced.values(), hooked.values()):
+        _close(a, b)
+
+
+@pytest.mark.parametrize('maker', ['registered', 'create_winft'])
+def test_timm_save_for_hf_round_trip(maker, tmp_path):
+    """timm's own export writes the windows into config.json and safetensors; local-dir: rebuilds it."""
+    import json
+
+    from timm.models import save_for_hf
+    spec = WindowSpec.uniform(6, 14, 2, global_blocks=[5])
+    if maker == 'registered':
+        m = _make('winft_uniform')
+        m.set_window_spec(spec)
+    else:
+        m = vitfree.create_winft('vit_micro_patch2_28', windows=spec).eval()
+    save_for_hf(m, str(tmp_path), safe_serialization=True)
+    cfg = json.loads((tmp_path / 'config.json').read_text())
+    assert (tmp_path / 'model.safetensors').is_file() and not (tmp_path / 'pytorch_model.bin').exists()
+    assert cfg['architecture'] == ('winft_micro_patch2_28' if maker == 'registered' else 'vitfree_winft')
+    r = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert r.window_spec.same_windows(spec)
+    with torch.no_grad():
+        assert torch.equal(r(X), m(X))

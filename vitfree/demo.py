@@ -32,7 +32,6 @@ import torch
 from .data import FASHION_MNIST_CLASSES
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
-FMNIST_CLASSES = FASHION_MNIST_CLASSES
 
 
 def bundled_images() -> List[Path]:
@@ -187,7 +186,7 @@ def _describe_winft(winft, pred: torch.Tensor, labels: torch.Tensor, log) -> Non
         f'{prov.get("data")}; estimator {prov.get("estimator")}, tau {prov.get("tau")}, gamma {prov.get("gamma")}); '
         f'backends per block: ' + ' '.join(winft.attn_backends()))
     log(format_spec(spec))
-    shown = ', '.join(f'{FMNIST_CLASSES[p]}' + ('' if p == t else f' (true: {FMNIST_CLASSES[t]})')
+    shown = ', '.join(f'{FASHION_MNIST_CLASSES[p]}' + ('' if p == t else f' (true: {FASHION_MNIST_CLASSES[t]})')
                       for p, t in zip(pred[:6].tolist(), labels[:6].tolist()))
     log(f'WinfT predictions, first 6 images: {shown}')
 
@@ -245,7 +244,7 @@ def _demo_report(model, x: torch.Tensor, labels: torch.Tensor, out: Path, log):
     from .analysis.report import analyze
     n = REPORT_IMAGES
     report = analyze(
-        model, (x[:n], labels[:n]), out, names=[f'test #{i}' for i in range(n)], classes=FMNIST_CLASSES,
+        model, (x[:n], labels[:n]), out, names=[f'test #{i}' for i in range(n)], classes=FASHION_MNIST_CLASSES,
         weights="the shipped winft_micro_patch2_28.fmnist weights (trained here), loaded by "
                 "timm.create_model('winft_micro_patch2_28.fmnist', pretrained=True)",
         source=f'the first {n} of the Fashion-MNIST test images bundled with vitfree '

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..data import IMG_EXTENSIONS
+from ..data import IMG_EXTENSIONS, list_image_files
 
 __all__ = [
     'ImagesLike', 'eval_mode', 'model_name', 'model_transform', 'to_display_image',
@@ -101,17 +101,6 @@ def to_display_image(x: torch.Tensor, model: Optional[nn.Module] = None,
     if c == 1:
         img = img.expand(3, -1, -1)
     return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-
-
-def list_image_files(folder: Union[str, os.PathLike]) -> List[Path]:
-    """Image files under ``folder`` (recursively, sorted), by suffix."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f'image folder not found: {str(folder)!r}')
-    files = sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f'no image files ({", ".join(IMG_EXTENSIONS)}) under {str(folder)!r}')
-    return files
 
 
 class ImageFiles(torch.utils.data.Dataset):

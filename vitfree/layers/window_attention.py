@@ -10,8 +10,8 @@ parameters move over as they are), which is how models are given windows.
 ``Attention`` here; EVA's rotary attention and the position-bias attentions elsewhere): the
 windows, the grid of the current input, and :meth:`WindowedCore.attend`, the one windowed
 attention forward.  It asks the dispatcher (:mod:`vitfree.ops.dispatch`) for a plan with one
-query and runs it.  On the explicit-softmax path (``fused_attn = False``, as in timm, or
-``vitfree.use_backend('eager')``) the post-softmax probabilities pass through ``attn_drop``, an
+query and runs it.  On the explicit-softmax path (``fused_attn = False``, as in timm,
+``vitfree.use_backend('eager')``, or a hook on ``attn_drop``) the post-softmax probabilities pass through ``attn_drop``, an
 identity outside training: that module is the hook point, so timm's ``AttentionExtract``
 (``method='hook'``) and vitfree's recorder read what the forward computes.
 
@@ -171,20 +171,29 @@ class WindowedCore:
         """Windowed attention of this layer on ``(B, heads, T, d)`` q, k, v (after any q/k norm or rotary
         embedding); ``qkv``: the packed projection, when the q, k, v are plain slices of it (lets a fused
         kernel read it in place).  Returns ``(B, T, heads * value_dim)``."""
-        if torch.jit.is_scripting() or _plain_graph() or (is_fx_tracing() and not self.fused_attn):
+        fused = self.fused_attn and not self.probs_hooked()
+        if torch.jit.is_scripting() or _plain_graph() or (is_fx_tracing() and not fused):
             b, h, t, _ = q.shape
             dropout_p = self.attn_drop.p if self.training else 0.0
             bias = graph_window_bias(self.window_extents, self.num_prefix_tokens, q, attn_mask, is_causal)
-            if self.fused_attn:
+            if fused:
                 x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scale)
             else:
                 x = apply_probs(self.attn_drop(softmax_probs(q, k, self.scale, bias)), v)
             return x.transpose(1, 2).reshape(b, t, h * v.shape[-1])
-        return self._dispatched(q, k, v, attn_mask, is_causal, qkv)
+        return self._dispatched(q, k, v, attn_mask, is_causal, qkv, fused)
+
+    def probs_hooked(self) -> bool:
+        """A hook on ``attn_drop`` asks for the attention probabilities (timm's ``AttentionExtract``
+        with ``method='hook'``, grad-cam): the layer then takes the explicit-softmax path, whose
+        probabilities pass ``attn_drop``, even with fused attention on."""
+        if torch.jit.is_scripting():
+            return False
+        return bool(self.attn_drop._forward_hooks or self.attn_drop._forward_pre_hooks)
 
     @torch.jit.unused
     def _dispatched(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                    is_causal: bool, qkv: Optional[torch.Tensor]) -> torch.Tensor:
+                    is_causal: bool, qkv: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
         """Outside plain graphs: the dispatcher's plan (inside an FX trace, as one leaf function)."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         mask = resolve_self_attn_mask(q.shape[-2], q, attn_mask, is_causal)
@@ -194,7 +203,7 @@ class WindowedCore:
                                        self.num_prefix_tokens, self.scale, dropout_p, mask, self.backend)
         grid = grid_for(self._windows, self.grid, q.shape[-2] - self.num_prefix_tokens)
         x, self.last_backend = run_windows(self._windows, grid, self.resize_mode, self.num_prefix_tokens, q, k, v,
-                                           qkv, self.scale, dropout_p, mask, self.backend, not self.fused_attn,
+                                           qkv, self.scale, dropout_p, mask, self.backend, not fused,
                                            self.attn_drop)
         return x
 
@@ -250,7 +259,7 @@ class WindowAttention(WindowedCore, Attention):
             x = self.attend(q, k, v, attn_mask, is_causal, qkv if plain else None)
         else:
             dropout_p = self.attn_drop.p if self.training else 0.0
-            if self.fused_attn:
+            if self.fused_attn and not self.probs_hooked():
                 x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                    is_causal=is_causal)
             else:
