@@ -19,7 +19,7 @@ import textwrap
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ['set_threads', 'clock', 'interleaved', 'peak_memory', 'matmul_peak', 'count_flops', 'machine_info',
+__all__ = ['set_threads', 'clock', 'interleaved', 'peak_memory', 'count_flops', 'machine_info',
            'write_results']
 
 
@@ -109,22 +109,6 @@ def peak_memory(setup: str, threads: int = 1, timeout: float = 900) -> Dict[str,
             return json.loads(line[len('VITFREE_PEAK '):])
     tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
     return {'error': ' | '.join(tail) or f'exit code {res.returncode}'}
-
-
-def matmul_peak(dtype: str = 'float32', n: int = 2048, reps: int = 5) -> float:
-    """Best GFLOP/s of an ``n x n`` matmul in ``dtype`` with the current thread setting."""
-    import torch
-    dt = getattr(torch, dtype)
-    a = torch.randn(n, n).to(dt)
-    b = torch.randn(n, n).to(dt)
-    tick = clock()
-    a @ b
-    best = float('inf')
-    for _ in range(reps):
-        t0 = tick()
-        a @ b
-        best = min(best, tick() - t0)
-    return 2 * n ** 3 / best / 1e9
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
