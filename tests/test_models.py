@@ -319,3 +319,12 @@ def test_window_resize_keep_with_dynamic_image_size():
         m(torch.randn(1, 3, 56, 42))
     lw = m.blocks[0].attn.windows_for(28 * 21)
     assert lw.grid == (28, 21) and int(lw.extents.max()) == 1
+
+
+def test_model_level_bad_arguments_are_named():
+    with pytest.raises(ValueError, match=r'an image of \(7, 7\) px is smaller than one \(16, 16\) patch'):
+        timm.create_model('winft_tiny_patch16_224', img_size=7)
+    with pytest.raises(ValueError, match=r"WinfT: timm cannot build it with .*'num_heads': 5.*divisible by num_heads"):
+        timm.create_model('winft_tiny_patch16_224', num_heads=5)
+    with pytest.raises(ValueError, match=r"vit_tiny_patch16_224: timm cannot build it with .*'num_heads': 5"):
+        create_winft('vit_tiny_patch16_224', num_heads=5)

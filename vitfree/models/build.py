@@ -93,6 +93,11 @@ class WinfTMixin:
     def _apply_windows(self, announce: bool) -> None:
         """Windows at the current grid, always resized from the spec as given (so round trips never compound)."""
         spec, grid, slots = self._source_spec, self._patch_grid(), self._attention_slots()
+        if min(grid) < 1:
+            pe = getattr(self, 'patch_embed', None)
+            raise ValueError(f'an image of {tuple(getattr(pe, "img_size", ()) or ())} px is smaller than one '
+                             f'{tuple(getattr(pe, "patch_size", ()) or ())} patch (patch grid {grid[0]}x{grid[1]}); '
+                             f'use an image size of at least the patch size')
         if spec.grid != grid:
             if announce:
                 warn(f'window spec made for a {spec.grid[0]}x{spec.grid[1]} patch grid is resized to the model grid '
@@ -227,6 +232,16 @@ def _unwrapped_kwargs(kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[
     return kwargs, {k: kwargs.pop(k) for k in ('out_indices', 'feature_cls', 'output_stride') if k in kwargs}
 
 
+def timm_build(build: Callable[..., nn.Module], name: str, *args, **kwargs) -> nn.Module:
+    """``build(*args, **kwargs)``, with timm's argument asserts (``dim should be divisible by num_heads``)
+    turned into a ``ValueError`` that names the model and the arguments."""
+    try:
+        return build(*args, **kwargs)
+    except AssertionError as e:
+        shown = {k: v for k, v in kwargs.items() if k not in ('pretrained_cfg', 'pretrained_model_args')}
+        raise ValueError(f'{name}: timm cannot build it with {shown}: {e}') from None
+
+
 def wrap_features(model: nn.Module, variant: str, feature_args: Dict[str, Any]) -> nn.Module:
     """timm's own ``features_only`` wrapper around a built WinfT (its family's feature config)."""
     from timm.models import build_model_with_cfg
@@ -260,7 +275,7 @@ def create_winft(base: str, windows: SpecLike = None, pretrained: bool = False, 
     kwargs, features = _unwrapped_kwargs(kwargs)
     kwargs = secure_factory_kwargs(base, pretrained, dict(kwargs, windows=windows))  # a spec from config.json decoded
     windows = kwargs.pop('windows')
-    model = timm.create_model(base, pretrained=pretrained, **kwargs)
+    model = timm_build(timm.create_model, base, base, pretrained=pretrained, **kwargs)
     fam = family_of(model, f'{base!r}')
     if pretrained and kwargs.get('pretrained_strict', True):
         check_loaded_weights(model, model.pretrained_cfg, fam.filter_fn)

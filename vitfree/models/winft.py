@@ -23,7 +23,7 @@ from ..data import FASHION_MNIST_CLASSES
 from ..layers import WindowAttention
 from ..weights import manifest_cfg_fields, prepare_factory_kwargs, shipped_weights_file
 from ..windows import WindowSpec
-from .build import Family, WinfTMixin, create_winft, register_family, to_winft
+from .build import Family, WinfTMixin, create_winft, register_family, timm_build, to_winft
 
 __all__ = ['WinfT', 'create_winft', 'to_winft']
 
@@ -50,7 +50,7 @@ class WinfT(WinfTMixin, VisionTransformer):
 
     def __init__(self, windows: SpecLike = None, attn_backend: Optional[str] = None, window_resize: str = 'scale',
                  **kwargs) -> None:
-        super().__init__(**kwargs)
+        timm_build(super().__init__, type(self).__name__, **kwargs)
         self._give_windows(windows, attn_backend, window_resize)
 
     def _windowed_layer(self, attn: nn.Module) -> WindowAttention:
