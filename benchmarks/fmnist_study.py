@@ -719,17 +719,22 @@ STATE = RESULTS / 'fmnist_study_state.tar.gz'
 def cmd_snapshot(args) -> int:
     """Pack what the study has finished into ``benchmarks/results/fmnist_study_state.tar.gz``: the
     specs, the ERF interaction maps, the analyses, speed and recheck results, every finished run's
-    record and metrics, and the seed-0 ViT (the ERF pictures and any re-selection read it).  Runs
-    still in progress and checkpoints stay out.  Continue elsewhere with
+    record and metrics, the trained ViT of every seed (the ERF pictures, any re-selection and the
+    fine-tuning arms read them) and, of each run in progress, its newest checkpoint (a few MB), so
+    a fresh machine loses at most the steps since that checkpoint.  Continue elsewhere with
     ``tar -xzf benchmarks/results/fmnist_study_state.tar.gz -C bench-out/fmnist-v2``."""
     import tarfile
     work = Path(args.work)
     files = sorted(p for p in (work / 'specs').glob('*.yaml'))
     files += sorted((work / 'erf').glob('*.pt')) + [work / f for f in ('analyses.json', 'speed.json',
                                                                         'erf_recheck.json')]
-    for res in sorted((work / 'runs').glob('*/result.json')):
-        files += [res, res.parent / 'metrics.jsonl', res.parent / 'finetune_config.json']
-    files += sorted((run_dir(work, 'vit', 0) / 'model').glob('*'))
+    for run in sorted(p for p in (work / 'runs').glob('*') if p.is_dir()):
+        files += [run / 'result.json', run / 'metrics.jsonl', run / 'finetune_config.json']
+        ckpts = sorted((run / 'checkpoints').glob('ckpt-*'))
+        if not (run / 'result.json').is_file() and ckpts:  # in progress: its newest checkpoint
+            files += sorted(f for f in ckpts[-1].rglob('*') if f.is_file())
+    for seed in SEEDS:
+        files += sorted((run_dir(work, 'vit', seed) / 'model').glob('*'))
     with tarfile.open(STATE, 'w:gz') as tar:
         for f in files:
             if f.is_file():
