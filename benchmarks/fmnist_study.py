@@ -570,8 +570,8 @@ def cmd_report(args) -> int:
                                  'dim 64, depth 6, 4 heads, 0.31M parameters); WinfT = the same with windows',
                         'seeds': list(SEEDS), 'budgets_percent': list(BUDGETS)},
            'versions': f'vitfree {vitfree.__version__}, timm {timm.__version__}, torch {torch.__version__}',
-           'arms': arms, 'selection': sel, 'speed_machine': (speed or {}).get('machine'), 'analyses': analyses,
-           'erf_recheck': recheck}
+           'arms': arms, 'paired': [paired(arms, a, b) for a, b in PAIRS], 'selection': sel,
+           'speed_machine': (speed or {}).get('machine'), 'analyses': analyses, 'erf_recheck': recheck}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / 'fmnist_study.json').write_text(json.dumps(res, indent=1) + '\n')
     pictures = _erf_pictures(work, sel) if sel else {}
@@ -579,6 +579,43 @@ def cmd_report(args) -> int:
     (RESULTS / 'fmnist_study.md').write_text(_markdown(res, pictures))
     log(f'report: wrote {RESULTS / "fmnist_study.md"}')
     return 0
+
+
+# the decisive comparisons of issue 19: (a, b) -> a minus b, paired by seed
+PAIRS = (('WinfT measured, 25 %', 'WinfT uniform, 25 %'), ('WinfT measured, 25 %', 'ViT'),
+         ('WinfT uniform, 25 %', 'ViT'), ('WinfT measured, 50 %', 'WinfT uniform, 50 %'),
+         ('WinfT measured, 50 %', 'ViT'), ('WinfT uniform, 50 %', 'ViT'),
+         ('WinfT measured 25 % from the ViT (fine-tune)', 'WinfT uniform 25 % from the ViT (fine-tune)'),
+         ('WinfT measured 25 % from the ViT (fine-tune)', 'ViT trained on (fine-tune)'),
+         ('WinfT measured 50 % from the ViT (fine-tune)', 'WinfT uniform 50 % from the ViT (fine-tune)'),
+         ('WinfT measured 50 % from the ViT (fine-tune)', 'ViT trained on (fine-tune)'))
+
+
+def paired(arms: Dict[str, Any], a: str, b: str) -> Dict[str, Any]:
+    """Test top-1 of arm ``a`` minus arm ``b`` on the seeds both have: per seed, the mean and its 95 %
+    interval (Student t, n - 1 degrees of freedom; none with fewer than two seeds)."""
+    from scipy import stats
+    da = dict(zip(arms[a]['seeds'], arms[a]['test_top1']))
+    db = dict(zip(arms[b]['seeds'], arms[b]['test_top1']))
+    seeds = sorted(set(da) & set(db))
+    d = np.array([da[k] - db[k] for k in seeds])
+    out: Dict[str, Any] = {'a': a, 'b': b, 'seeds': seeds, 'differences': d.round(2).tolist(),
+                           'mean': float(d.mean()) if len(d) else None, 'ci95': None}
+    if len(d) > 1:
+        half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+        out['ci95'] = [float(d.mean()) - half, float(d.mean()) + half]
+    return out
+
+
+def _paired_lines(res: Dict[str, Any]) -> List[str]:
+    lines = ['## Paired differences (test top-1, percentage points; the same seed in both arms)', '',
+             '| comparison | seeds | per seed | mean | 95 % interval |', '|---|---|---|---|---|']
+    for c in res['paired']:
+        ci = c['ci95']
+        lines.append(f'| {c["a"]} minus {c["b"]} | {len(c["seeds"])} | '
+                     f'{", ".join(f"{v:+.2f}" for v in c["differences"]) or "-"} | {_fmt(c["mean"], "+.2f")} | '
+                     f'{"-" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"} |')
+    return lines + ['', 'An interval needs two seeds; with three it is wide (t = 4.30 at 2 degrees of freedom).', '']
 
 
 def _plot(arms: Dict[str, Any], path: Path) -> None:
@@ -663,6 +700,7 @@ def _markdown(res: Dict[str, Any], pictures: Dict[str, Dict[str, str]]) -> str:
                   'the other jobs on the machine left them (the queue is throttled by signal), so hours compare '
                   'runs only roughly; the images/s columns are the side-by-side speed measurement.',
               '', '![accuracy against cost](fmnist_study.png)', '']
+    lines += _paired_lines(res)
     sel = res.get('selection')
     if sel:
         lines += ['## Windows chosen at each budget (validation only)', '',
