@@ -40,33 +40,25 @@
 #include <cstring>
 #include <new>
 #include <omp.h>
+#include <sys/mman.h>
 #include <type_traits>
 #include <utility>
 
 namespace {
 
 // ---- instruction set: vector width and register blocking ------------------------------------
+// L: lanes (queries per tile row); NR: query rows per tile, at most; NC: key offsets per Q K^T
+// micro-kernel; ND: head channels per P V micro-kernel; KM: key rows per dK / dV micro-kernel.
+// Register budget: AVX-512 has 32 vector registers (3 x 8 accumulators), AVX2 16 (2 x 6).
 #if defined(__AVX512F__)
 #define VITFREE_ISA "avx512"
-constexpr int L = 16;   // lanes (queries per tile row)
-constexpr int NR = 3;   // query rows per tile, at most
-constexpr int NC = 8;   // key offsets per Q K^T micro-kernel
-constexpr int ND = 8;   // head channels per P V micro-kernel
-constexpr int KM = 3;   // key rows per dK / dV micro-kernel
+constexpr int L = 16, NR = 3, NC = 8, ND = 8, KM = 3;
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VITFREE_ISA "avx2"
-constexpr int L = 8;
-constexpr int NR = 2;
-constexpr int NC = 6;
-constexpr int ND = 6;
-constexpr int KM = 2;
+constexpr int L = 8, NR = 2, NC = 6, ND = 6, KM = 2;
 #else
 #define VITFREE_ISA "generic"
-constexpr int L = 8;
-constexpr int NR = 2;
-constexpr int NC = 4;
-constexpr int ND = 4;
-constexpr int KM = 2;
+constexpr int L = 8, NR = 2, NC = 4, ND = 4, KM = 2;
 #endif
 
 typedef float vf __attribute__((vector_size(4 * L)));
@@ -243,20 +235,30 @@ inline void unpack_block(const float* src, int64_t src_d, int n, int64_t D, vf m
 }
 
 // ---- scratch ---------------------------------------------------------------------------------
-struct Buf {  // 64-byte aligned, grows on demand, reused across work items of one thread
+struct Buf {  // aligned, grows on demand, kept by its thread across work items and calls
     float* p = nullptr;
     size_t n = 0;
     float* get(size_t m) {
         if (m > n) {
             std::free(p);
-            p = static_cast<float*>(std::aligned_alloc(64, ((m * sizeof(float) + 63) / 64) * 64));
+            const size_t bytes = m * sizeof(float);
+            const size_t align = bytes >= (size_t{4} << 20) ? size_t{2} << 20 : 64;  // big ones: huge pages
+            p = static_cast<float*>(std::aligned_alloc(align, (bytes + align - 1) / align * align));
             if (!p) {
                 n = 0;
                 throw std::bad_alloc();
             }
+            if (align > 64) madvise(p, (bytes + align - 1) / align * align, MADV_HUGEPAGE);
             n = m;
         }
         return p;
+    }
+    void trim(size_t most) {  // give back a buffer of more than `most` floats
+        if (n > most) {
+            std::free(p);
+            p = nullptr;
+            n = 0;
+        }
     }
     int32_t* geti(size_t m) { return reinterpret_cast<int32_t*>(get(m)); }
     Buf() = default;
@@ -669,6 +671,11 @@ struct Work {
 
 struct Scratch {
     Buf qp, kp, vp, dop, dkp, dvp, s, s2, ot, qt, mk, sq, sq2, tmp, bad, grid, lse, delta, pre, zeros, act;
+    void trim(size_t most) {
+        for (Buf* b : {&qp, &kp, &vp, &dop, &dkp, &dvp, &s, &s2, &ot, &qt, &mk, &sq, &sq2, &tmp, &bad, &grid, &lse,
+                       &delta, &pre, &zeros, &act})
+            b->trim(most);
+    }
 };
 
 int default_tile_rows() {
@@ -1261,13 +1268,53 @@ void count_pairs(const Geo& g, int64_t h, int tile_rows, int64_t* res) {
         const int nr = static_cast<int>(std::min<int64_t>(tile_rows, g.gh - R0));
         for (int64_t cv = 0; cv < y.ncv; ++cv) {
             make_tile(g, h, R0, nr, cv * L, t);
-            for (int m = 0; m < nr; ++m) {
-                res[1] += L * g.P;
-                for (int64_t r = t.rlo; r <= t.rhi; ++r) res[1] += t.active(m, r) ? L * t.ndc() : 0;
-                res[2] += L * (g.P + t.nrows() * t.ndc());
+            for (int64_t r = t.rlo; r <= t.rhi; ++r) {  // as tile_logits and pv run them
+                unsigned act = 0;
+                for (int m = 0; m < nr; ++m) {
+                    act |= static_cast<unsigned>(t.active(m, r)) << m;
+                    res[1] += t.active(m, r) ? L * t.ndc() : 0;
+                }
+                if (!act) continue;
+                int ma, mb;
+                bit_range<NR>(act, &ma, &mb);
+                if (mb >= nr) mb = nr - 1;  // the kernel's [0, M - 1] fallback, M = nr
+                res[2] += L * (mb - ma + 1) * t.ndc();
             }
+            res[1] += L * g.P * nr;
+            res[2] += L * g.P * nr;
         }
     }
+}
+
+// item(work, back, scratch, b, h) for every (image, head), split over `threads` OpenMP threads
+// (each with its own scratch); returns 0, 1 (a window is empty or leaves the grid) or 2 (out of
+// memory)
+template <class F>
+int for_each_head(const Geo& g, int threads, F item) {
+    int status = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        static thread_local Scratch s;  // OpenMP's threads live on: so do their buffers, up to 64 MiB each
+        Work w;
+        Back bk;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < g.B * g.H; ++bh) {
+            if (status) continue;
+            try {
+                if (!make_layout(g, bh % g.H, w.y)) {
+#pragma omp atomic write
+                    status = 1;
+                    continue;
+                }
+                item(w, bk, s, bh / g.H, bh % g.H);
+            } catch (const std::bad_alloc&) {
+#pragma omp atomic write
+                status = 2;
+            }
+        }
+        s.trim(size_t{16} << 20);
+    }
+    return status;
 }
 
 }  // namespace
@@ -1283,29 +1330,10 @@ int vitfree_window_attention_forward(const float* q, const float* k, const float
                                      int64_t bounds_heads, float scale, float* out, float* lse, int threads) {
     const Geo g{B, H, T, D, P, gw, (T - P) / gw, qs, ks, vs, bounds, bounds_heads};
     const int tile_rows = default_tile_rows();
-    int status = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        Scratch s;
-        Work w;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t bh = 0; bh < B * H; ++bh) {
-            if (status) continue;
-            try {
-                if (!make_layout(g, bh % H, w.y)) {
-#pragma omp atomic write
-                    status = 1;
-                    continue;
-                }
-                setup_work(w, g, bh / H, bh % H, scale, tile_rows, s, q, k, v, false);
-                forward_item(w, q, out, lse);
-            } catch (const std::bad_alloc&) {
-#pragma omp atomic write
-                status = 2;
-            }
-        }
-    }
-    return status;
+    return for_each_head(g, threads, [&](Work& w, Back&, Scratch& s, int64_t b, int64_t h) {
+        setup_work(w, g, b, h, scale, tile_rows, s, q, k, v, false);
+        forward_item(w, q, out, lse);
+    });
 }
 
 // Gradients.  dq, dk, dv are fp32 buffers with (batch, head, token) strides gs[0..2], unit stride
@@ -1319,31 +1347,11 @@ int vitfree_window_attention_backward(const float* q, const float* k, const floa
                                       const int64_t* dvs, int threads) {
     const Geo g{B, H, T, D, P, gw, (T - P) / gw, qs, ks, vs, bounds, bounds_heads};
     const int tile_rows = default_tile_rows();
-    int status = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        Scratch s;
-        Work w;
-        Back bk;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t bh = 0; bh < B * H; ++bh) {
-            if (status) continue;
-            try {
-                if (!make_layout(g, bh % H, w.y)) {
-#pragma omp atomic write
-                    status = 1;
-                    continue;
-                }
-                setup_work(w, g, bh / H, bh % H, scale, tile_rows, s, q, k, v, true);
-                setup_back(w, bk, s, out, grad_out, lse, dq, dqs);
-                backward_item(w, bk, q, dk, dv, dks, dvs);
-            } catch (const std::bad_alloc&) {
-#pragma omp atomic write
-                status = 2;
-            }
-        }
-    }
-    return status;
+    return for_each_head(g, threads, [&](Work& w, Back& bk, Scratch& s, int64_t b, int64_t h) {
+        setup_work(w, g, b, h, scale, tile_rows, s, q, k, v, true);
+        setup_back(w, bk, s, out, grad_out, lse, dq, dqs);
+        backward_item(w, bk, q, dk, dv, dks, dvs);
+    });
 }
 
 // Work of one call: res[0] = exact pairs (prefix and window pairs of every query, all heads),
