@@ -92,6 +92,7 @@ def test_isa_the_cpu_lacks_or_unknown_is_refused(monkeypatch):
     monkeypatch.setattr(native, '_cpu_flags', lambda: {'sse2', 'avx', 'avx2', 'fma', 'bmi1', 'bmi2', 'f16c', 'movbe',
                                                        'abm'})
     monkeypatch.setattr(native.platform, 'machine', lambda: 'x86_64')
+    monkeypatch.setattr(native, '_auto_isa', None)
     with _env(VITFREE_NATIVE_ISA='avx512'), pytest.raises(RuntimeError, match='lacks avx512f'):
         native._isa()
     with _env(VITFREE_NATIVE_ISA='sse9'), pytest.raises(ValueError, match="'sse9'.*avx512, avx2, generic"):

@@ -22,6 +22,7 @@ one opaque operator (``torch.ops.vitfree.window_attention``), so graphs do not b
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -69,13 +70,14 @@ def _cpu_id() -> str:
     return hashlib.sha256('\n'.join(sorted(set(lines))).encode()).hexdigest()[:16]
 
 
-def _cpu_flags() -> set:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset:
     try:
         text = Path('/proc/cpuinfo').read_text()
     except OSError:
-        return set()
+        return frozenset()
     line = next((ln for ln in text.splitlines() if ln.startswith('flags')), '')
-    return set(line.partition(':')[2].split())
+    return frozenset(line.partition(':')[2].split())
 
 
 def _missing(isa: str) -> list:
@@ -86,11 +88,17 @@ def _missing(isa: str) -> list:
     return [f for f in _ISA_NEEDS[isa] if f not in have]
 
 
+_auto_isa: Optional[str] = None  # the best instruction set this CPU runs, once found
+
+
 def _isa() -> str:
     """The instruction set to build for: ``$VITFREE_NATIVE_ISA``, else the best the CPU runs."""
+    global _auto_isa
     forced = os.environ.get('VITFREE_NATIVE_ISA', '').strip().lower()
     if forced in ('', 'auto'):
-        return next(i for i in ISA_FLAGS if not _missing(i))
+        if _auto_isa is None:
+            _auto_isa = next(i for i in ISA_FLAGS if not _missing(i))
+        return _auto_isa
     if forced not in ISA_FLAGS:
         raise ValueError(f'VITFREE_NATIVE_ISA={forced!r}: expected one of auto, {", ".join(ISA_FLAGS)}')
     if _missing(forced):

@@ -564,8 +564,6 @@ void pv(const PVArgs& a) {
 struct KBArgs {
     const float* w;        // band buffer: [offset][band row][pitch], at column pad + C
     const int32_t* wm;     // its masks (Safe)
-    const float* zeros;    // a zero row (pitch floats), at column pad + C
-    const int32_t* zerom;
     const float* x;        // packed Q or dO at (row 0, channel d0, column pad + C)
     float* const* acc;     // packed dK or dV at (row r0 + k, channel d0, column pad + C)
     int64_t rs, pitch, hb, band0, ndcg;
@@ -579,32 +577,33 @@ void kb(const KBArgs& a) {
     vf acc[K][N];
     for (int k = 0; k < K; ++k)
         for (int n = 0; n < N; ++n) acc[k][n] = ld(a.acc[k] + n * a.pitch);
+    const int64_t step = a.hb * a.pitch;  // offsets are consecutive in dc
     for (int64_t R = a.Ra; R <= a.Rb; ++R) {
-        const float* wk[K];
-        const int32_t* mk[K];
-        int64_t sk[K];  // per dc step: the next offset's block, or 0 for the zero row
-        for (int k = 0; k < K; ++k) {
-            const int64_t dr = a.r0 + k - R;
-            const bool in = dr >= a.dr_lo && dr <= a.dr_hi;
-            const int64_t o = ((dr - a.dr_lo) * a.ndcg - a.dc_lo) * a.hb * a.pitch + (R - a.band0) * a.pitch;
-            wk[k] = in ? a.w + o : a.zeros;
-            mk[k] = in ? a.wm + o : a.zerom;
-            sk[k] = in ? a.hb * a.pitch : 0;
-        }
+        // key rows r0 + k whose offset r0 + k - R lies in the band's range: k in [ka, kb]
+        const int ka = static_cast<int>(std::max<int64_t>(0, R - a.r0 + a.dr_lo));
+        const int kb_ = static_cast<int>(std::min<int64_t>(K - 1, R - a.r0 + a.dr_hi));
+        if (ka > kb_) continue;
+        const int64_t o0 = ((a.r0 - R - a.dr_lo) * a.ndcg - a.dc_lo) * step + (R - a.band0) * a.pitch;
         const float* xr = a.x + R * a.rs;
-        for (int dc = a.dca; dc <= a.dcb; ++dc) {
-            vf w[K];
-            vi m[K];
-            for (int k = 0; k < K; ++k) {  // offsets are consecutive in dc; the column moves by -dc
-                w[k] = reg(ld(wk[k] + dc * sk[k] - dc));
-                if (Safe) m[k] = ldi(mk[k] + dc * sk[k] - dc);
-            }
+        auto body = [&](auto A_, auto B_) __attribute__((always_inline)) {
+            constexpr int A = decltype(A_)::value, B = decltype(B_)::value;
+            for (int dc = a.dca; dc <= a.dcb; ++dc) {
+                vf w[K];
+                vi m[K];
+                for (int k = A; k <= B; ++k) {  // the column moves by -dc
+                    const int64_t o = o0 + (k * a.ndcg + dc) * step - dc;
+                    w[k] = reg(ld(a.w + o));
+                    if (Safe) m[k] = ldi(a.wm + o);
+                }
 #pragma GCC unroll 8
-            for (int n = 0; n < N; ++n) {
-                const vf x = reg(ld(xr + n * a.pitch - dc));
-                for (int k = 0; k < K; ++k) acc[k][n] = Safe ? sel(m[k], acc[k][n] + w[k] * x, acc[k][n]) : acc[k][n] + w[k] * x;
+                for (int n = 0; n < N; ++n) {
+                    const vf x = reg(ld(xr + n * a.pitch - dc));
+                    for (int k = A; k <= B; ++k)
+                        acc[k][n] = Safe ? sel(m[k], acc[k][n] + w[k] * x, acc[k][n]) : acc[k][n] + w[k] * x;
+                }
             }
-        }
+        };
+        with_range<K>(ka, kb_, body);
     }
     for (int k = 0; k < K; ++k)
         for (int n = 0; n < N; ++n) st(a.acc[k] + n * a.pitch, acc[k][n]);
@@ -670,10 +669,10 @@ struct Work {
 };
 
 struct Scratch {
-    Buf qp, kp, vp, dop, dkp, dvp, s, s2, ot, qt, mk, sq, sq2, tmp, bad, grid, lse, delta, pre, zeros, act;
+    Buf qp, kp, vp, dop, dkp, dvp, s, s2, ot, qt, mk, sq, sq2, tmp, bad, grid, lse, delta, pre, act;
     void trim(size_t most) {
         for (Buf* b : {&qp, &kp, &vp, &dop, &dkp, &dvp, &s, &s2, &ot, &qt, &mk, &sq, &sq2, &tmp, &bad, &grid, &lse,
-                       &delta, &pre, &zeros, &act})
+                       &delta, &pre, &act})
             b->trim(most);
     }
 };
@@ -973,8 +972,6 @@ struct Back {
     int32_t* gM;
     bool store_masks;
     int64_t hb, band0;
-    const int32_t* zerom;
-    const float* zeros;
     float* dq;
     const int64_t* dqs;
 };
@@ -1088,7 +1085,7 @@ void backward_keys(const Work& w, const Back& k, int64_t nband) {
                     ak[i] = k.dKp + (r0 + i) * y.rs + d0 * y.pitch + y.pad + C;
                     av[i] = k.dVp + (r0 + i) * y.rs + d0 * y.pitch + y.pad + C;
                 }
-                KBArgs a{k.gS + y.pad + C, k.gM + y.pad + C, k.zeros + y.pad + C, k.zerom + y.pad + C,
+                KBArgs a{k.gS + y.pad + C, k.gM + y.pad + C,
                          w.Qp + d0 * y.pitch + y.pad + C, ak, y.rs, y.pitch, k.hb, k.band0, y.ndc(),
                          y.dr_lo, y.dr_hi, y.dc_lo, r0, Ra, Rb, dca, dcb};
                 (safe_q ? KB_T_1.f[km - 1][nd - 1] : KB_T_0.f[km - 1][nd - 1])(a);
@@ -1199,10 +1196,6 @@ void setup_back(Work& w, Back& k, Scratch& s, const float* out, const float* gra
     k.pre_dv = k.pre_dk + g.P * g.D * L;
     std::memset(k.pre_dk, 0, 2 * g.P * g.D * (L + 1) * sizeof(float));
     w.pre = reinterpret_cast<const float**>(pre);
-    float* z = s.zeros.get(y.pitch + y.pad + L);
-    std::memset(z, 0, (y.pitch + y.pad + L) * sizeof(float));
-    k.zeros = z;
-    k.zerom = reinterpret_cast<const int32_t*>(z);
     k.store_masks = any_bad(w.qbad, 0, g.gh - 1) || any_bad(k.dobad, 0, g.gh - 1);
     const int64_t row_bytes = y.noff() * y.pitch * static_cast<int64_t>(sizeof(float)) * (k.store_masks ? 3 : 2);
     k.hb = std::max<int64_t>(1, std::min<int64_t>(g.gh, (int64_t{1} << 20) / row_bytes));
