@@ -1,10 +1,13 @@
 """The ``native`` backend: a compiled C++/OpenMP kernel for windowed attention on the CPU.
 
-Every query visits its prefix tokens and the keys inside its own window rectangle, nothing
-else, so the work is exactly the window area (the ``tiled`` backend computes whole halos and
-masks most of them away), and q, k, v are read in place through their strides: the layer
-hands over views of its qkv projection and gets the output back in the layout its output
-projection reads.  Logits, softmax and accumulation are fp32 (bf16/fp16 inputs are widened
+The kernel is blocked: a tile of a few grid rows x 16 (AVX-512) or 8 (AVX2) columns of queries
+fills the vector lanes and works over the union of its queries' windows, one key offset at a
+time (register-blocked Q K^T and P V on keys packed transposed per grid row), with every pair
+masked per query, so the result is exact per patch and the work is close to the window area
+(:func:`native_pair_counts` gives the useful fraction: 97 % for 7x7 windows on a 64x64 grid,
+77 % on 14x14, where 14 of 16 lanes are used).  q, k, v are read in place through their
+strides: the layer hands over views of its qkv projection and gets the output back in the
+layout its output projection reads.  Logits, softmax and accumulation are fp32 (bf16/fp16 inputs are widened
 first).  The backward pass recomputes the probabilities from the saved log-sum-exp.
 
 The kernel (``csrc/window_attention.cpp``) is compiled the first time it is needed with the

@@ -49,13 +49,13 @@ namespace {
 // ---- instruction set: vector width and register blocking ------------------------------------
 // L: lanes (queries per tile row); NR: query rows per tile, at most; NC: key offsets per Q K^T
 // micro-kernel; ND: head channels per P V micro-kernel; KM: key rows per dK / dV micro-kernel.
-// Register budget: AVX-512 has 32 vector registers (3 x 8 accumulators), AVX2 16 (2 x 6).
+// Register budget: AVX-512 has 32 vector registers (3 x 8 accumulators), AVX2 16 (3 x 4).
 #if defined(__AVX512F__)
 #define VITFREE_ISA "avx512"
 constexpr int L = 16, NR = 3, NC = 8, ND = 8, KM = 3;
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VITFREE_ISA "avx2"
-constexpr int L = 8, NR = 2, NC = 6, ND = 6, KM = 2;
+constexpr int L = 8, NR = 3, NC = 4, ND = 4, KM = 3;
 #else
 #define VITFREE_ISA "generic"
 constexpr int L = 8, NR = 2, NC = 4, ND = 4, KM = 2;
@@ -751,8 +751,10 @@ void tile_logits(const Work& w, const Tile& t, const float* const* a, int64_t ap
                 am[na++] = a[m];
             }
         if (!na) continue;
-        for (int dc0 = t.dclo; dc0 <= t.dchi; dc0 += NC) {
-            const int nc = std::min(NC, t.dchi - dc0 + 1);
+        const int nchunk = static_cast<int>((ndc + NC - 1) / NC);  // even chunks: 7 = 4 + 3, not 6 + 1
+        const int chunk = static_cast<int>((ndc + nchunk - 1) / nchunk);
+        for (int dc0 = t.dclo; dc0 <= t.dchi; dc0 += chunk) {
+            const int nc = std::min(chunk, t.dchi - dc0 + 1);
             for (int i = 0; i < na; ++i)
                 o[i] = S + (ms[i] * w.E + P + (r - t.rlo) * ndc + (dc0 - t.dclo)) * L;
             QK_T.f[na - 1][nc - 1](am, ap, Bp + r * y.rs + y.pad + t.C + dc0, y.pitch, y.D, o);
