@@ -248,7 +248,9 @@ struct Buf {  // aligned, grows on demand, kept by its thread across work items 
                 n = 0;
                 throw std::bad_alloc();
             }
+#ifdef MADV_HUGEPAGE
             if (align > 64) madvise(p, (bytes + align - 1) / align * align, MADV_HUGEPAGE);
+#endif
             n = m;
         }
         return p;
@@ -1294,7 +1296,10 @@ int for_each_head(const Geo& g, int threads, F item) {
         Back bk;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t bh = 0; bh < g.B * g.H; ++bh) {
-            if (status) continue;
+            int failed;
+#pragma omp atomic read
+            failed = status;
+            if (failed) continue;
             try {
                 if (!make_layout(g, bh % g.H, w.y)) {
 #pragma omp atomic write
