@@ -144,6 +144,14 @@ def test_native_every_tile_height(isa):
 
 
 @pytest.mark.parametrize('isa', ISAS)
+def test_native_many_prefix_tokens(isa):
+    """More prefix tokens than a micro-kernel takes at once (they are split into chunks)."""
+    windows = LayerWindows(np.random.default_rng(9).integers(0, 3, (2, 5, 18, 4)), (5, 18))
+    for prefix in (9, 17):
+        _compare(windows, prefix, heads=2, d=20, isa=isa)
+
+
+@pytest.mark.parametrize('isa', ISAS)
 def test_native_large_windows(isa):
     """Windows that reach across most of the grid (many offsets per tile) and the whole grid."""
     _compare(LayerWindows(np.random.default_rng(2).integers(0, 12, (2, 9, 13, 4)), (9, 13)), 1, heads=2, d=16, isa=isa)
