@@ -231,7 +231,8 @@ def to_markdown(res: dict) -> str:
         f'{", ".join(m.get("cpu_extensions", []))}), {m["cores"]} cores, {m["threads"]} thread(s), torch {m["torch"]}, '
         f'native kernel built for {m.get("native_isa")}; load average at start {m["load_avg_1_5_15"]}, at end '
         f'{m.get("load_avg_end")} (the machine was shared with other jobs). {res["config"]["heads"]} heads x '
-        f'{res["config"]["head_dim"]}, fp32. Time: median of {res["config"]["reps"]} interleaved rounds (the process\'s CPU time with one thread, wall time with more). '
+        f'{res["config"]["head_dim"]}, fp32. Time: median of {res["config"]["reps"]} interleaved rounds '
+        "(the process's CPU time with one thread, wall time with more). "
         'GFLOP/s: 4 x head_dim flops per query-key pair forward, 12 x head_dim forward+backward; SDPA over all '
         'pairs, native over the exact window pairs; the best 2048 x 2048 fp32 matmul here, same threads: '
         f'{m.get("matmul_gflops_fp32", float("nan")):.0f} GFLOP/s. Useful fraction: exact pairs / pairs the native '

@@ -175,7 +175,8 @@ def to_markdown(res: Dict) -> str:
            f'**CPU: {m["cpu"]}** (family {m.get("cpu_family")}, model {m.get("cpu_model")}; vector extensions: '
            f'{", ".join(m.get("cpu_extensions", []))}), {m["cores"]} cores, torch {m["torch"]}, native kernel built '
            f'for {m.get("native_isa")}; load average at start {m["load_avg_1_5_15"]}. '
-           f'All four models ran interleaved in one run; medians of {res["reps"]} rounds (the process\'s CPU time with one thread, wall clock with more). '
+           f'All four models ran interleaved in one run; medians of {res["reps"]} rounds '
+           "(the process's CPU time with one thread, wall clock with more). "
            'WinfT: uniform 7x7 window in every block, `auto` backend. limit: every attention module an identity '
            '(qkv and output projections gone too). free op: qkv and output projections kept, attention op skipped. '
            'Inference batch 8 at 224 px, 1 above; training step = forward + backward + AdamW.', '']
