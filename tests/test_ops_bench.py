@@ -40,3 +40,38 @@ def test_cli_bench_tiny(tmp_path, capsys):
     rows = json.loads(out.read_text())['rows']
     assert rows[0]['img_size'] == 64 and rows[0]['speedup'] > 0
     assert len(rows[0]['backends']) == 12
+
+
+XEON = ('vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n'
+        'model name\t: Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz\n'
+        'flags\t\t: fpu sse4_2 avx avx2 fma f16c avx512f avx512bw avx512_bf16 amx_tile amx_bf16\n')
+
+
+def test_cpu_info_names_the_cpu_and_its_vector_extensions():
+    info = bench.cpu_info(XEON)
+    assert info['cpu'].startswith('Intel(R) Xeon(R) Platinum 8480+') and (info['family'], info['model']) == ('6', '143')
+    assert info['extensions'] == ['sse4_2', 'avx', 'avx2', 'fma', 'f16c', 'avx512f', 'avx512bw', 'avx512_bf16',
+                                  'amx_tile', 'amx_bf16']
+    assert info['slug'] == 'intel-xeon-platinum-8480-family6-model143'
+    amd = bench.cpu_info('cpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: avx2 fma\n')
+    assert amd['slug'] == 'amd-epyc-family26-model2' != bench.cpu_info(XEON.replace(': 143', ': 106'))['slug']
+    assert bench.cpu_results_dir('/r').startswith('/r/cpu-') and 'cpu_extensions' in bench.machine_info()
+
+
+def test_merge_rows_keeps_what_this_run_did_not_measure(tmp_path):
+    path = tmp_path / 'a.json'
+    old = {'machine': {'cpu': 'old'}, 'rows': [{'n': 1, 'x': 1}, {'n': 2, 'x': 2}]}
+    path.write_text(json.dumps(old))
+    new = {'machine': {'cpu': 'new'}, 'rows': [{'n': 2, 'x': 20}, {'n': 3, 'x': 30}]}
+    got = bench.merge_rows(str(path), new, key=lambda r: r['n'])
+    assert [(r['n'], r['x'], r['machine']['cpu']) for r in got['rows']] == [(1, 1, 'old'), (2, 20, 'new'), (3, 30, 'new')]
+    fresh = bench.merge_rows(str(tmp_path / 'none.json'), {'machine': {'cpu': 'm'}, 'rows': [{'n': 1}]}, key=lambda r: r['n'])
+    assert fresh['rows'] == [{'n': 1, 'machine': {'cpu': 'm'}}]
+
+
+def test_write_results_writes_whole_files(tmp_path, capsys):
+    bench.write_results(str(tmp_path / 'cpu-x'), 'attention', {'rows': [1]}, '# table\n')
+    assert json.loads((tmp_path / 'cpu-x' / 'attention.json').read_text()) == {'rows': [1]}
+    assert (tmp_path / 'cpu-x' / 'attention.md').read_text() == '# table\n'
+    assert sorted(p.name for p in (tmp_path / 'cpu-x').iterdir()) == ['attention.json', 'attention.md']
+    assert '# table' in capsys.readouterr().out

@@ -19,8 +19,8 @@ import textwrap
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ['set_threads', 'clock', 'interleaved', 'peak_memory', 'count_flops', 'machine_info',
-           'write_results']
+__all__ = ['set_threads', 'clock', 'interleaved', 'peak_memory', 'matmul_peak', 'count_flops', 'cpu_info', 'cpu_results_dir',
+           'machine_info', 'merge_rows', 'write_results']
 
 
 def set_threads(threads: Optional[int]) -> int:
@@ -111,6 +111,22 @@ def peak_memory(setup: str, threads: int = 1, timeout: float = 900) -> Dict[str,
     return {'error': ' | '.join(tail) or f'exit code {res.returncode}'}
 
 
+def matmul_peak(dtype: str = 'float32', n: int = 2048, reps: int = 5) -> float:
+    """Best GFLOP/s of an ``n x n`` matmul in ``dtype`` with the current thread setting."""
+    import torch
+    dt = getattr(torch, dtype)
+    a = torch.randn(n, n).to(dt)
+    b = torch.randn(n, n).to(dt)
+    tick = clock()
+    a @ b
+    best = float('inf')
+    for _ in range(reps):
+        t0 = tick()
+        a @ b
+        best = min(best, tick() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """Floating-point operations PyTorch's FLOP counter sees while running ``fn`` (matmuls,
     convolutions and SDPA; a tiled attention counts the pairs it really computes)."""
@@ -120,33 +136,88 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+# vector extensions worth recording for fp32/bf16 kernels (as /proc/cpuinfo spells them)
+CPU_EXTENSIONS = ('sse4_2', 'avx', 'avx2', 'fma', 'f16c', 'avx_vnni', 'avx512f', 'avx512bw', 'avx512dq', 'avx512vl',
+                  'avx512_vnni', 'avx512_bf16', 'avx512_fp16', 'amx_tile', 'amx_bf16', 'amx_int8', 'asimd', 'sve')
+
+
+def cpu_info(cpuinfo: Optional[str] = None) -> Dict[str, Any]:
+    """The CPU's model name, vendor, family and model numbers, the vector extensions it has
+    (:data:`CPU_EXTENSIONS`) and a slug naming it in results folders (``amd-epyc-family26-model2``:
+    the family and model tell CPUs apart that share a model name, as virtual machines often do).
+    ``cpuinfo``: the text of /proc/cpuinfo (read when None)."""
+    import platform
+    if cpuinfo is None:
+        try:
+            with open('/proc/cpuinfo') as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ''
+
+    def field(name: str) -> str:
+        m = re.search(rf'^{name}\s*:\s*(.*)$', cpuinfo, re.MULTILINE)
+        return m.group(1).strip() if m else ''
+
+    name = field('model name') or platform.processor() or platform.machine() or 'unknown'
+    flags = set((field('flags') or field('Features')).split())
+    family, model = field('cpu family'), field('model')
+    slug = re.sub(r'\((r|tm|c)\)|\bcpu\b|@.*$', '', name.lower())
+    slug = re.sub(r'[^a-z0-9]+', '-', slug).strip('-') or 'unknown'
+    if family and model:
+        slug += f'-family{family}-model{model}'
+    return {'cpu': name, 'vendor': field('vendor_id'), 'family': family, 'model': model,
+            'extensions': [x for x in CPU_EXTENSIONS if x in flags], 'slug': slug}
+
+
+def cpu_results_dir(base: str) -> str:
+    """``base/cpu-<slug>``: where this CPU's results go, so another CPU's are never overwritten."""
+    return os.path.join(base, 'cpu-' + cpu_info()['slug'])
+
+
 def machine_info() -> Dict[str, Any]:
-    """CPU model, core count, load average, torch version and threads, for results files."""
+    """CPU (model, family, vector extensions), core count, load average, torch version and
+    threads, for results files."""
     import platform
 
     import torch
-    cpu = platform.processor() or ''
-    try:
-        m = re.search(r'model name\s*:\s*(.+)', open('/proc/cpuinfo').read())
-        cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
+    cpu = cpu_info()
     try:
         load = list(os.getloadavg())
     except OSError:
         load = None
-    return {'cpu': cpu, 'cores': os.cpu_count(), 'load_avg_1_5_15': load, 'torch': torch.__version__,
-            'threads': torch.get_num_threads(), 'python': platform.python_version(),
-            'time_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+    return {'cpu': cpu['cpu'], 'cpu_family': cpu['family'], 'cpu_model': cpu['model'],
+            'cpu_extensions': cpu['extensions'], 'cpu_slug': cpu['slug'], 'cores': os.cpu_count(),
+            'load_avg_1_5_15': load, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+            'python': platform.python_version(), 'time_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+
+
+def merge_rows(path: str, results: Dict[str, Any], key: Callable[[Dict[str, Any]], Any],
+               field: str = 'rows') -> Dict[str, Any]:
+    """``results`` with the ``field`` rows of an earlier results file ``path`` (same CPU folder)
+    that this run did not measure (rows are told apart by ``key(row)``): runs of a few sizes at a
+    time add up to one table.  Every row carries the machine record it was measured with."""
+    import json
+    for r in results.get(field, []):
+        r.setdefault('machine', results['machine'])
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return results
+    new_keys = {key(r) for r in results.get(field, [])}
+    kept = [dict(r, machine=r.get('machine', old.get('machine'))) for r in old.get(field, [])
+            if key(r) not in new_keys]
+    return dict(results, **{field: kept + results.get(field, [])})
 
 
 def write_results(out_dir: str, stem: str, results: Dict[str, Any], markdown: str) -> None:
-    """``out_dir/stem.json`` (every number) and ``out_dir/stem.md`` (the table), then print the table."""
+    """``out_dir/stem.json`` (every number) and ``out_dir/stem.md`` (the table), then print the
+    table; each file is written whole or not at all."""
     import json
-    import os
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f'{stem}.json'), 'w') as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, f'{stem}.md'), 'w') as f:
-        f.write(markdown)
+    for name, text in ((f'{stem}.json', json.dumps(results, indent=1)), (f'{stem}.md', markdown)):
+        path = os.path.join(out_dir, name)
+        with open(path + '.tmp', 'w') as f:
+            f.write(text)
+        os.replace(path + '.tmp', path)
     print(markdown)
