@@ -120,10 +120,16 @@ def test_lookup_order_installed_env_cache_shipped_defaults(monkeypatch, tmp_path
 
 
 def test_cpu_tables_are_named_by_model_and_vector_extension(monkeypatch):
+    real_info = calib._cpuinfo
     monkeypatch.setattr(calib, '_cpuinfo', lambda: ('Some CPU 9000', {'avx2', 'fma'}))
     assert calib.device_name('cpu') == 'Some CPU 9000 [avx2]'
     monkeypatch.setattr(calib, '_cpuinfo', lambda: ('Some CPU 9000', {'avx2', 'avx512f'}))
     assert calib.device_name('cpu') == 'Some CPU 9000 [avx512]'
+    monkeypatch.setattr(calib, '_cpuinfo', real_info)
+    real = calib.device_name('cpu')
+    assert real.endswith((' [avx512]', ' [avx2]', ' [neon]', ' [generic]'))
+    if 'cpu family' in open('/proc/cpuinfo').read():
+        assert '(family ' in real and ' model ' in real  # one name per CPU generation, not per vendor string
     assert calib.slug('Some CPU 9000 [avx512]') == 'some-cpu-9000-avx512'
 
 

@@ -130,18 +130,27 @@ class Calibration:
 
 # ---- devices ------------------------------------------------------------------------------------------
 def _cpuinfo() -> Tuple[str, set]:
+    """``(model name, flags)``; the model name carries the family and model numbers where the kernel
+    reports them (a virtual machine may call very different CPUs just "AMD EPYC")."""
     model, flags = platform.processor() or platform.machine() or 'cpu', set()
     try:
         text = Path('/proc/cpuinfo').read_text()
     except OSError:
         return model, flags
-    m = re.search(r'^model name\s*:\s*(.+)$', text, re.M)
-    f = re.search(r'^flags\s*:\s*(.+)$', text, re.M)
-    return (m.group(1).strip() if m else model), (set(f.group(1).split()) if f else set())
+
+    def field(name: str) -> Optional[str]:
+        m = re.search(rf'^{name}\s*:\s*(.+)$', text, re.M)
+        return m.group(1).strip() if m else None
+    model = field('model name') or model
+    family, number = field('cpu family'), field('model')
+    if family is not None and number is not None:
+        model = f'{model} (family {family} model {number})'
+    return model, set((field('flags') or '').split())
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), e.g. ``AMD EPYC`` or ``Intel(R) Xeon(R) Processor``."""
+    """The CPU's model name with its family and model numbers (``/proc/cpuinfo``), e.g.
+    ``AMD EPYC (family 26 model 2)``."""
     return _cpuinfo()[0]
 
 
@@ -153,16 +162,20 @@ def cpu_extensions() -> List[str]:
     return [f for f in wanted if f in flags]
 
 
+_ISA_NAMES = {'avx512f': 'avx512', 'avx2': 'avx2', 'asimd': 'neon'}
+
+
 def device_name(device: Union[torch.device, str, None]) -> str:
-    """A GPU's name; for a CPU its model and widest vector extension, e.g. ``AMD EPYC [avx2]``."""
+    """A GPU's name; for a CPU its model and widest vector extension, e.g.
+    ``AMD EPYC (family 26 model 2) [avx512]``."""
     dev = torch.device(device) if device is not None else torch.device('cpu')
     if dev.type == 'cuda':
         return torch.cuda.get_device_name(dev.index if dev.index is not None else torch.cuda.current_device())
     if dev.type != 'cpu':
         return dev.type
     ext = cpu_extensions()
-    isa = next((x for x in ('avx512f', 'avx2', 'asimd') if x in ext), 'generic')
-    return f'{cpu_model()} [{isa.replace("f", "") if isa == "avx512f" else isa}]'
+    isa = next((name for flag, name in _ISA_NAMES.items() if flag in ext), 'generic')
+    return f'{cpu_model()} [{isa}]'
 
 
 def slug(name: str) -> str:

@@ -290,7 +290,7 @@ def _(q, k, v, bounds, num_prefix_tokens, grid_w, scale):
 def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         grad_out: torch.Tensor, lse: torch.Tensor, bounds: torch.Tensor, num_prefix_tokens: int,
                         grid_w: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32) for x in (q, k, v))
+    dq, dk, dv = (torch.empty(x.shape, dtype=torch.float32) for x in (q, k, v))  # the kernel writes every element
     _backward_into(q, k, v, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale, dq, dk, dv)
     return dq, dk, dv
 
@@ -318,7 +318,7 @@ def _(qkv, bounds, num_prefix_tokens, grid_w, scale):
 @torch.library.custom_op('vitfree::window_attention_qkv_backward', mutates_args=())
 def _attention_qkv_backward(qkv: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor,
                             bounds: torch.Tensor, num_prefix_tokens: int, grid_w: int, scale: float) -> torch.Tensor:
-    dqkv = torch.zeros(qkv.shape, dtype=torch.float32)
+    dqkv = torch.empty(qkv.shape, dtype=torch.float32)  # the kernel writes every element
     q, k, v = (qkv.select(2, i).transpose(1, 2) for i in range(3))
     dq, dk, dv = (dqkv.select(2, i).transpose(1, 2) for i in range(3))
     _backward_into(q, k, v, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale, dq, dk, dv)
@@ -336,6 +336,8 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, bounds, num_prefix_tokens, grid_w, scale):
+        if not torch.compiler.is_compiling():  # eagerly the kernel directly: no custom-op dispatch on the hot path
+            return _forward_into(q, k, v, bounds, num_prefix_tokens, grid_w, scale)
         with torch.no_grad():  # the op's derivative is this function's backward
             return _attention(q, k, v, bounds, num_prefix_tokens, grid_w, scale)
 
@@ -360,6 +362,9 @@ class _AttentionQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(qkv, bounds, num_prefix_tokens, grid_w, scale):
+        if not torch.compiler.is_compiling():
+            q, k, v = (qkv.select(2, i).transpose(1, 2) for i in range(3))
+            return _forward_into(q, k, v, bounds, num_prefix_tokens, grid_w, scale)
         with torch.no_grad():
             return _attention_qkv(qkv, bounds, num_prefix_tokens, grid_w, scale)
 
