@@ -22,7 +22,7 @@ from ..windows import LayerWindows
 from . import dispatch
 from .calibration import TABLE_DIR, Calibration, Fit, _versions, cache_path, device_name, fit_key, set_calibration, slug
 
-__all__ = ['calibrate', 'fit_linear', 'cuda_timer', 'wall_timer', 'default_backends', 'shapes_for', 'write_table',
+__all__ = ['calibrate', 'fit_linear', 'cuda_timer', 'wall_timer', 'cpu_timer', 'default_backends', 'shapes_for', 'write_table',
            'DEFAULT_SHAPES', 'CPU_SHAPES', 'QUICK_SHAPES']
 
 Shape = Tuple[Tuple[int, int], int, int]  # (grid, batch, window radius)
@@ -79,16 +79,24 @@ def cuda_timer(fn: Callable[[], Any], warmup: int = 2, min_time: float = 0.03, m
     return statistics.median(times)
 
 
-def wall_timer(fn: Callable[[], Any], warmup: int = 1, min_time: float = 0.05, max_reps: int = 20) -> float:
-    """Median wall seconds of ``fn`` (CPU)."""
+def wall_timer(fn: Callable[[], Any], warmup: int = 3, min_time: float = 0.1, max_reps: int = 20,
+               clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median seconds of ``fn`` by ``clock`` (wall time by default), after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     times: List[float] = []
     while len(times) < 3 or (sum(times) < min_time and len(times) < max_reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
+
+
+def cpu_timer(fn: Callable[[], Any]) -> float:
+    """Median CPU seconds of ``fn`` (this process, all threads): what the CPU tables are fitted to, so
+    that a table can be measured on a machine other jobs share (wall time there measures them too).
+    Measure with one thread (``--threads 1``), where no OpenMP worker spins while waiting."""
+    return wall_timer(fn, clock=time.process_time)
 
 
 # ---- measuring ----------------------------------------------------------------------------------------
@@ -162,14 +170,14 @@ def calibrate(device: Union[torch.device, str, None] = None, backends: Optional[
         dev = torch.device('cuda', torch.cuda.current_device())
     shapes = tuple(shapes or (DEFAULT_SHAPES if dev.type == 'cuda' else CPU_SHAPES))
     fp32 = shapes if fp32_shapes == () else fp32_shapes
-    timer = timer or (cuda_timer if dev.type == 'cuda' else wall_timer)
+    timer = timer or (cuda_timer if dev.type == 'cuda' else cpu_timer)
     names = list(backends) if backends is not None else default_backends(dev)
     for n in names:
         dispatch.get_backend(n)  # unknown names fail here, before any timing
     say = progress or (lambda s: None)
     tv, vv = _versions()
     cal = Calibration(device_name(dev), tv, vv, time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-                      note=f'{torch.get_num_threads()} CPU thread(s)' if dev.type == 'cpu' else '')
+                      note=f'CPU time, {torch.get_num_threads()} thread(s)' if dev.type == 'cpu' else '')
     runs = [('lowp', _lowp_dtype(dev), shapes)] + ([('fp32', torch.float32, fp32)] if fp32 else [])
     total = sum(len(s) for _, _, s in runs) * len(modes) * len(names)
     say(f'calibrating {names} on {cal.device}: {total} timings')
