@@ -7,13 +7,12 @@ backward, AdamW) and the same step with ``torch.compile`` (inductor on CPU), eac
 
     python benchmarks/bench_train_step.py [--work bench-out/fmnist-v2] [--steps 20]
 
-Writes benchmarks/results/train_step.<cpu>.json.
+Writes benchmarks/results/cpu-<cpu>/train_step.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import timm  # noqa: E402
 
 import vitfree  # noqa: E402,F401
-from vitfree.benchmark import machine_info  # noqa: E402
+from vitfree.benchmark import cpu_results_dir, machine_info  # noqa: E402
 
 
 def step_time(model, opt, crit, x, y, steps: int) -> float:
@@ -89,8 +88,8 @@ def main() -> int:
         res[arm] = r
         print(arm, json.dumps(r), flush=True)
     print('data s/batch', res['data_s_per_batch'])
-    slug = re.sub(r'[^A-Za-z0-9]+', '-', res['machine']['cpu']).strip('-').lower()
-    out = ROOT / 'benchmarks' / 'results' / f'train_step.{slug}.json'
+    out = Path(cpu_results_dir(str(ROOT / 'benchmarks' / 'results'))) / 'train_step.json'
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + '\n')
     print('wrote', out)
     return 0
