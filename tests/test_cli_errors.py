@@ -80,7 +80,7 @@ def test_finetune_img_size_below_the_patch_size_names_the_patch_size(tmp_path, c
     # the library says the same without the CLI's check (the model is built, then refused)
     cfg = FinetuneConfig(model='winft_tiny_patch16_224', data='digits', output=str(tmp_path / 'api'), img_size=7,
                          workers=0, progress=False)
-    with pytest.raises(ValueError, match=r'img_size 7 \(--img-size\) is smaller than the patch size'):
+    with pytest.raises(ValueError, match=r'an image of \(7, 7\) px is smaller than one \(16, 16\) patch'):
         finetune(cfg)
     assert not (tmp_path / 'api').exists()
 

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..windows import WindowSpecError
 from .checkpoint import (INDEX_FILE, CheckpointError, CheckpointManager, load_checkpoint, named_os_errors, require,
                          rng_state, set_rng_state)
 from .distributed import DistState, EpochSampler, ShardSampler, all_reduce_sum, barrier, init_distributed
@@ -84,22 +83,14 @@ def create_finetune_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     name = cfg.model
     source, _, rest = name.partition(':')
     arch = name.split('.')[0]
-    try:
-        if (source in ('local-dir', 'hf-hub') and rest) or arch.startswith(('winft_', 'vitfree_winft')):
-            model = timm.create_model(name, pretrained=cfg.pretrained, **kwargs)
-        elif timm.is_model(arch):
-            kwargs.pop('windows', None)
-            model = create_winft(name, windows=cfg.windows, pretrained=cfg.pretrained, **kwargs)
-        else:
-            raise ValueError(f'unknown model {name!r}: give a WinfT name ({", ".join(timm.list_models("winft_*"))}), '
-                             f'a timm ViT/DeiT name (vit_small_patch16_224, ...), local-dir:PATH or hf-hub:ORG/NAME')
-    except WindowSpecError as e:
-        if cfg.img_size is not None and str(e).startswith('grid must be positive'):
-            raise ValueError(f'img_size {cfg.img_size} (--img-size) is smaller than the patch size of {name}: a '
-                             f'model needs at least one patch per side; give a larger --img-size') from None
-        raise
-    except AssertionError as e:  # timm checks its arguments with assert (embed_dim % num_heads, ...)
-        raise ValueError(f'{name} cannot be built with {dict(cfg.model_kwargs)} ({e})') from None
+    if (source in ('local-dir', 'hf-hub') and rest) or arch.startswith(('winft_', 'vitfree_winft')):
+        model = timm.create_model(name, pretrained=cfg.pretrained, **kwargs)
+    elif timm.is_model(arch):
+        kwargs.pop('windows', None)
+        model = create_winft(name, windows=cfg.windows, pretrained=cfg.pretrained, **kwargs)
+    else:
+        raise ValueError(f'unknown model {name!r}: give a WinfT name ({", ".join(timm.list_models("winft_*"))}), '
+                         f'a timm ViT/DeiT name (vit_small_patch16_224, ...), local-dir:PATH or hf-hub:ORG/NAME')
     if not hasattr(model, 'window_spec'):
         raise ValueError(f'{name!r} built a {type(model).__name__}, not a WinfT')
     return model
