@@ -22,7 +22,6 @@ bias.  :func:`dense_position_bias` is the dense materialisation (the reference, 
 ``takes_bias`` and the dispatcher never gives one to a backend that cannot.  Plain tensor
 operations throughout, so TorchScript, FX and ``torch.export`` trace them.
 """
-from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['PositionBias', 'position_bias', 'dense_position_bias', 'prefix_query_bias', 'offset_index',
-           'bias_batch', 'bias_heads', 'check_bias']
+           'bias_batch', 'bias_heads']
 
 
 class PositionBias(NamedTuple):
@@ -147,30 +146,3 @@ def prefix_query_bias(bias: PositionBias, grid: Tuple[int, int], num_prefix_toke
         part = full[..., :p, :].to(like.dtype)
         out = part if out is None else out + part
     return out
-
-
-def check_bias(bias: PositionBias, batch: int, heads: int, grid: Tuple[int, int], num_prefix_tokens: int) -> None:
-    """The shapes of a bias for ``(batch, heads)`` queries on ``grid``; errors name the part, its shape
-    and the shape accepted."""
-    from .dispatch import BackendError
-    if not isinstance(bias, PositionBias):
-        raise BackendError(f'bias must be a vitfree.ops.PositionBias, got {type(bias).__name__}')
-    h, w = grid
-    n, t = h * w, num_prefix_tokens + h * w
-    wants = {'table': f'(heads={heads}, 2*ry+1, 2*rx+1) with odd sides', 'prefix': f'({heads}, 3)',
-             'rows': f'(1 or {batch}, {heads}, {n}, {h})', 'cols': f'(1 or {batch}, {heads}, {n}, {w})',
-             'full': f'(1 or {batch}, 1 or {heads}, {t}, {t})'}
-    for name, part in zip(bias._fields, bias):
-        if part is None:
-            continue
-        s = tuple(part.shape) if torch.is_tensor(part) else None
-        ok = s is not None and part.dtype.is_floating_point and {
-            'table': lambda: len(s) == 3 and s[0] == heads and s[1] % 2 == 1 and s[2] % 2 == 1,
-            'prefix': lambda: s == (heads, 3),
-            'rows': lambda: len(s) == 4 and s[0] in (1, batch) and s[1:] == (heads, n, h),
-            'cols': lambda: len(s) == 4 and s[0] in (1, batch) and s[1:] == (heads, n, w),
-            'full': lambda: len(s) == 4 and s[0] in (1, batch) and s[1] in (1, heads) and s[2:] == (t, t),
-        }[name]()
-        if not ok:
-            got = f'{s} {part.dtype}' if s is not None else type(part).__name__
-            raise BackendError(f'bias.{name} must be a floating tensor of shape {wants[name]}, got {got}')
