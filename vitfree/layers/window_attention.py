@@ -229,8 +229,9 @@ class WindowedCore:
         n = q.shape[-2]
         if bias is not None:
             pos = dense_position_bias(bias, self.grid, self.num_prefix_tokens, q)
-            attn_mask = maybe_add_mask(pos, resolve_self_attn_mask(n, pos, attn_mask, is_causal))
-            is_causal = False
+            if attn_mask is not None or is_causal:
+                pos = maybe_add_mask(pos, resolve_self_attn_mask(n, pos, attn_mask, is_causal))
+            attn_mask, is_causal = pos, False
         if fused:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal)
