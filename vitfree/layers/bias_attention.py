@@ -57,7 +57,9 @@ class WindowSamAttention(WindowedCore, SamAttention):
     timm_class = SamAttention
     rel_pos_as_timm: bool = True  # set per layer when the model is given windows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``attn_mask`` (timm's SAM block passes none; vitfree's analysis hides keys with it) applies on top
+        of the windows."""
         B, H, W, _ = x.shape
         N = H * W
         x = x.reshape(B, N, -1)
@@ -66,7 +68,7 @@ class WindowSamAttention(WindowedCore, SamAttention):
         bias: Optional[PositionBias] = None
         if self.use_rel_pos:
             bias = sam_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (H, W), self.rel_pos_as_timm)
-        x = self.attend(q, k, v, bias=bias)
+        x = self.attend(q, k, v, attn_mask, bias=bias)
         x = self.proj_drop(self.proj(x))
         return x.view(B, H, W, -1)
 
@@ -84,7 +86,8 @@ class WindowBeitAttention(WindowedCore, BeitAttention):
     __jit_unused_properties__ = ['windows']
     timm_class = BeitAttention
 
-    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
         if self.q_bias is None:
             qkv = self.qkv(x)
@@ -99,5 +102,5 @@ class WindowBeitAttention(WindowedCore, BeitAttention):
             own, full = bias, shared_rel_pos_bias.view(-1, self.num_heads, N, N)
             bias = position_bias(full=full) if own is None else position_bias(table=own.table, prefix=own.prefix,
                                                                               full=full)
-        x = self.attend(q, k, v, bias=bias)
+        x = self.attend(q, k, v, attn_mask, bias=bias)
         return self.proj_drop(self.proj(x))
