@@ -141,3 +141,46 @@ def test_bad_bias_shapes_are_named(part, shape, match):
         window_attention(q, k, v, w, 1, bias=position_bias(**{part: torch.zeros(shape)}))
     with pytest.raises(BackendError, match='bias must be a vitfree.ops.PositionBias'):
         window_attention(q, k, v, w, 1, bias=(torch.zeros(1),))
+
+
+def test_dense_materialisation_by_hand():
+    """Every pair's term written out from the definitions (METHODS §1.7), against the dense materialisation."""
+    h, w, p, heads = 3, 4, 2, 2
+    g = torch.Generator().manual_seed(0)
+    table, pre = torch.randn(heads, 3, 5, generator=g), torch.randn(heads, 3, generator=g)
+    rows, cols = torch.randn(1, heads, h * w, h, generator=g), torch.randn(1, heads, h * w, w, generator=g)
+    got = dense_position_bias(position_bias(table=table, prefix=pre, rows=rows, cols=cols), (h, w), p,
+                              torch.empty(0))[0]
+    t = p + h * w
+    want = torch.zeros(heads, t, t)
+    for i in range(t):
+        for j in range(t):
+            if i < p and j < p:
+                want[:, i, j] = pre[:, 2]
+            elif i < p:
+                want[:, i, j] = pre[:, 0]
+            elif j < p:
+                want[:, i, j] = pre[:, 1]
+            else:
+                (yi, xi), (yj, xj) = divmod(i - p, w), divmod(j - p, w)
+                dy, dx = max(-1, min(1, yi - yj)) + 1, max(-2, min(2, xi - xj)) + 2
+                want[:, i, j] = table[:, dy, dx] + rows[0, :, i - p, yj] + cols[0, :, i - p, xj]
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize('name', BIAS_BACKENDS)
+def test_nonfinite_keys_stay_in_the_rows_that_see_them_with_a_bias(name):
+    w = LayerWindows(np.random.default_rng(2).integers(0, 2, size=(4, 5, 4)), (4, 5))
+    q, k, v = (torch.randn(1, 2, 21, 8) for _ in range(3))
+    k[0, 1, 7] = float('nan')
+    v[0, 0, 12] = float('inf')
+    b = position_bias(**_bias('table+prefix+decomposed', 1, 2, (4, 5), 3))
+    out = window_attention(q, k, v, w, 1, backend=name, bias=b)
+    ref = reference(q.double(), k.double().nan_to_num(0, 0, 0), v.double().nan_to_num(0, 0, 0), w, 1, b)
+    sees = w.mask(1)  # (T, T): query rows, key columns
+    clean = torch.ones(1, 2, 21, dtype=torch.bool)
+    clean[0, 1] &= ~sees[:, 7]  # rows of head 1 that cannot see the NaN key
+    clean[0, 0] &= ~sees[:, 12]  # rows of head 0 that cannot see the Inf value
+    assert clean.sum() > 10 and not clean.all()
+    torch.testing.assert_close(out.double()[clean], ref[clean], rtol=1e-5, atol=1e-5)
+    assert not torch.isfinite(out[0, 1][~clean[0, 1]]).all()  # the NaN key reaches the rows that see it
