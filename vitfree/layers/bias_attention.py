@@ -20,7 +20,7 @@ from timm.models.vision_transformer_sam import Attention as SamAttention
 from timm.models.vision_transformer_sam import get_rel_pos
 
 from ..ops.bias import PositionBias, position_bias
-from .eva_attention import biased_qkv
+from .eva_attention import biased_qkv, unpack_qkv
 from .window_attention import WindowedCore
 
 __all__ = ['WindowSamAttention', 'WindowBeitAttention', 'sam_rel_pos_bias', 'beit_table_bias']
@@ -90,10 +90,10 @@ class WindowBeitAttention(WindowedCore, BeitAttention):
                 attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, N, C = x.shape
         if self.q_bias is None:
-            qkv = self.qkv(x)
+            q, k, v = unpack_qkv(self.qkv(x), self.num_heads)
         else:
-            qkv = biased_qkv(x, self.qkv.weight, self.q_bias, self.k_bias, self.v_bias, self.qkv_bias_separate)
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = unpack_qkv(biased_qkv(x, self.qkv.weight, self.q_bias, self.k_bias, self.v_bias,
+                                            self.qkv_bias_separate), self.num_heads)
         bias: Optional[PositionBias] = None
         table = self.relative_position_bias_table
         if table is not None:

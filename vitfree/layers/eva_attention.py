@@ -18,7 +18,7 @@ from timm.models.eva import EvaAttention
 
 from .window_attention import WindowedCore
 
-__all__ = ['WindowEvaAttention', 'WindowRopeAttention', 'biased_qkv']
+__all__ = ['WindowEvaAttention', 'WindowRopeAttention', 'biased_qkv', 'unpack_qkv', 'split_heads']
 
 
 def biased_qkv(x: torch.Tensor, weight: torch.Tensor, q_bias: torch.Tensor, k_bias: torch.Tensor,
@@ -29,6 +29,19 @@ def biased_qkv(x: torch.Tensor, weight: torch.Tensor, q_bias: torch.Tensor, k_bi
     if separate:
         return F.linear(x, weight) + bias
     return F.linear(x, weight=weight, bias=bias)
+
+
+def unpack_qkv(qkv: torch.Tensor, heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, N, 3 * heads * d)`` -> q, k, v, each ``(B, heads, N, d)`` (views of the projection)."""
+    B, N, _ = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, N, heads * d)`` -> ``(B, heads, N, d)``."""
+    B, N, _ = x.shape
+    return x.reshape(B, N, heads, -1).transpose(1, 2)
 
 
 def rotate_patches(x: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, half: bool,
@@ -65,18 +78,13 @@ class WindowEvaAttention(WindowedCore, _RotaryLayer, EvaAttention):
     timm_class = EvaAttention
 
     def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, N, _ = x.shape
         if self.qkv is not None:
             if self.q_bias is None:
-                qkv = self.qkv(x)
-            else:
-                qkv = biased_qkv(x, self.qkv.weight, self.q_bias, self.k_bias, self.v_bias, self.qkv_bias_separate)
-            q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            return q, k, v
-        q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-        k = self.k_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-        v = self.v_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-        return q, k, v
+                return unpack_qkv(self.qkv(x), self.num_heads)
+            return unpack_qkv(biased_qkv(x, self.qkv.weight, self.q_bias, self.k_bias, self.v_bias,
+                                         self.qkv_bias_separate), self.num_heads)
+        h = self.num_heads
+        return split_heads(self.q_proj(x), h), split_heads(self.k_proj(x), h), split_heads(self.v_proj(x), h)
 
     def _kv_heads(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return k, v
@@ -88,15 +96,11 @@ class WindowRopeAttention(WindowedCore, _RotaryLayer, AttentionRope):
     timm_class = AttentionRope
 
     def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, N, _ = x.shape
         if self.qkv is not None:
-            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
-            return q, k, v
-        q = self.q_proj(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).reshape(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).reshape(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
+            return unpack_qkv(self.qkv(x), self.num_heads)
+        kv = self.num_kv_heads
+        return split_heads(self.q_proj(x), self.num_heads), split_heads(self.k_proj(x), kv), split_heads(
+            self.v_proj(x), kv)
 
     def _kv_heads(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Grouped-query attention: each k/v head serves ``num_kv_groups`` query heads, as in timm."""

@@ -95,10 +95,13 @@ def _patch_part(bias: PositionBias, grid: Tuple[int, int], like: torch.Tensor) -
         n = ys.shape[0]
         out = table.flatten(1).index_select(1, idx.reshape(-1)).view(1, table.shape[0], n, n)
     rows, cols = bias.rows, bias.cols
-    if rows is not None:
+    if rows is not None and cols is not None:  # key j = (y_j, x_j) row-major: one broadcast sum
+        part = (rows.unsqueeze(-1) + cols.unsqueeze(-2)).flatten(-2)
+        out = part if out is None else out + part
+    elif rows is not None:
         part = rows.index_select(-1, ys)
         out = part if out is None else out + part
-    if cols is not None:
+    elif cols is not None:
         part = cols.index_select(-1, xs)
         out = part if out is None else out + part
     return out
@@ -112,9 +115,12 @@ def dense_position_bias(bias: PositionBias, grid: Tuple[int, int], num_prefix_to
     t = p + n
     patch = _patch_part(bias, grid, like)
     heads = bias_heads(bias)
-    out = torch.zeros(1, heads, t, t, dtype=like.dtype, device=like.device)
-    if patch is not None:
-        out = out + F.pad(patch.to(like.dtype), [p, 0, p, 0])
+    if patch is None:
+        out = torch.zeros(1, heads, t, t, dtype=like.dtype, device=like.device)
+    elif p == 0:
+        out = patch.to(like.dtype)
+    else:
+        out = F.pad(patch.to(like.dtype), [p, 0, p, 0])
     pre = bias.prefix
     if pre is not None and p > 0:
         frame = torch.zeros(heads, t, t, dtype=like.dtype, device=like.device)
