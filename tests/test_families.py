@@ -264,3 +264,23 @@ def test_local_dir_round_trip(name, tmp_path):
         assert type(r) is type(m) and r.window_spec.same_windows(spec)
         with torch.no_grad():
             assert torch.equal(r(x), m(x))
+
+
+def test_readme_family_tour_runs_as_written():
+    """The README's block under "Model families", as it is written there (random weights)."""
+    from pathlib import Path
+    text = (Path(vitfree.__file__).resolve().parent.parent / 'README.md').read_text()
+    section = text.split('## Model families', 1)[1]
+    code = section.split('```python', 1)[1].split('```', 1)[0]
+    ns = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        exec(compile(code, 'README.md', 'exec'), ns)
+    sam = ns['sam']
+    assert sam.window_spec.same_windows(vitfree.windows.get_spec('winft_local_sam_d12_g64'))
+    assert vitfree.windows.get_spec('winft_prior_sam_d12_g64').to_dict()['blocks'][:3] == [
+        'partition(14)', 'partition(14)', 'global']
+    with torch.no_grad():
+        assert ns['eva'](torch.randn(1, 3, 224, 224)).shape == (1, 192)
+        assert ns['dino'](torch.randn(1, 3, 320, 224)).shape == (1, 384)
+    assert ns['dino'].blocks[0].attn.grid == (20, 14)
