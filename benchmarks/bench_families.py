@@ -80,7 +80,7 @@ def bench(base: str, variants, img: int, reps: int, threads: int) -> Dict:
             ref, got = infer('timm'), infer('winft_sam_pattern')
         row['sam_pattern_max_abs_diff'] = float((got - ref).abs().max())
         row['sam_output_max_abs'] = float(ref.abs().max())
-    del built
+    built.clear()  # free the models before the memory runs
     row['peak_mb'] = {}
     for v in variants:
         peak = peak_memory(_setup(base, v, img), threads=threads)
@@ -106,7 +106,8 @@ def to_markdown(res: Dict) -> str:
     dino = [r for r in res['rows'] if r['model'] == DINO]
     if dino:
         out += ['## DINOv3 ViT-S/16: timm against the WinfT with a 7x7 window in every block', '',
-                '| px | patches | timm img/s | WinfT img/s | speed-up | timm peak MiB | WinfT peak MiB | WinfT backends |',
+                '| px | patches | timm img/s | WinfT img/s | speed-up | timm peak MiB | WinfT peak MiB | '
+                'WinfT backends |',
                 '|---|---|---|---|---|---|---|---|']
         for r in dino:
             ips, pk = r['images_per_s'], r['peak_mb']

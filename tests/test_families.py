@@ -6,11 +6,10 @@ relative position tables), per-head windows; an independent reference where timm
 and the registered ``winft_*`` entry points; the grid follows ``dynamic_img_size`` / ``set_input_size``."""
 import warnings
 
-import numpy as np
 import pytest
 import timm
 import torch
-from families import FAMILIES, NAMES, grid_of, image_size, images, kwargs_of, random_spec, timm_model, winft_of
+from families import FAMILIES, NAMES, grid_of, images, kwargs_of, random_spec, timm_model, winft_of
 
 import vitfree
 from vitfree import WindowSpec

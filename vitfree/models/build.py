@@ -30,8 +30,8 @@ from ..layers.window_attention import WindowedCore, is_fx_tracing
 from ..weights import check_loaded_weights, secure_factory_kwargs
 from ..windows import WindowSpec, check_resize_mode, resolve_spec
 
-__all__ = ['WinfTMixin', 'Family', 'register_family', 'family_of', 'to_winft', 'create_winft', 'is_winft', 'build_winft',
-           'timm_weights_cfg', 'prior_notes', 'UNSUPPORTED']
+__all__ = ['WinfTMixin', 'Family', 'register_family', 'family_of', 'to_winft', 'create_winft', 'is_winft',
+           'build_winft', 'timm_weights_cfg', 'prior_notes', 'UNSUPPORTED']
 
 SpecLike = Union[WindowSpec, Mapping[str, Any], str, None]
 

@@ -4,8 +4,9 @@ Cost and memory are O(T^2) per head whatever the windows are; every faster backe
 against it.  The mask goes to SDPA as an additive bias (0 inside windows, -inf outside) in the
 query's dtype, made once per (windows, prefix, device, dtype): a boolean mask would be turned
 into a new float T x T tensor on every call and kept for the backward.  A caller's mask is
-added on top, and so is a position bias (:mod:`vitfree.ops.bias`), materialised whole.  On a small grid, where most pairs are inside the windows anyway, this is the
-fastest exact path on many CPUs.
+added on top, and so is a position bias (:mod:`vitfree.ops.bias`), materialised whole.  On a
+small grid, where most pairs are inside the windows anyway, this is the fastest exact path on
+many CPUs.
 """
 from __future__ import annotations
 

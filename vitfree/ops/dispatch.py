@@ -307,7 +307,8 @@ def _check_bias(bias: PositionBias, batch: int, heads: int, grid: Tuple[int, int
     """The shapes of a bias for ``(batch, heads)`` queries on ``grid``; errors name the part, its shape
     and the shape accepted."""
     if not isinstance(bias, PositionBias):
-        raise BackendError(f'bias must be a vitfree.ops.PositionBias, got {type(bias).__name__}')
+        raise BackendError(f'bias must be a vitfree.ops.bias.PositionBias (position_bias(...)), got '
+                           f'{type(bias).__name__}')
     h, w = grid
     n, t = h * w, num_prefix_tokens + h * w
     wants = {'table': f'(heads={heads}, 2*ry+1, 2*rx+1) with odd sides', 'prefix': f'({heads}, 3)',

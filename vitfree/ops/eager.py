@@ -1,8 +1,8 @@
 """The ``eager`` backend: explicit softmax, the path whose probabilities pass a hook.
 
 Logits and softmax are computed in fp32 (fp64 for fp64 inputs), whatever the input dtype, with
-the window mask (and a caller's mask, and a position bias, :mod:`vitfree.ops.bias`) as an additive bias; the probabilities then go through
-``probs_hook``, which an attention layer sets to its ``attn_drop`` module (an identity outside
+the window mask (and a caller's mask, and a position bias, :mod:`vitfree.ops.bias`) as an
+additive bias; the probabilities then go through ``probs_hook``, which an attention layer sets to its ``attn_drop`` module (an identity outside
 training, and the hook point of timm's ``AttentionExtract`` and vitfree's recorder).  It is the
 path a layer takes with timm's ``fused_attn = False`` or under ``vitfree.use_backend('eager')``,
 never chosen automatically.  :func:`softmax_attention` is plain tensor operations, so traced
