@@ -18,6 +18,8 @@ FAMILIES = {
     'rope_reg_gap': ('vit_betwixt_patch16_rope_reg4_gap_256', dict(depth=2, embed_dim=48, num_heads=3),
                      (80, 112)),  # register tokens only, average pooling
     'rope_mixed': ('vit_small_patch16_rope_mixed_224', dict(depth=2, embed_dim=48, num_heads=3), (80, 112)),
+    'rope_gqa': ('vit_small_patch16_rope_224', dict(depth=2, embed_dim=48, num_heads=4, num_kv_heads=2,
+                                                    qkv_fused=False), (80, 112)),  # grouped-query k/v heads
     'sam': ('samvit_base_patch16', dict(depth=3, embed_dim=48, num_heads=3, window_size=3, global_attn_indexes=(1,),
                                         neck_chans=16, num_classes=5), (80, 112)),  # no prefix token
     'beit': ('beit_base_patch16_224', dict(depth=3, embed_dim=48, num_heads=3), (80, 112)),

@@ -18,7 +18,7 @@ from vitfree.models import WinfTBeit, WinfTEva, WinfTSam, sam_pattern
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 CLASSES = {'eva02': WinfTEva, 'dinov3': WinfTEva, 'pe': WinfTEva, 'rope_reg_gap': WinfTEva, 'rope_mixed': WinfTEva,
-           'sam': WinfTSam, 'beit': WinfTBeit}
+           'rope_gqa': WinfTEva, 'sam': WinfTSam, 'beit': WinfTBeit}
 
 
 def _spec_for(name, **kw):
@@ -105,7 +105,7 @@ def test_windowed_matches_float64_reference(name, backend):
     assert (glob - out).abs().max() > 1e-3 * glob.abs().max()  # the windows matter
 
 
-@pytest.mark.parametrize('name', ['eva02', 'dinov3', 'pe', 'rope_reg_gap', 'rope_mixed'])
+@pytest.mark.parametrize('name', ['eva02', 'dinov3', 'pe', 'rope_reg_gap', 'rope_mixed', 'rope_gqa'])
 def test_eva_windows_equal_timm_with_the_window_mask(name):
     """timm's Eva takes an attention mask: with the windows' mask it is an independent reference (timm's
     own rotary embedding, prefix tokens and pooling)."""
