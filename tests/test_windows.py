@@ -122,7 +122,7 @@ def test_resize_per_head_keeps_heads():
 @pytest.mark.parametrize('bad, match', [
     (dict(grid=(3, 3), blocks=[np.full((3, 3, 4), -1)]), r'extents must be integers in \[0, 2\*\*31\), got -1'),
     (dict(grid=(3, 3), blocks=[np.zeros((3, 4, 4), int)]), r'shape \(H, W, 4\) = \(3, 3, 4\).*got \(3, 4, 4\)'),
-    (dict(grid=(3, 3), blocks=['local']), r"expected 'global' or extents, got 'local'"),
+    (dict(grid=(3, 3), blocks=['local']), r"expected 'global', 'partition\(s\)', 'partition\(sh, sw\)' or extents, got 'local'"),
     (dict(grid=(3, 3), blocks=[np.zeros((3, 3, 4)) + 0.5]), r'must be integers'),
     (dict(grid=(0, 3), blocks=[1]), r'grid must be positive'),
     (dict(grid=(3, 3), blocks=[]), r'must not be empty'),

@@ -15,7 +15,7 @@ from .version import __version__
 __all__ = [
     '__version__', 'WindowSpec', 'LayerWindows', 'WindowSpecError', 'get_spec', 'list_specs', 'resolve_spec',
     'use_backend', 'window_attention', 'available_backends', 'list_backends', 'BackendError',
-    'WindowAttention', 'WinfT', 'create_winft', 'to_winft',
+    'WindowAttention', 'WinfT', 'WinfTEva', 'WinfTSam', 'WinfTBeit', 'create_winft', 'to_winft', 'is_winft',
 ]
 
 # every public name -> the module that defines it; loaded on first use
@@ -25,9 +25,8 @@ _LAZY = {
     **{name: 'vitfree.ops' for name in ('use_backend', 'window_attention', 'available_backends', 'list_backends',
                                         'BackendError')},
     'WindowAttention': 'vitfree.layers',
-    'WinfT': 'vitfree.models',
-    'create_winft': 'vitfree.models',
-    'to_winft': 'vitfree.models',
+    **{name: 'vitfree.models' for name in ('WinfT', 'WinfTEva', 'WinfTSam', 'WinfTBeit', 'create_winft', 'to_winft',
+                                           'is_winft')},
     # analysis entry points (they pull in matplotlib, tqdm, ...)
     'record': 'vitfree.analysis.capture',
     'Recorder': 'vitfree.analysis.capture',

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 __all__ = [
     'WindowSpec', 'LayerWindows', 'WindowSpecError', 'SPEC_FORMAT', 'SPEC_VERSION',
     'resize_extents', 'window_mask', 'extents_mask', 'to_grid', 'RESIZE_MODES', 'list_specs', 'get_spec', 'resolve_spec',
-    'MAX_GRID_SIDE', 'MAX_DEPTH', 'MAX_SPEC_CELLS', 'MAX_SPEC_BYTES', 'check_int', 'file_problem', 'read_text_file',
-    'parse_json', 'parse_yaml',
+    'partition_extents', 'partition_cell', 'MAX_GRID_SIDE', 'MAX_DEPTH', 'MAX_SPEC_CELLS', 'MAX_SPEC_BYTES',
+    'check_int', 'file_problem', 'read_text_file', 'parse_json', 'parse_yaml',
 ]
 
 SPEC_FORMAT = 'vitfree.window_spec'
@@ -189,12 +189,17 @@ def resize_extents(extents: np.ndarray, src: Grid, dst: Grid, mode: str = 'scale
     ``W_dst / W_src``, rounded up (exact integer arithmetic), so a window keeps its share of
     the image; an extent that covers its whole axis keeps covering it.  ``mode='keep'``: extents
     stay in patches (clipped to the new grid), so windows keep their size in patches and the
-    cost stays linear at any resolution.  ``src == dst`` returns the array unchanged.
+    cost stays linear at any resolution.  Partition windows (:func:`partition_extents`) stay
+    partitions: their cell scales (or keeps its size) the same way.  ``src == dst`` returns the
+    array unchanged.
     """
     mode = check_resize_mode(mode)
     src, dst = to_grid(src), to_grid(dst)
     if src == dst:
         return extents
+    parts = _resize_partitions(extents, src, dst, mode)
+    if parts is not None:
+        return parts
     (hs, ws), (hd, wd) = src, dst
     # nearest neighbour on patch centres: source index floor((i + 0.5) * S / D)
     ys = np.minimum(((2 * np.arange(hd) + 1) * hs) // (2 * hd), hs - 1)
@@ -215,6 +220,66 @@ def check_resize_mode(mode: str) -> str:
     if mode not in RESIZE_MODES:
         raise WindowSpecError(f'window resize mode must be one of {RESIZE_MODES}, got {mode!r}')
     return mode
+
+
+# ---- partition windows (METHODS §1.6) -----------------------------------------------------------
+def partition_extents(grid: Grid, cell: Union[int, Sequence[int]]) -> np.ndarray:
+    """The extents of partition windows (ViTDet / SAM): the grid is tiled into ``sh x sw`` cells from
+    the top-left corner (padded at the bottom and right, as SAM pads) and each patch's window is the cell
+    that holds it, clipped to the grid.  ``(H, W, 4)`` int32, read-only."""
+    h, w = to_grid(grid)
+    sh, sw = to_grid(cell, 'partition cell')
+    ys, xs = np.arange(h), np.arange(w)
+    up, left = ys % sh, xs % sw
+    down = np.minimum(ys - up + sh, h) - 1 - ys
+    right = np.minimum(xs - left + sw, w) - 1 - xs
+    e = np.stack(np.broadcast_arrays(up[:, None], down[:, None], left[None, :], right[None, :]), axis=-1)
+    e = np.ascontiguousarray(e, dtype=np.int32)
+    e.setflags(write=False)
+    return e
+
+
+def partition_cell(plane: np.ndarray, grid: Grid) -> Optional[Grid]:
+    """``(sh, sw)`` when one ``(H, W, 4)`` window map is exactly a partition of the grid, else None."""
+    if plane.ndim != 3 or plane.shape[:2] != tuple(grid):
+        return None
+    cell = (int(plane[..., 0].max()) + 1, int(plane[..., 2].max()) + 1)
+    return cell if np.array_equal(plane, partition_extents(grid, cell)) else None
+
+
+_PARTITION = re.compile(r'\s*partition\s*\(\s*([0-9]+)\s*(?:,\s*([0-9]+)\s*)?\)\s*')
+
+
+def parse_partition(text: str, grid: Grid, where: str) -> np.ndarray:
+    """The extents of ``'partition(s)'`` or ``'partition(sh, sw)'`` on ``grid``."""
+    m = _PARTITION.fullmatch(text)
+    if m is None:
+        raise WindowSpecError(f"{where}: expected 'global', 'partition(s)', 'partition(sh, sw)' or extents, got "
+                              f"{text!r:.80}")
+    sh = int(m.group(1))
+    sw = int(m.group(2)) if m.group(2) is not None else sh
+    if min(sh, sw) < 1 or max(sh, sw) > MAX_GRID_SIDE:
+        raise WindowSpecError(f'{where}: partition cells must be 1..{MAX_GRID_SIDE} patches per side, got {text!r}')
+    return partition_extents(grid, (sh, sw))
+
+
+def _encode_partition(cell: Grid) -> str:
+    return f'partition({cell[0]})' if cell[0] == cell[1] else f'partition({cell[0]}, {cell[1]})'
+
+
+def _resize_partitions(extents: np.ndarray, src: Grid, dst: Grid, mode: str) -> Optional[np.ndarray]:
+    """Partition windows on another grid, still partitions: the cell keeps its size in patches
+    (``keep``) or its share of the image (``scale``, rounded up); None when ``extents`` holds another kind."""
+    planes = extents if extents.ndim == 4 else extents[None]
+    cells = [partition_cell(p, src) for p in planes]
+    if any(c is None for c in cells):
+        return None
+    if mode == 'scale':
+        cells = [(-(-c[0] * dst[0] // src[0]), -(-c[1] * dst[1] // src[1])) for c in cells]
+    out = np.stack([partition_extents(dst, c) for c in cells])
+    out = np.ascontiguousarray(out if extents.ndim == 4 else out[0])
+    out.setflags(write=False)
+    return out
 
 
 def window_mask(
@@ -367,7 +432,7 @@ class WindowSpec:
             if _is_global_entry(b):
                 blocks.append(None)
             elif isinstance(b, str):
-                raise WindowSpecError(f"blocks[{i}]: expected 'global' or extents, got {b!r}")
+                blocks.append(parse_partition(b, self.grid, f'blocks[{i}]'))
             else:
                 blocks.append(_as_extents(b, self.grid, f'blocks[{i}]'))
         self.blocks = blocks
@@ -414,7 +479,8 @@ class WindowSpec:
             schedule: Sequence[Union[str, int, Sequence[int], None]],
             provenance: Optional[Mapping[str, Any]] = None,
     ) -> 'WindowSpec':
-        """One entry per block: ``'global'`` (or ``None``), a radius, or ``(up, down, left, right)``."""
+        """One entry per block: ``'global'`` (or ``None``), a radius, ``(up, down, left, right)``, or
+        ``'partition(s)'`` / ``'partition(sh, sw)'`` (METHODS §1.6)."""
         if isinstance(schedule, (str, bytes, Mapping)) or not isinstance(schedule, Iterable):
             raise WindowSpecError(f'schedule must be a list with one entry per block, got {schedule!r:.80}')
         schedule = list(schedule)
@@ -548,6 +614,7 @@ class WindowSpec:
             blocks:
               - global                          # an unconstrained block
               - [up, down, left, right]         # the same window for every patch
+              - partition(s)                    # the s x s cell holding each patch (or partition(sh, sw))
               - {up: [...], down: [...], left: [...], right: [...]}   # per patch: H rows of W
                                                                        # ints, as strings
               - {heads: [<one of the two forms above>, ...]}          # per head
@@ -756,6 +823,9 @@ def _encode_plane(a: np.ndarray) -> Any:
     flat = a.reshape(-1, 4)
     if np.all(flat == flat[0]):
         return [int(v) for v in flat[0]]
+    cell = partition_cell(a, a.shape[:2])
+    if cell is not None:
+        return _encode_partition(cell)
     return {side: [' '.join(str(int(v)) for v in row) for row in a[..., s]] for s, side in enumerate(SIDES)}
 
 
@@ -769,6 +839,8 @@ def _encode_block(b: Optional[np.ndarray]) -> Any:
 
 def _decode_plane(e: Any, grid: Grid, where: str) -> np.ndarray:
     h, w = grid
+    if isinstance(e, str):
+        return parse_partition(e, grid, where)
     if isinstance(e, (int, list, tuple)) and not isinstance(e, bool):
         vals = [e] * 4 if isinstance(e, int) else list(e)
         if len(vals) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
@@ -782,8 +854,8 @@ def _decode_plane(e: Any, grid: Grid, where: str) -> np.ndarray:
                                   + (f', missing {missing}' if missing else '') + (f', unknown {extra}' if extra else ''))
         planes = [_decode_rows(e[side], grid, f'{where}.{side}') for side in SIDES]
         return _as_extents(np.stack(planes, axis=-1), grid, where)
-    raise WindowSpecError(f"{where}: expected 'global', [up, down, left, right], a per-patch mapping or "
-                          f"{{heads: [...]}}, got {e!r:.80}")
+    raise WindowSpecError(f"{where}: expected 'global', [up, down, left, right], 'partition(s)', a per-patch "
+                          f"mapping or {{heads: [...]}}, got {e!r:.80}")
 
 
 _INT_TEXT = re.compile(r'[+-]?[0-9]+')
@@ -820,8 +892,6 @@ def _decode_rows(rows: Any, grid: Grid, where: str) -> np.ndarray:
 def _decode_block(b: Any, grid: Grid, where: str) -> Optional[np.ndarray]:
     if b is None or b == 'global':
         return None
-    if isinstance(b, str):
-        raise WindowSpecError(f"{where}: expected 'global' or extents, got {b!r}")
     if isinstance(b, Mapping) and 'heads' in b:
         heads = b['heads']
         if not isinstance(heads, list) or not heads:

@@ -30,8 +30,9 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -40,7 +41,7 @@ from .inputs import ImageLoop, ImagesLike, patch_grid
 __all__ = [
     'attention_modules', 'normalize_blocks', 'BlockDict', 'num_prefix_tokens', 'class_token_index', 'patch_grid',
     'row_normalize', 'attention_override', 'capture_block_io', 'mask_patch_keys', 'zero_empty_rows', 'combine_masks',
-    'attention_pass',
+    'attention_pass', 'as_tokens', 'rerun_block',
     'Recorder', 'record', 'RecordingTooLarge', 'available_memory',
 ]
 
@@ -163,27 +164,46 @@ def attention_override(
             m.fused_attn = flag
 
 
+def as_tokens(t: torch.Tensor) -> torch.Tensor:
+    """A block's input or output as ``(B, T, C)`` tokens (SAM's blocks work on ``(B, H, W, C)``)."""
+    return t if t.dim() == 3 else t.flatten(1, -2)
+
+
 @contextlib.contextmanager
-def capture_block_io(model: nn.Module, blocks: Iterable[int]) -> Iterator[Dict[int, Dict[str, torch.Tensor]]]:
-    """Within the context, every forward stores ``{'input': x, 'output': y}`` (detached) of the
-    chosen ``model.blocks[i]`` in the yielded dict; the hooks are removed on exit."""
+def capture_block_io(model: nn.Module, blocks: Iterable[int]) -> Iterator[Dict[int, Dict[str, Any]]]:
+    """Within the context, every forward stores, for the chosen ``model.blocks[i]``, ``{'input': x,
+    'output': y}`` as ``(B, T, C)`` tokens (detached) and the call's other arguments (``'args'``,
+    ``'kwargs'``: a rotary embedding, a shared position bias ...), so :func:`rerun_block` can run the
+    block again as the model ran it; the hooks are removed on exit."""
     mods = list(model.blocks)
     chosen = normalize_blocks(list(blocks), len(mods))
-    store: Dict[int, Dict[str, torch.Tensor]] = {}
+    store: Dict[int, Dict[str, Any]] = {}
     handles = []
 
     def make(i: int):
-        def hook(module, args, output):
-            store[i] = {'input': args[0].detach(), 'output': output.detach()}
+        def hook(module, args, kwargs, output):
+            store[i] = {'input': as_tokens(args[0].detach()), 'output': as_tokens(output.detach()),
+                        'shape': tuple(args[0].shape[1:]), 'args': tuple(args[1:]), 'kwargs': dict(kwargs)}
         return hook
 
     try:
         for i in chosen:
-            handles.append(mods[i].register_forward_hook(make(i)))
+            handles.append(mods[i].register_forward_hook(make(i), with_kwargs=True))
         yield store
     finally:
         for h in handles:
             h.remove()
+
+
+def rerun_block(model: nn.Module, block: int, call: Mapping[str, Any], x: torch.Tensor,
+                allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``model.blocks[block]`` on tokens ``x`` (``(B, T, C)``) with the other arguments of a call recorded
+    by :func:`capture_block_io`, the keys limited to ``allowed`` (bool, broadcastable to ``(B, heads, T,
+    T)``) through the block's attention; returns the output tokens."""
+    blk = model.blocks[block]
+    shaped = x.reshape(x.shape[0], *call['shape'])
+    with _attention_mask(model, [block], allowed) if allowed is not None else contextlib.nullcontext():
+        return as_tokens(blk(shaped, *call['args'], **call['kwargs']))
 
 
 # ---- hiding keys ------------------------------------------------------------------------------------
@@ -204,18 +224,45 @@ def combine_masks(given: Optional[torch.Tensor], allowed: torch.Tensor) -> torch
 
 
 @contextlib.contextmanager
+def _attention_mask(model: nn.Module, chosen: List[int], allowed: torch.Tensor) -> Iterator[None]:
+    """Within the context the attention modules of the chosen blocks get ``allowed`` (bool, ``(B, 1, 1,
+    T)`` or broadcastable) as their ``attn_mask``, combined with one their block passes.  Every family's
+    windowed layer (and timm's ``Attention`` / ``EvaAttention``) takes it, whatever its block's forward
+    takes."""
+    mods = attention_modules(model)
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+        x = args[0]
+        tokens = int(np.prod(x.shape[1:-1]))
+        if allowed.shape[0] not in (1, x.shape[0]) or tokens != allowed.shape[-1]:
+            raise ValueError(f'key mask is for {allowed.shape[0]} images x {allowed.shape[-1]} tokens, the forward '
+                             f'has {x.shape[0]} x {tokens}')
+        kwargs = dict(kwargs)
+        kwargs['attn_mask'] = combine_masks(kwargs.get('attn_mask'), allowed.to(x.device))
+        return args, kwargs
+
+    handles = []
+    try:
+        for i in chosen:
+            handles.append(mods[i].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def mask_patch_keys(model: nn.Module, removed: torch.Tensor,
                     blocks: Optional[Iterable[int]] = None) -> Iterator[None]:
     """Within the context no query, in any chosen block (default: all), attends to the patches
     flagged in ``removed`` (``(B, N)`` bool, one row per image of the coming forward).
 
-    The keys are hidden through the standard ``attn_mask`` argument of timm's blocks (combined
-    with one the caller passes).  Prefix tokens stay visible.  The masked blocks run the
+    The keys are hidden through the standard ``attn_mask`` argument of the attention layers (combined
+    with one their block passes).  Prefix tokens stay visible.  The masked blocks run the
     layer's explicit-softmax path so that a query left with no key at all (possible in a
     windowed block of a model without prefix tokens) gets a zero attention output instead of
     NaN.  The masked patches' own tokens still flow through the residual stream.
     """
-    mods = list(getattr(model, 'blocks', []))
     chosen = normalize_blocks(blocks, len(attention_modules(model)))
     npt = num_prefix_tokens(model)
     if removed.dim() != 2 or removed.dtype != torch.bool:
@@ -224,27 +271,8 @@ def mask_patch_keys(model: nn.Module, removed: torch.Tensor,
     allowed = torch.ones(removed.shape[0], npt + removed.shape[1], dtype=torch.bool, device=removed.device)
     allowed[:, npt:] = ~removed
     allowed = allowed[:, None, None, :]  # (B, 1, 1, T): the same keys for every head and query
-
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
-        x = args[0]
-        if x.shape[0] != allowed.shape[0] or x.shape[1] != allowed.shape[-1]:
-            raise ValueError(f'removal mask is for {allowed.shape[0]} images x {allowed.shape[-1]} tokens, the forward '
-                             f'has {x.shape[0]} x {x.shape[1]}')
-        kwargs = dict(kwargs)
-        if len(args) > 1:  # attn_mask given positionally
-            return (x, combine_masks(args[1], allowed.to(x.device))) + tuple(args[2:]), kwargs
-        kwargs['attn_mask'] = combine_masks(kwargs.get('attn_mask'), allowed.to(x.device))
-        return args, kwargs
-
-    handles = []
-    with attention_override(model, chosen, probs_fn=zero_empty_rows):
-        try:
-            for i in chosen:
-                handles.append(mods[i].register_forward_pre_hook(pre_hook, with_kwargs=True))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    with attention_override(model, chosen, probs_fn=zero_empty_rows), _attention_mask(model, chosen, allowed):
+        yield
 
 
 # ---- running a model over images --------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .capture import (Recorder, attention_modules, attention_override, capture_block_io, normalize_blocks,
+from .capture import (Recorder, attention_modules, attention_override, capture_block_io, normalize_blocks, rerun_block,
                       num_prefix_tokens, row_normalize, zero_empty_rows)
 from .inputs import ImageLoop, ImagesLike, describe_images, model_name, resolve_targets
 
@@ -125,7 +125,8 @@ def _accumulate_attribution(model, x, y, blocks, acc, npt, per_head, target, max
 def _accumulate_ablation(model, x, blocks, acc, npt, chunk) -> None:
     """Remove one key at a time from block ``l`` and rerun that block from its recorded input.
 
-    The key is removed through the block's ``attn_mask`` argument.  Every call carries an
+    The key is removed through the ``attn_mask`` of the block's attention layer, the block rerun with
+    the other arguments the model gave it (a rotary embedding, a shared position bias).  Every call carries an
     unablated copy of the image first, so the reference output comes from the very same batched
     computation and keys outside a query's window give exactly 0.  The block runs the layer's
     explicit-softmax path, where a query left with no key gets a zero attention output.
@@ -135,7 +136,7 @@ def _accumulate_ablation(model, x, blocks, acc, npt, chunk) -> None:
     keys_per_call = max(1, chunk - 1)
     with torch.no_grad():
         for b in blocks:
-            xin = io[b]['input']
+            xin = io[b]['input']  # (B, T, C) tokens; rerun_block gives the block its own layout and arguments
             B, T, C = xin.shape
             n = T - npt
             total = acc.get(b)
@@ -148,7 +149,7 @@ def _accumulate_ablation(model, x, blocks, acc, npt, chunk) -> None:
                         c = js.numel()
                         allowed = torch.ones(c + 1, 1, 1, T, dtype=torch.bool, device=xin.device)
                         allowed[torch.arange(1, c + 1, device=xin.device), 0, 0, npt + js] = False
-                        z = model.blocks[b](xin[img:img + 1].expand(c + 1, T, C), attn_mask=allowed)[:, npt:]
+                        z = rerun_block(model, b, io[b], xin[img:img + 1].expand(c + 1, T, C), allowed)[:, npt:]
                         ref, abl = z[:1], z[1:]
                         d = (abl - ref).double().norm(dim=-1) / ref.double().norm(dim=-1).clamp_min(1e-12)
                         total[:, js] += d.T  # rows are queries i, columns the removed keys j

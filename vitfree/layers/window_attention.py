@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
+from ..ops.bias import PositionBias, dense_position_bias
 from ..ops.dispatch import AUTO, make_query, plan
 from ..ops.eager import apply_probs, softmax_probs
 from ..windows import LayerWindows, WindowSpecError, check_resize_mode, extents_mask, to_grid
@@ -38,6 +39,7 @@ from ..windows import LayerWindows, WindowSpecError, check_resize_mode, extents_
 __all__ = ['WindowAttention', 'WindowedCore', 'graph_window_bias', 'is_fx_tracing', 'fx_window_attention']
 
 torch.fx.wrap('resolve_self_attn_mask')  # timm's own wrap covers only calls from timm's module
+torch.fx.wrap('dense_position_bias')  # reads the parts' shapes: one FX node
 
 
 @torch.fx.wrap
@@ -87,17 +89,18 @@ def grid_for(native: Optional[LayerWindows], grid: Tuple[int, int], num_patches:
 def run_windows(windows: LayerWindows, grid: Tuple[int, int], resize_mode: str, num_prefix_tokens: int,
                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: Optional[torch.Tensor], scale: float,
                 dropout_p: float, attn_mask: Optional[torch.Tensor], backend: str, explicit_softmax: bool,
-                probs_hook=None) -> Tuple[torch.Tensor, str]:
+                probs_hook=None, bias: Optional[PositionBias] = None) -> Tuple[torch.Tensor, str]:
     """The windowed attention of a layer, eagerly or inside ``torch.compile``: ``(B, heads, T, d)`` q, k,
-    v (and the packed ``qkv`` projection when the fused entry may be used, else None) -> ``(B, T, heads
-    * value_dim)`` and the backend that ran."""
+    v (and the packed ``qkv`` projection when the fused entry may be used, else None; and a position
+    ``bias``) -> ``(B, T, heads * value_dim)`` and the backend that ran."""
     b, h, t, d = q.shape
     query = make_query(q, grid, num_prefix_tokens, h, d, v.shape[-1], dropout=dropout_p > 0,
-                       caller_mask=attn_mask is not None, override=backend, explicit_softmax=explicit_softmax)
+                       caller_mask=attn_mask is not None, override=backend, explicit_softmax=explicit_softmax,
+                       bias=bias is not None)
     p = plan(windows, query, resize_mode)
     if qkv is not None and p.has_qkv_entry:
         return p.from_qkv(qkv, scale).reshape(b, t, h * d), p.name
-    x = p(q, k, v, scale, dropout_p, attn_mask, probs_hook)
+    x = p(q, k, v, scale, dropout_p, attn_mask, probs_hook, bias)
     return x.transpose(1, 2).reshape(b, t, h * v.shape[-1]), p.name
 
 
@@ -105,19 +108,47 @@ def run_windows(windows: LayerWindows, grid: Tuple[int, int], resize_mode: str, 
 @torch.jit.ignore
 def fx_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: Optional[torch.Tensor],
                         extents: torch.Tensor, native_h: int, native_w: int, resize_mode: str, num_prefix_tokens: int,
-                        scale: float, dropout_p: float, attn_mask: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+                        scale: float, dropout_p: float, attn_mask: Optional[torch.Tensor], backend: str,
+                        bias: Optional[PositionBias] = None) -> torch.Tensor:
     """:func:`run_windows` as one FX leaf: an FX graph of a windowed model runs the very kernel the
     module runs (the windows come back from the ``window_extents`` buffer, interned to the same object)."""
     windows = LayerWindows(extents.cpu().numpy().astype(np.int64), (native_h, native_w))
     grid = grid_for(windows, windows.grid, q.shape[-2] - num_prefix_tokens)
     return run_windows(windows, grid, resize_mode, num_prefix_tokens, q, k, v, qkv, scale, dropout_p, attn_mask,
-                       backend, False)[0]
+                       backend, False, None, bias)[0]
 
 
 class WindowedCore:
-    """The windows of an attention layer and the one windowed attention forward (a mixin for
-    ``nn.Module`` attention classes that define ``num_heads``, ``scale``, ``attn_drop`` and ``fused_attn``)."""
+    """The windows of an attention layer and the one attention forward, windowed or global (a mixin for
+    ``nn.Module`` attention classes that define ``num_heads``, ``scale``, ``attn_drop`` and ``fused_attn``).
+
+    A windowed layer class is ``class WindowX(WindowedCore, X)`` for a timm attention class ``X``
+    (``timm_class``): its forward computes q, k, v exactly as ``X`` does, then calls :meth:`attend`."""
     __jit_unused_properties__ = ['windows']
+    timm_class: type = nn.Module
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module, windows: Optional[LayerWindows] = None, num_prefix_tokens: int = 1,
+                       backend: Optional[str] = None):
+        """The windowed layer holding ``attn``'s own modules, parameters and buffers (nothing is copied:
+        the state dict stays the same)."""
+        if not isinstance(attn, cls.timm_class):
+            raise TypeError(f'{cls.__name__} is made from a {cls.timm_class.__module__}.{cls.timm_class.__name__}, '
+                            f'got {type(attn).__name__}')
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for key, val in vars(attn).items():
+            if key not in ('_parameters', '_buffers', '_modules', '_non_persistent_buffers_set'):
+                object.__setattr__(new, key, val)
+        for name, m in attn._modules.items():
+            new._modules[name] = m
+        for name, p in attn._parameters.items():
+            new._parameters[name] = p
+        for name, b in attn._buffers.items():
+            new._buffers[name] = b
+        new._non_persistent_buffers_set = set(attn._non_persistent_buffers_set)
+        new.init_windows(windows, num_prefix_tokens, backend)
+        return new
 
     def init_windows(self, windows: Optional[LayerWindows], num_prefix_tokens: int, backend: Optional[str]) -> None:
         self.num_prefix_tokens = num_prefix_tokens
@@ -167,21 +198,49 @@ class WindowedCore:
         return self._windows.resize(grid_for(self._windows, self.grid, num_patches), self.resize_mode)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-               is_causal: bool = False, qkv: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Windowed attention of this layer on ``(B, heads, T, d)`` q, k, v (after any q/k norm or rotary
-        embedding); ``qkv``: the packed projection, when the q, k, v are plain slices of it (lets a fused
-        kernel read it in place).  Returns ``(B, T, heads * value_dim)``."""
+               is_causal: bool = False, qkv: Optional[torch.Tensor] = None,
+               bias: Optional[PositionBias] = None) -> torch.Tensor:
+        """Attention of this layer, windowed or (a global block) as timm computes it, on ``(B, heads, T, d)``
+        q, k, v (after any q/k norm or rotary embedding); ``qkv``: the packed projection, when the q, k, v
+        are plain slices of it (lets a fused kernel read it in place); ``bias``: a position term added to
+        the logits of the pairs a query sees (:mod:`vitfree.ops.bias`).  Returns ``(B, T, heads * value_dim)``."""
         fused = self.fused_attn and not self.probs_hooked()
-        if torch.jit.is_scripting() or _plain_graph() or (is_fx_tracing() and not fused):
-            b, h, t, _ = q.shape
-            dropout_p = self.attn_drop.p if self.training else 0.0
-            bias = graph_window_bias(self.window_extents, self.num_prefix_tokens, q, attn_mask, is_causal)
+        b, h, t, _ = q.shape
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if not self.windowed:
+            x = self._global(q, k, v, attn_mask, is_causal, bias, fused, dropout_p)
+        elif torch.jit.is_scripting() or _plain_graph() or (is_fx_tracing() and not fused):
+            mask = graph_window_bias(self.window_extents, self.num_prefix_tokens, q, attn_mask, is_causal)
+            if bias is not None:
+                grid = (self.window_extents.shape[-3], self.window_extents.shape[-2])
+                mask = mask + dense_position_bias(bias, grid, self.num_prefix_tokens, mask)
             if fused:
-                x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=self.scale)
+                x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.scale)
             else:
-                x = apply_probs(self.attn_drop(softmax_probs(q, k, self.scale, bias)), v)
-            return x.transpose(1, 2).reshape(b, t, h * v.shape[-1])
-        return self._dispatched(q, k, v, attn_mask, is_causal, qkv, fused)
+                x = apply_probs(self.attn_drop(softmax_probs(q, k, self.scale, mask)), v)
+        else:
+            return self._dispatched(q, k, v, attn_mask, is_causal, qkv, fused, bias)
+        return x.transpose(1, 2).reshape(b, t, h * v.shape[-1])
+
+    def _global(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                is_causal: bool, bias: Optional[PositionBias], fused: bool, dropout_p: float) -> torch.Tensor:
+        """A global block: timm's attention (SDPA, or the explicit softmax through ``attn_drop``), with a
+        position bias added as the mask timm's position-bias families pass."""
+        n = q.shape[-2]
+        if bias is not None:
+            pos = dense_position_bias(bias, self.grid, self.num_prefix_tokens, q)
+            if attn_mask is not None or is_causal:
+                pos = maybe_add_mask(pos, resolve_self_attn_mask(n, pos, attn_mask, is_causal))
+            attn_mask, is_causal = pos, False
+        if fused:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal)
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(n, attn, attn_mask, is_causal))
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        return attn @ v
 
     def probs_hooked(self) -> bool:
         """A hook on ``attn_drop`` asks for the attention probabilities (timm's ``AttentionExtract``
@@ -193,18 +252,19 @@ class WindowedCore:
 
     @torch.jit.unused
     def _dispatched(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                    is_causal: bool, qkv: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
+                    is_causal: bool, qkv: Optional[torch.Tensor], fused: bool,
+                    bias: Optional[PositionBias] = None) -> torch.Tensor:
         """Outside plain graphs: the dispatcher's plan (inside an FX trace, as one leaf function)."""
         dropout_p = self.attn_drop.p if self.training else 0.0
         mask = resolve_self_attn_mask(q.shape[-2], q, attn_mask, is_causal)
         if is_fx_tracing():
             native = self._windows.grid
             return fx_window_attention(q, k, v, qkv, self.window_extents, native[0], native[1], self.resize_mode,
-                                       self.num_prefix_tokens, self.scale, dropout_p, mask, self.backend)
+                                       self.num_prefix_tokens, self.scale, dropout_p, mask, self.backend, bias)
         grid = grid_for(self._windows, self.grid, q.shape[-2] - self.num_prefix_tokens)
         x, self.last_backend = run_windows(self._windows, grid, self.resize_mode, self.num_prefix_tokens, q, k, v,
                                            qkv, self.scale, dropout_p, mask, self.backend, not fused,
-                                           self.attn_drop)
+                                           self.attn_drop, bias)
         return x
 
 
@@ -219,33 +279,12 @@ class WindowAttention(WindowedCore, Attention):
             see :mod:`vitfree.ops.dispatch` for how it combines with ``vitfree.use_backend``.
     """
     __jit_unused_properties__ = ['windows']
+    timm_class = Attention
 
     def __init__(self, dim: int, num_heads: int = 8, *, windows: Optional[LayerWindows] = None,
                  num_prefix_tokens: int = 1, backend: Optional[str] = None, **kwargs) -> None:
         super().__init__(dim, num_heads=num_heads, **kwargs)
         self.init_windows(windows, num_prefix_tokens, backend)
-
-    @classmethod
-    def from_attention(cls, attn: Attention, windows: Optional[LayerWindows] = None, num_prefix_tokens: int = 1,
-                       backend: Optional[str] = None) -> 'WindowAttention':
-        """The windowed layer holding ``attn``'s own modules and parameters (nothing is copied: the
-        state dict stays the same)."""
-        if not isinstance(attn, Attention):
-            raise TypeError(f'expected a timm.layers.Attention, got {type(attn).__name__}')
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for key, val in vars(attn).items():
-            if key not in ('_parameters', '_buffers', '_modules', '_non_persistent_buffers_set'):
-                object.__setattr__(new, key, val)
-        for name, m in attn._modules.items():
-            new._modules[name] = m
-        for name, p in attn._parameters.items():
-            new._parameters[name] = p
-        for name, b in attn._buffers.items():
-            new._buffers[name] = b
-        new._non_persistent_buffers_set = set(attn._non_persistent_buffers_set)
-        new.init_windows(windows, num_prefix_tokens, backend)
-        return new
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -254,22 +293,8 @@ class WindowAttention(WindowedCore, Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.windowed:
-            plain = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
-            x = self.attend(q, k, v, attn_mask, is_causal, qkv if plain else None)
-        else:
-            dropout_p = self.attn_drop.p if self.training else 0.0
-            if self.fused_attn and not self.probs_hooked():
-                x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                   is_causal=is_causal)
-            else:
-                q = q * self.scale
-                attn = q @ k.transpose(-2, -1)
-                attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-                attn = attn.softmax(dim=-1)
-                attn = self.attn_drop(attn)
-                x = attn @ v
-            x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        plain = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        x = self.attend(q, k, v, attn_mask, is_causal, qkv if plain else None)
         x = self.norm(x)
         if gate is not None:
             x = x * gate

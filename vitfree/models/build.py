@@ -30,7 +30,8 @@ from ..layers.window_attention import WindowedCore, is_fx_tracing
 from ..weights import check_loaded_weights, secure_factory_kwargs
 from ..windows import WindowSpec, check_resize_mode, resolve_spec
 
-__all__ = ['WinfTMixin', 'Family', 'register_family', 'family_of', 'to_winft', 'create_winft', 'is_winft']
+__all__ = ['WinfTMixin', 'Family', 'register_family', 'family_of', 'to_winft', 'create_winft', 'is_winft',
+           'build_winft', 'timm_weights_cfg', 'prior_notes', 'UNSUPPORTED']
 
 SpecLike = Union[WindowSpec, Mapping[str, Any], str, None]
 
@@ -42,6 +43,12 @@ class WinfTMixin:
     layers are (:meth:`_attention_slots`), how one becomes windowed (:meth:`_windowed_layer`), and
     the model's patch grid and prefix tokens; the rest is here."""
     __jit_unused_properties__ = ['window_spec', '_model_args']
+
+    def __init__(self, windows: SpecLike = None, attn_backend: Optional[str] = None, window_resize: str = 'scale',
+                 **kwargs) -> None:
+        """Build the timm model of the family (``**kwargs`` as its class takes them), then give it windows."""
+        timm_build(super().__init__, type(self).__name__, **kwargs)
+        self._give_windows(windows, attn_backend, window_resize)
 
     # ---- what a family says -------------------------------------------------------------------
     def _attention_slots(self) -> List[Tuple[nn.Module, str]]:
@@ -107,6 +114,7 @@ class WinfTMixin:
         for i, (parent, name) in enumerate(slots):
             layer = getattr(parent, name)
             layer.set_windows(spec.layer(i), num_prefix_tokens=self._prefix_tokens(), resize_mode=self.window_resize)
+            layer.set_grid(grid)  # global blocks too: a position bias is read at the grid
             layer.backend = self.attn_backend
         self._window_spec = spec
 
@@ -194,6 +202,13 @@ class Family:
 
 _FAMILIES: Dict[type, Family] = {}
 
+# timm model classes that cannot be given windows exactly, and why (named by create_winft and to_winft)
+UNSUPPORTED: Dict[str, str] = {
+    'NaFlexVit': ('NaFlexVit runs padded sequences of patches whose grid differs from sample to sample, and vitfree '
+                  'windows are given per model grid (one grid per forward pass); for variable image sizes use a '
+                  'VisionTransformer or Eva model with dynamic_img_size=True'),
+}
+
 
 def register_family(family: Family) -> Family:
     _FAMILIES[family.timm_class] = family
@@ -205,9 +220,48 @@ def family_of(model: nn.Module, what: str = 'model') -> Family:
     fam = _FAMILIES.get(type(model))
     if fam is None:
         known = ', '.join(sorted({f.timm_class.__name__ for f in _FAMILIES.values()}))
-        raise ValueError(f'{what} builds a {type(model).__name__}, which vitfree cannot give windows; supported timm '
-                         f'model classes: {known}')
+        why = UNSUPPORTED.get(type(model).__name__)
+        raise ValueError(f'{what} builds a {type(model).__name__}, which vitfree cannot give windows'
+                         + (f' ({why})' if why else '') + f'; supported timm model classes: {known}')
     return fam
+
+
+def build_winft(winft_class: type, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """A registered ``winft_*`` entry point: timm's ``build_model_with_cfg`` with the WinfT class of a
+    family, its checkpoint filter (strict loading) and its feature-extraction config."""
+    from timm.models import build_model_with_cfg
+
+    from ..weights import prepare_factory_kwargs
+    fam = _FAMILIES[winft_class]
+    kwargs = prepare_factory_kwargs(variant, pretrained, kwargs, filter_fn=fam.filter_fn)
+    out_indices = kwargs.pop('out_indices', fam.default_out_indices)
+    return build_model_with_cfg(winft_class, variant, pretrained,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls=fam.feature_cls), **kwargs)
+
+
+def prior_notes(hub_id: str) -> Tuple[str, ...]:
+    """What a 224/384 tag is: timm weights trained without windows, with an unmeasured prior spec imposed."""
+    base = hub_id.split('/', 1)[-1]
+    return (f'Weights: timm {base}, trained without windows. Windows: the unmeasured prior spec in '
+            f'model_args.windows (see its provenance), imposed on these weights without retraining; accuracy '
+            f'with those windows, before fine-tuning, has not been measured.',
+            f'Measure windows for these weights: vitfree erf {base} DATA --pretrained -o spec.yaml; '
+            f'fine-tune with them: vitfree finetune {base} DATA --pretrained --windows spec.yaml.')
+
+
+
+def timm_weights_cfg(tagged_name: str, **overrides: Any) -> Dict[str, Any]:
+    """The pretrained config of a ``winft_*`` tag that loads timm's own weights ``tagged_name`` (timm's
+    config for them, with :func:`prior_notes` and ``overrides``)."""
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(tagged_name)
+    if cfg is None:
+        raise ValueError(f'timm has no pretrained config {tagged_name!r}')
+    out = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in ('tag', 'architecture')}
+    out.setdefault('hf_hub_id', f'timm/{tagged_name}')
+    out['notes'] = prior_notes(out['hf_hub_id'])
+    out.update(overrides)
+    return out
 
 
 def to_winft(model: nn.Module, windows: SpecLike = None, attn_backend: Optional[str] = None,

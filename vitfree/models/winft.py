@@ -12,7 +12,7 @@ Hugging Face Hub; the windows come from the spec named in ``configs/``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Union
 
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
@@ -23,7 +23,7 @@ from ..data import FASHION_MNIST_CLASSES
 from ..layers import WindowAttention
 from ..weights import manifest_cfg_fields, prepare_factory_kwargs, shipped_weights_file
 from ..windows import WindowSpec
-from .build import Family, WinfTMixin, create_winft, register_family, timm_build, to_winft
+from .build import Family, WinfTMixin, build_winft, create_winft, prior_notes, register_family, to_winft
 
 __all__ = ['WinfT', 'create_winft', 'to_winft']
 
@@ -48,11 +48,6 @@ class WinfT(WinfTMixin, VisionTransformer):
     __jit_unused_properties__ = list(getattr(VisionTransformer, '__jit_unused_properties__', [])) + [
         'window_spec', '_model_args']
 
-    def __init__(self, windows: SpecLike = None, attn_backend: Optional[str] = None, window_resize: str = 'scale',
-                 **kwargs) -> None:
-        timm_build(super().__init__, type(self).__name__, **kwargs)
-        self._give_windows(windows, attn_backend, window_resize)
-
     def _windowed_layer(self, attn: nn.Module) -> WindowAttention:
         return WindowAttention.from_attention(attn, None, self.num_prefix_tokens, self.attn_backend)
 
@@ -60,19 +55,9 @@ class WinfT(WinfTMixin, VisionTransformer):
 register_family(Family('vit', VisionTransformer, WinfT, filter_fn=checkpoint_filter_fn))
 
 
-def _prior_notes(hub_id: str) -> Tuple[str, ...]:
-    """What a 224/384 tag is: timm weights trained without windows, with an unmeasured prior spec imposed."""
-    base = hub_id.split('/', 1)[-1]
-    return (f'Weights: timm {base}, trained without windows. Windows: the unmeasured prior spec in '
-            f'model_args.windows (see its provenance), imposed on these weights without retraining; accuracy '
-            f'with those windows, before fine-tuning, has not been measured.',
-            f'Measure windows for these weights: vitfree erf {base} DATA --pretrained -o spec.yaml; '
-            f'fine-tune with them: vitfree finetune {base} DATA --pretrained --windows spec.yaml.')
-
-
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     if kwargs.get('hf_hub_id', '').startswith('timm/'):
-        kwargs.setdefault('notes', _prior_notes(kwargs['hf_hub_id']))
+        kwargs.setdefault('notes', prior_notes(kwargs['hf_hub_id']))
     return {
         'url': url,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
@@ -125,15 +110,7 @@ MICRO_ARGS = dict(img_size=28, patch_size=2, in_chans=3, num_classes=10, embed_d
 
 
 def _create_winft(variant: str, pretrained: bool = False, **kwargs) -> WinfT:
-    kwargs = prepare_factory_kwargs(variant, pretrained, kwargs, filter_fn=checkpoint_filter_fn)  # strict loading
-    out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        WinfT,
-        variant,
-        pretrained,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_winft(WinfT, variant, pretrained, **kwargs)
 
 
 @register_model

@@ -29,9 +29,10 @@ from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 import torch
 
 from ..windows import LayerWindows
+from .bias import PositionBias, dense_position_bias
 
 __all__ = ['Query', 'Plan', 'Backend', 'PreparedCache', 'building', 'contain_nonfinite', 'ProbsHook',
-           'refuse_second_order']
+           'refuse_second_order', 'PositionBias']
 
 ProbsHook = Callable[[torch.Tensor], torch.Tensor]
 
@@ -43,7 +44,8 @@ class Query(NamedTuple):
     computes in (autocast resolved); ``override`` is the calling module's ``backend=`` (``'auto'``
     when it has none; :func:`vitfree.use_backend` and ``VITFREE_BACKEND`` come on top in the
     dispatcher); ``explicit_softmax`` asks for the layer's own softmax path, whose probabilities
-    pass the hook point (timm's ``fused_attn = False``)."""
+    pass the hook point (timm's ``fused_attn = False``); ``bias``: the call adds a
+    :class:`~vitfree.ops.bias.PositionBias` to the logits."""
     grid: Tuple[int, int]
     prefix: int
     batch: int
@@ -57,6 +59,7 @@ class Query(NamedTuple):
     caller_mask: bool = False
     override: str = 'auto'
     explicit_softmax: bool = False
+    bias: bool = False
 
     @property
     def tokens(self) -> int:
@@ -81,14 +84,17 @@ class Backend:
     ``auto`` (may the automatic choice pick it); ``takes_caller_mask`` (can add a caller's
     ``attn_mask`` on top of the windows); ``takes_dropout`` (runs attention dropout);
     ``exact_nonfinite`` (a non-finite key or value reaches only the queries whose window holds
-    it, without help from the plan).  The dispatcher checks dtypes, shapes, devices and the
-    flags above for every backend; :meth:`supports` adds what is particular to this one."""
+    it, without help from the plan); ``takes_bias`` (adds a :class:`~vitfree.ops.bias.PositionBias`,
+    passed to :meth:`run` as ``bias=``, and its gradients flow into the bias's tensors).  The
+    dispatcher checks dtypes, shapes, devices and the flags above for every backend;
+    :meth:`supports` adds what is particular to this one."""
     name: str = ''
     description: str = ''
     auto: bool = True
     takes_caller_mask: bool = False
     takes_dropout: bool = True
     exact_nonfinite: bool = False
+    takes_bias: bool = False
 
     def supports(self, query: Query, windows: LayerWindows) -> Optional[str]:
         """None when this backend can run the query, else why not (one clause)."""
@@ -106,7 +112,9 @@ class Backend:
     def run(self, plan: 'Plan', q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             dropout_p: float = 0.0, attn_mask: Optional[torch.Tensor] = None,
             probs_hook: Optional[ProbsHook] = None) -> torch.Tensor:
-        """``(B, heads, T, head_dim)`` q, k (v: ``value_dim``) in the plan's dtype -> ``(B, heads, T, value_dim)``."""
+        """``(B, heads, T, head_dim)`` q, k (v: ``value_dim``) in the plan's dtype -> ``(B, heads, T, value_dim)``.
+        A backend with ``takes_bias`` also takes ``bias=`` (a :class:`~vitfree.ops.bias.PositionBias`, or None);
+        the others are never called with it."""
         raise NotImplementedError
 
     run_qkv: Optional[Callable[['Plan', torch.Tensor, float], torch.Tensor]] = None
@@ -131,23 +139,35 @@ class Plan:
 
     @property
     def has_qkv_entry(self) -> bool:
-        return self.backend.run_qkv is not None and not self.query.caller_mask and not self.query.dropout
+        q = self.query
+        return self.backend.run_qkv is not None and not q.caller_mask and not q.dropout and not q.bias
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                  dropout_p: float = 0.0, attn_mask: Optional[torch.Tensor] = None,
-                 probs_hook: Optional[ProbsHook] = None) -> torch.Tensor:
-        """Run the kernel on ``(B, heads, T, d)`` tensors; returns ``(B, heads, T, value_dim)`` in
-        the query's dtype."""
+                 probs_hook: Optional[ProbsHook] = None, bias: Optional[PositionBias] = None) -> torch.Tensor:
+        """Run the kernel on ``(B, heads, T, d)`` tensors (plus the position ``bias`` the query was made
+        with); returns ``(B, heads, T, value_dim)`` in the query's dtype."""
         dt = self.query.dtype
         if q.dtype != dt or k.dtype != dt or v.dtype != dt:
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        if (bias is not None) != self.query.bias:
+            raise ValueError(f'this plan was made for a call {"with" if self.query.bias else "without"} a position '
+                             f'bias, and is run {"with" if bias is not None else "without"} one')
         if q.shape[0] == 0:
             return v.new_empty(v.shape)
         with torch.autocast(q.device.type, enabled=False):
             if self.backend.exact_nonfinite or _graph_mode():
-                return self.backend.run(self, q, k, v, scale, dropout_p, attn_mask, probs_hook)
-            return contain_nonfinite(self, q, k, v, scale, dropout_p, attn_mask, probs_hook)
+                return self.run_kernel(q, k, v, scale, dropout_p, attn_mask, probs_hook, bias)
+            return contain_nonfinite(self, q, k, v, scale, dropout_p, attn_mask, probs_hook, bias)
+
+    def run_kernel(self, q, k, v, scale: float, dropout_p: float, attn_mask: Optional[torch.Tensor],
+                   probs_hook: Optional[ProbsHook], bias: Optional[PositionBias]) -> torch.Tensor:
+        """The backend's kernel; ``bias=`` is passed only when there is one (backends without
+        ``takes_bias`` never see it)."""
+        if bias is None:
+            return self.backend.run(self, q, k, v, scale, dropout_p, attn_mask, probs_hook)
+        return self.backend.run(self, q, k, v, scale, dropout_p, attn_mask, probs_hook, bias=bias)
 
     def from_qkv(self, qkv: torch.Tensor, scale: float) -> torch.Tensor:
         """The fused entry (only where :attr:`has_qkv_entry`): ``(B, T, 3, heads, d)`` -> ``(B, T, heads, d)``."""
@@ -228,8 +248,8 @@ class PreparedCache:
 
 # ---- non-finite keys and values ---------------------------------------------------------------------
 def contain_nonfinite(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      dropout_p: float, attn_mask: Optional[torch.Tensor], probs_hook: Optional[ProbsHook]
-                      ) -> torch.Tensor:
+                      dropout_p: float, attn_mask: Optional[torch.Tensor], probs_hook: Optional[ProbsHook],
+                      bias: Optional[PositionBias] = None) -> torch.Tensor:
     """Run ``plan``'s kernel so that a NaN or Inf key or value reaches only the queries whose
     window (and caller mask) holds it, as a reference that sums over allowed keys only would.
 
@@ -239,11 +259,11 @@ def contain_nonfinite(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     over their allowed keys (:func:`_exact_rows`); attention dropout is not applied to those rows."""
     acc = torch.float32 if k.dtype in (torch.float16, torch.bfloat16) else None
     if bool(torch.isfinite(k.sum(dtype=acc) + v.sum(dtype=acc))):
-        return plan.backend.run(plan, q, k, v, scale, dropout_p, attn_mask, probs_hook)
+        return plan.run_kernel(q, k, v, scale, dropout_p, attn_mask, probs_hook, bias)
     bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # (B, heads, T)
     keep = (~bad).unsqueeze(-1)
-    out = plan.backend.run(plan, q, k.where(keep, 0), v.where(keep, 0), scale, dropout_p, attn_mask, probs_hook)
-    return _exact_rows(plan, q, k, v, bad, attn_mask, scale, out)
+    out = plan.run_kernel(q, k.where(keep, 0), v.where(keep, 0), scale, dropout_p, attn_mask, probs_hook, bias)
+    return _exact_rows(plan, q, k, v, bad, attn_mask, scale, out, bias)
 
 
 def _allowed(plan: Plan, device: torch.device, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -257,7 +277,8 @@ def _allowed(plan: Plan, device: torch.device, attn_mask: Optional[torch.Tensor]
     return allowed
 
 
-def _exact_rows(plan: Plan, q, k, v, bad: torch.Tensor, attn_mask, scale: float, out: torch.Tensor) -> torch.Tensor:
+def _exact_rows(plan: Plan, q, k, v, bad: torch.Tensor, attn_mask, scale: float, out: torch.Tensor,
+                bias: Optional[PositionBias] = None) -> torch.Tensor:
     """``out`` with every query row that can see a non-finite token recomputed over its allowed keys.
 
     Per (batch, head) slice: the finite keys go through one matmul (the non-finite ones zeroed),
@@ -267,6 +288,7 @@ def _exact_rows(plan: Plan, q, k, v, bad: torch.Tensor, attn_mask, scale: float,
     allowed = _allowed(plan, q.device, attn_mask).expand(b, h, t, t)
     hit = (allowed & bad.unsqueeze(-2)).any(-1)  # (B, heads, T): rows that see a non-finite token
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    pos = None if bias is None else dense_position_bias(bias, plan.query.grid, plan.query.prefix, q.to(wide))
     for bi, hi in hit.any(-1).nonzero().tolist():
         rows = hit[bi, hi].nonzero().squeeze(1)
         cols = bad[bi, hi].nonzero().squeeze(1)
@@ -277,7 +299,11 @@ def _exact_rows(plan: Plan, q, k, v, bad: torch.Tensor, attn_mask, scale: float,
         ok = (~bad[bi, hi]).unsqueeze(-1)
         logits = qr @ kk.where(ok, 0).transpose(0, 1)                  # (R, T)
         kb = kk.index_select(0, cols).unsqueeze(0).where(ab, 0)        # (R, J, d)
-        lb = (qr.unsqueeze(1) * kb).sum(-1).masked_fill(~ab.squeeze(-1), float('-inf'))
+        lb = (qr.unsqueeze(1) * kb).sum(-1)
+        if pos is not None:
+            pb = pos[bi % pos.shape[0], hi % pos.shape[1]].index_select(0, rows)  # (R, T)
+            logits, lb = logits + pb, lb + pb.index_select(1, cols)
+        lb = lb.masked_fill(~ab.squeeze(-1), float('-inf'))
         logits = logits.masked_fill(~a, float('-inf')).index_copy(1, cols, lb)
         probs = logits.softmax(-1)
         vb = vv.index_select(0, cols).unsqueeze(0).where(ab, 0)        # (R, J, dv)

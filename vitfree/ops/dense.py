@@ -4,8 +4,9 @@ Cost and memory are O(T^2) per head whatever the windows are; every faster backe
 against it.  The mask goes to SDPA as an additive bias (0 inside windows, -inf outside) in the
 query's dtype, made once per (windows, prefix, device, dtype): a boolean mask would be turned
 into a new float T x T tensor on every call and kept for the backward.  A caller's mask is
-added on top.  On a small grid, where most pairs are inside the windows anyway, this is the
-fastest exact path on many CPUs.
+added on top, and so is a position bias (:mod:`vitfree.ops.bias`), materialised whole.  On a
+small grid, where most pairs are inside the windows anyway, this is the fastest exact path on
+many CPUs.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from ..windows import LayerWindows
 from .backend import Backend, Plan, Query
+from .bias import PositionBias, dense_position_bias
 from .eager import window_bias
 
 __all__ = ['DenseBackend', 'dense_window_attention', 'DENSE_MASK_WEIGHT']
@@ -35,6 +37,7 @@ class DenseBackend(Backend):
     name = 'dense'
     description = 'PyTorch SDPA with the dense window mask as a cached bias; O(T^2); the reference'
     takes_caller_mask = True
+    takes_bias = True
 
     def prepare(self, windows: LayerWindows, query: Query) -> Any:
         return window_bias(windows, query.prefix, query.device, query.dtype)
@@ -43,11 +46,14 @@ class DenseBackend(Backend):
         t2 = query.tokens ** 2
         return float(t2 * (query.batch_heads * query.head_dim + DENSE_MASK_WEIGHT))
 
-    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None) -> torch.Tensor:
-        bias = plan.data
+    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None,
+            bias: Optional[PositionBias] = None) -> torch.Tensor:
+        mask = plan.data
         if attn_mask is not None:
-            bias = bias + _caller_bias(attn_mask, bias.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+            mask = mask + _caller_bias(attn_mask, mask.dtype)
+        if bias is not None:  # SDPA's gradient for its mask carries the bias's gradient
+            mask = mask + dense_position_bias(bias, plan.query.grid, plan.query.prefix, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
 BACKENDS = (DenseBackend(),)

@@ -39,6 +39,7 @@ from .._util import warn
 from ..windows import LayerWindows
 from . import calibration as _tables
 from .backend import Backend, Plan, PreparedCache, Query
+from .bias import PositionBias
 
 __all__ = [
     'BackendError', 'register_backend', 'get_backend', 'list_backends', 'available_backends', 'use_backend',
@@ -120,7 +121,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def make_query(x: torch.Tensor, grid: Tuple[int, int], prefix: int, heads: int, head_dim: int,
                value_dim: Optional[int] = None, *, dropout: bool = False, caller_mask: bool = False,
-               override: Optional[str] = None, explicit_softmax: bool = False, batch: Optional[int] = None) -> Query:
+               override: Optional[str] = None, explicit_softmax: bool = False, batch: Optional[int] = None,
+               bias: bool = False) -> Query:
     """The :class:`Query` of a call on tensor ``x`` (q, or the packed qkv projection): dtype with autocast
     resolved, device, whether gradients will be taken, and the batch (0 inside a compiled graph)."""
     if batch is None:
@@ -128,7 +130,7 @@ def make_query(x: torch.Tensor, grid: Tuple[int, int], prefix: int, heads: int, 
     return Query((int(grid[0]), int(grid[1])), int(prefix), batch, int(heads), int(head_dim),
                  int(head_dim if value_dim is None else value_dim), compute_dtype(x), x.device,
                  bool(torch.is_grad_enabled() and x.requires_grad), bool(dropout), bool(caller_mask),
-                 override or AUTO, bool(explicit_softmax))
+                 override or AUTO, bool(explicit_softmax), bool(bias))
 
 
 def _refusal(b: Backend, query: Query, windows: LayerWindows) -> Optional[str]:
@@ -137,6 +139,8 @@ def _refusal(b: Backend, query: Query, windows: LayerWindows) -> Optional[str]:
         return f'{b.name} takes no attention mask on top of the windows'
     if query.dropout and not b.takes_dropout:
         return f'{b.name} has no attention dropout'
+    if query.bias and not b.takes_bias:
+        return f'{b.name} cannot add a position bias to the logits'
     return b.supports(query, windows)
 
 
@@ -188,7 +192,8 @@ def _choose(query: Query, windows: LayerWindows) -> Backend:
 
 def _describe(query: Query) -> str:
     return (f'{query.heads} heads x {query.head_dim} on a {query.grid[0]}x{query.grid[1]} grid with {query.prefix} '
-            f'prefix tokens, {query.dtype}, {query.device}{", with gradients" if query.grad else ""}')
+            f'prefix tokens, {query.dtype}, {query.device}{", with gradients" if query.grad else ""}'
+            f'{", with a position bias" if query.bias else ""}')
 
 
 # ---- plans --------------------------------------------------------------------------------------------
@@ -259,7 +264,8 @@ def clear_prepared() -> None:
 
 # ---- the functional entry point and the input contract ---------------------------------------------------
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: LayerWindows,
-                 num_prefix_tokens: int = 0, dropout_p: float = 0.0, attn_mask: Optional[torch.Tensor] = None) -> None:
+                 num_prefix_tokens: int = 0, dropout_p: float = 0.0, attn_mask: Optional[torch.Tensor] = None,
+                 bias: Optional[PositionBias] = None) -> None:
     """The input contract of every backend, checked once: errors name the value and what is accepted."""
     if not isinstance(windows, LayerWindows):
         raise BackendError(f'windows must be vitfree.windows.LayerWindows, got {type(windows).__name__}')
@@ -293,20 +299,51 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Lay
         got = tuple(attn_mask.shape) if torch.is_tensor(attn_mask) else type(attn_mask).__name__
         raise BackendError(f'attn_mask must be a tensor ending in ({t}, {t}) (bool: True = may attend, or additive '
                            f'float), got {got}')
+    if bias is not None:
+        _check_bias(bias, q.shape[0], q.shape[1], windows.grid, num_prefix_tokens)
+
+
+def _check_bias(bias: PositionBias, batch: int, heads: int, grid: Tuple[int, int], num_prefix_tokens: int) -> None:
+    """The shapes of a bias for ``(batch, heads)`` queries on ``grid``; errors name the part, its shape
+    and the shape accepted."""
+    if not isinstance(bias, PositionBias):
+        raise BackendError(f'bias must be a vitfree.ops.bias.PositionBias (position_bias(...)), got '
+                           f'{type(bias).__name__}')
+    h, w = grid
+    n, t = h * w, num_prefix_tokens + h * w
+    wants = {'table': f'(heads={heads}, 2*ry+1, 2*rx+1) with odd sides', 'prefix': f'({heads}, 3)',
+             'rows': f'(1 or {batch}, {heads}, {n}, {h})', 'cols': f'(1 or {batch}, {heads}, {n}, {w})',
+             'full': f'(1 or {batch}, 1 or {heads}, {t}, {t})'}
+    for name, part in zip(bias._fields, bias):
+        if part is None:
+            continue
+        s = tuple(part.shape) if torch.is_tensor(part) else None
+        ok = s is not None and part.dtype.is_floating_point and {
+            'table': lambda: len(s) == 3 and s[0] == heads and s[1] % 2 == 1 and s[2] % 2 == 1,
+            'prefix': lambda: s == (heads, 3),
+            'rows': lambda: len(s) == 4 and s[0] in (1, batch) and s[1:] == (heads, n, h),
+            'cols': lambda: len(s) == 4 and s[0] in (1, batch) and s[1:] == (heads, n, w),
+            'full': lambda: len(s) == 4 and s[0] in (1, batch) and s[1] in (1, heads) and s[2:] == (t, t),
+        }[name]()
+        if not ok:
+            got = f'{s} {part.dtype}' if s is not None else type(part).__name__
+            raise BackendError(f'bias.{name} must be a floating tensor of shape {wants[name]}, got {got}')
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: LayerWindows,
                      num_prefix_tokens: int = 0, scale: Optional[float] = None, dropout_p: float = 0.0,
-                     backend: Optional[str] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     backend: Optional[str] = None, attn_mask: Optional[torch.Tensor] = None,
+                     bias: Optional[PositionBias] = None) -> torch.Tensor:
     """Windowed self-attention on ``(B, heads, T, head_dim)`` tensors (v may have another head size),
     ``T = P + H*W``: ``num_prefix_tokens`` global tokens first, then the patches of ``windows.grid``
     row-major.  ``backend`` names one (:func:`list_backends`); by default the dispatcher chooses.
-    ``attn_mask`` (bool, True = may attend, or additive float) applies on top of the windows."""
-    check_inputs(q, k, v, windows, num_prefix_tokens, dropout_p, attn_mask)
+    ``attn_mask`` (bool, True = may attend, or additive float) applies on top of the windows;
+    ``bias`` (a :class:`~vitfree.ops.bias.PositionBias`) adds a position term to the allowed logits."""
+    check_inputs(q, k, v, windows, num_prefix_tokens, dropout_p, attn_mask, bias)
     query = make_query(q, windows.grid, num_prefix_tokens, q.shape[1], q.shape[-1], v.shape[-1],
                        dropout=dropout_p > 0, caller_mask=attn_mask is not None,
-                       override=None if backend is None else _check_name(backend, 'backend='))
-    return plan(windows, query)(q, k, v, scale, dropout_p, attn_mask)
+                       override=None if backend is None else _check_name(backend, 'backend='), bias=bias is not None)
+    return plan(windows, query)(q, k, v, scale, dropout_p, attn_mask, bias=bias)
 
 
 def _tensor_query(q: torch.Tensor, windows: LayerWindows, num_prefix_tokens: int) -> Query:

@@ -1,8 +1,8 @@
 """The ``eager`` backend: explicit softmax, the path whose probabilities pass a hook.
 
 Logits and softmax are computed in fp32 (fp64 for fp64 inputs), whatever the input dtype, with
-the window mask (and a caller's mask) as an additive bias; the probabilities then go through
-``probs_hook``, which an attention layer sets to its ``attn_drop`` module (an identity outside
+the window mask (and a caller's mask, and a position bias, :mod:`vitfree.ops.bias`) as an
+additive bias; the probabilities then go through ``probs_hook``, which an attention layer sets to its ``attn_drop`` module (an identity outside
 training, and the hook point of timm's ``AttentionExtract`` and vitfree's recorder).  It is the
 path a layer takes with timm's ``fused_attn = False`` or under ``vitfree.use_backend('eager')``,
 never chosen automatically.  :func:`softmax_attention` is plain tensor operations, so traced
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..windows import LayerWindows
 from .backend import Backend, Plan, PreparedCache, ProbsHook, Query
+from .bias import PositionBias, dense_position_bias
 
 __all__ = ['EagerBackend', 'softmax_attention', 'softmax_probs', 'apply_probs', 'widen', 'window_bias']
 
@@ -89,6 +90,7 @@ class EagerBackend(Backend):
     auto = False
     takes_caller_mask = True
     takes_dropout = True
+    takes_bias = True
 
     def prepare(self, windows: LayerWindows, query: Query) -> Any:
         return window_bias(windows, query.prefix, query.device, wide_dtype(query.dtype))
@@ -96,8 +98,12 @@ class EagerBackend(Backend):
     def work(self, query: Query, windows: LayerWindows) -> float:
         return float(query.batch_heads * query.head_dim * query.tokens ** 2)
 
-    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None) -> torch.Tensor:
-        return softmax_attention(q, k, v, scale, plan.data, attn_mask, probs_hook, dropout_p)
+    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None,
+            bias: Optional[PositionBias] = None) -> torch.Tensor:
+        mask = plan.data
+        if bias is not None:
+            mask = mask + dense_position_bias(bias, plan.query.grid, plan.query.prefix, mask)
+        return softmax_attention(q, k, v, scale, mask, attn_mask, probs_hook, dropout_p)
 
 
 BACKENDS = (EagerBackend(),)

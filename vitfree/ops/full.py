@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..windows import LayerWindows
 from .backend import Backend, Plan, PreparedCache, Query
+from .bias import PositionBias, dense_position_bias
 
 __all__ = ['GlobalBackend', 'covers_grid', 'full_attention']
 
@@ -36,6 +37,7 @@ class GlobalBackend(Backend):
     name = 'global'
     description = 'unmasked SDPA; only for windows that cover the whole grid'
     takes_caller_mask = True
+    takes_bias = True
 
     def supports(self, query: Query, windows: LayerWindows) -> Optional[str]:
         if not covers_grid(windows):
@@ -46,7 +48,13 @@ class GlobalBackend(Backend):
     def work(self, query: Query, windows: LayerWindows) -> float:
         return float(query.batch_heads * query.head_dim * query.tokens ** 2)
 
-    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None) -> torch.Tensor:
+    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None,
+            bias: Optional[PositionBias] = None) -> torch.Tensor:
+        if bias is not None:  # the whole bias, with a caller's mask on top
+            pos = dense_position_bias(bias, plan.query.grid, plan.query.prefix, q)
+            if attn_mask is not None:
+                pos = pos.masked_fill(~attn_mask, float('-inf')) if attn_mask.dtype == torch.bool else pos + attn_mask
+            attn_mask = pos
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 

@@ -97,9 +97,12 @@ def create_finetune_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
 
 
 def _data_config(model: nn.Module) -> Dict[str, Any]:
+    """timm's data config at the model's own input size: models that take any size (SAM, DINOv3) would
+    otherwise get their pretrained config's size, not the ``img_size`` they were built with."""
+    size = (int(model.patch_embed.proj.in_channels), *(int(s) for s in model.patch_embed.img_size))
     try:  # timm >= 1.0.2x: respects the model's current img_size
         from timm.data.model_config import resolve_input_data_config
-        return resolve_input_data_config(model)
+        return resolve_input_data_config(model, args={'input_size': size})
     except ImportError:
         from timm.data import resolve_data_config
         return resolve_data_config({'input_size': (3, *model.patch_embed.img_size)}, model=model)
