@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 import warnings
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
-from vitfree.benchmark import interleaved, machine_info, peak_memory, set_threads, write_results  # noqa: E402
+from vitfree.benchmark import cpu_results_dir, interleaved, machine_info, peak_memory, set_threads, write_results  # noqa: E402
 
 DINO = 'vit_small_patch16_dinov3'
 SAM = 'samvit_base_patch16'
@@ -131,17 +130,13 @@ def to_markdown(res: Dict) -> str:
     return '\n'.join(out)
 
 
-def cpu_slug(cpu: str) -> str:
-    return 'cpu-' + (re.sub(r'[^a-z0-9]+', '-', cpu.lower()).strip('-') or 'unknown')
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--parts', nargs='+', default=['dinov3', 'sam'], choices=['dinov3', 'sam'])
     p.add_argument('--reps', type=int, default=2)
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--sizes', type=int, nargs='+', default=[224, 512, 1024], help='DINOv3 image sizes')
-    p.add_argument('--out', default=None, help='results folder (default: benchmarks/results/cpu-<cpu>)')
+    p.add_argument('--out', default=None, help='results folder (default: benchmarks/results/cpu-<cpu slug>, the folder bench_attention.py and bench_models.py use)')
     args = p.parse_args(argv)
     warnings.simplefilter('ignore')
     threads = set_threads(args.threads)
@@ -152,7 +147,7 @@ def main(argv=None) -> int:
     if 'sam' in args.parts:
         res['rows'].append(bench(SAM, ['timm', 'winft_sam_pattern', 'winft_local_196'], 1024, args.reps, threads))
     res['machine']['load_avg_end'] = machine_info()['load_avg_1_5_15']
-    out = args.out or os.path.join(os.path.dirname(__file__), 'results', cpu_slug(res['machine']['cpu']))
+    out = args.out or cpu_results_dir(os.path.join(os.path.dirname(__file__), 'results'))
     write_results(out, 'families', res, to_markdown(res))
     return 0
 

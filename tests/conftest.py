@@ -1,10 +1,20 @@
+import atexit
 import os
+import shutil
+import tempfile
 import warnings
 
 import pytest
 import torch
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+# Inductor's compiled-kernel cache is shared by every process of the user by default
+# (/tmp/torchinductor_<user>); two test sessions compiling the same graph at once can load each
+# other's half-written .so ("file too short").  Each session gets its own, removed at exit.
+if 'TORCHINDUCTOR_CACHE_DIR' not in os.environ:
+    _inductor_cache = tempfile.mkdtemp(prefix='vitfree-tests-inductor-')
+    os.environ['TORCHINDUCTOR_CACHE_DIR'] = _inductor_cache
+    atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
 warnings.filterwarnings('ignore', category=UserWarning, module='timm')
 
 
