@@ -914,7 +914,7 @@ void tile_bias_grad(const Work& w, const Tile& t) {
     }
 }
 
-// every gradient element of the bias of (image b, head h)
+// every gradient element of the bias of (image b, head h) (a buffer without its part stays untouched)
 void finish_bias_grad(const Work& w) {
     const Geo& g = w.g;
     const Lay& y = w.y;
@@ -922,16 +922,16 @@ void finish_bias_grad(const Work& w) {
     if (!g.bias) return;
     const VitfreeBias& bi = *g.bias;
     const int64_t N = g.gh * g.gw, bh = w.b * g.H + w.h, ndcg = y.ndc();
-    if (bi.d_table) {
+    if (bi.d_table && bw.gtab) {
         float* o = bi.d_table + bh * bi.ty * bi.tx;
         std::memset(o, 0, static_cast<size_t>(bi.ty * bi.tx) * sizeof(float));
         for (int64_t a = 0; a < y.noff(); ++a)
             o[table_index(bi, y.dr_lo + a / ndcg, y.dc_lo + a % ndcg)] += hsum(ld(bw.gtab + a * L));
     }
-    if (bi.d_prefix)
+    if (bi.d_prefix && bw.gpre)
         for (int i = 0; i < 3; ++i) bi.d_prefix[bh * 3 + i] = bw.gpre[i];
-    if (bi.d_rows) offset_scatter(bw.grows, g.gh, g, true, y.dr_lo, y.dr_hi - y.dr_lo + 1, bi.d_rows + bh * N * g.gh);
-    if (bi.d_cols) offset_scatter(bw.gcols, g.gw, g, false, y.dc_lo, ndcg, bi.d_cols + bh * N * g.gw);
+    if (bi.d_rows && bw.grows) offset_scatter(bw.grows, g.gh, g, true, y.dr_lo, y.dr_hi - y.dr_lo + 1, bi.d_rows + bh * N * g.gh);
+    if (bi.d_cols && bw.gcols) offset_scatter(bw.gcols, g.gw, g, false, y.dc_lo, ndcg, bi.d_cols + bh * N * g.gw);
 }
 
 // ---- tile: logits, softmax, P V --------------------------------------------------------------
