@@ -18,9 +18,12 @@ linear-cost kernel can evaluate on the pairs it visits without ever building a `
 Fields left ``None`` add nothing.  Every part is an ordinary tensor computed by the layer from its
 parameters, so gradients flow into those parameters through whatever the kernel returns for the
 bias.  :func:`dense_position_bias` is the dense materialisation (the reference, and what
-``dense``, ``eager`` and traced graphs add); backends that can add a bias say so with
-``takes_bias`` and the dispatcher never gives one to a backend that cannot.  Plain tensor
-operations throughout, so TorchScript, FX and ``torch.export`` trace them.
+``dense``, ``eager`` and traced graphs add).  Backends that can add a bias say so with
+``takes_bias``: ``True`` for every part (``dense``, ``eager``, ``global``, ``tiled``), or the names
+of the parts they take (``native``: ``table``, ``prefix``, ``rows`` and ``cols``, evaluated in the
+kernel on the pairs it visits, not ``full``); a :class:`~vitfree.ops.backend.Query` records the
+parts a call has (:func:`bias_parts`), and the dispatcher never gives a backend a part it cannot
+add.  Plain tensor operations throughout, so TorchScript, FX and ``torch.export`` trace them.
 """
 
 from typing import NamedTuple, Optional, Tuple, Union
