@@ -2,7 +2,9 @@
 odd grids, per-head windows, 0-5 prefix tokens, head sizes that are and are not multiples of the
 vector width, every tile height, fp32/bf16/fp16, strided inputs, the fused-qkv entry,
 torch.compile and whole models; on every instruction set this CPU runs (avx512, avx2, generic:
-``VITFREE_NATIVE_ISA``), and NaN/Inf outside a query's window never reaches it."""
+``VITFREE_NATIVE_ISA``), and NaN/Inf outside a query's window never reaches it.  With a position bias
+(table, prefix terms, batched or shared rows/cols; never a dense ``full``) the same against a float64
+reference, the gradients of every bias part included, and SAM and BEiT WinfTs equal to ``dense``."""
 import contextlib
 import os
 
@@ -347,3 +349,233 @@ def test_pair_counts(isa):
         assert qk1 == pv1 and 0.95 < e / qk1 <= 1.0
         with pytest.raises(ValueError, match='heads=4'):
             native_pair_counts(windows, 2, heads=4)
+
+
+# ---- the position bias (issue 23, item 2) -----------------------------------------------------
+BIAS_KINDS = ['table', 'small', 'prefix', 'table+prefix', 'rows+cols', 'rows+cols/1', 'rows', 'cols/1',
+              'table+prefix+rows+cols']
+
+
+def _bias_parts(kind, b, heads, grid, seed):
+    """Random bias parts, float64: ``table`` (sized for the grid), ``small`` (a 3 x 5 table: offsets past it
+    take its edge), ``prefix``, ``rows`` / ``cols`` batched (``/1``: shared by the batch)."""
+    g = torch.Generator().manual_seed(seed + 17)
+    n = grid[0] * grid[1]
+    batch = 1 if kind.endswith('/1') else b
+    parts = {}
+    if 'table' in kind:
+        parts['table'] = torch.randn(heads, 2 * grid[0] - 1, 2 * grid[1] - 1, generator=g, dtype=torch.float64)
+    if 'small' in kind:
+        parts['table'] = torch.randn(heads, 3, 5, generator=g, dtype=torch.float64)
+    if 'prefix' in kind:
+        parts['prefix'] = torch.randn(heads, 3, generator=g, dtype=torch.float64)
+    if 'rows' in kind:
+        parts['rows'] = torch.randn(batch, heads, n, grid[0], generator=g, dtype=torch.float64)
+    if 'cols' in kind:
+        parts['cols'] = torch.randn(batch, heads, n, grid[1], generator=g, dtype=torch.float64)
+    return parts
+
+
+def _bias_reference(q, k, v, windows, prefix, parts):
+    """float64 attention over each query's allowed keys, the bias (:func:`dense_position_bias`) added to those
+    logits only."""
+    from vitfree.ops.bias import dense_position_bias, position_bias
+    allowed = windows.mask(prefix)
+    allowed = allowed if allowed.dim() == 3 else allowed.unsqueeze(0)
+    logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    logits = logits + dense_position_bias(position_bias(**parts), windows.grid, prefix, logits)
+    return logits.masked_fill(~allowed, float('-inf')).softmax(-1) @ v
+
+
+def _compare_bias(windows, prefix, kind, b=2, heads=2, d=16, seed=0, isa=None, tile_rows=None, threads=1):
+    """native (fp32) with a bias against the float64 reference: outputs and the gradients of q, k, v and every
+    bias part."""
+    from vitfree.ops.bias import position_bias
+    g = torch.Generator().manual_seed(seed)
+    t = prefix + windows.num_patches
+    qkv = [torch.randn(b, heads, t, d, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3)]
+    parts = {n: p.requires_grad_() for n, p in _bias_parts(kind, b, heads, windows.grid, seed).items()}
+    ref = _bias_reference(*qkv, windows, prefix, parts)
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    refs = torch.autograd.grad(ref, qkv + list(parts.values()), grad, allow_unused=True)
+    leaves = [x.detach().float().requires_grad_() for x in qkv + list(parts.values())]
+    bias = position_bias(**dict(zip(parts, leaves[3:])))
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with _env(VITFREE_NATIVE_ISA=isa, VITFREE_NATIVE_TILE_ROWS=tile_rows):
+            out = window_attention(*leaves[:3], windows, prefix, backend='native', bias=bias)
+            grads = torch.autograd.grad(out, leaves, grad.float())
+    finally:
+        torch.set_num_threads(n)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    for name, a, r, x in zip(['q', 'k', 'v', *parts], grads, refs, leaves):
+        r = torch.zeros_like(x, dtype=torch.float64) if r is None else r  # a prefix term without prefix tokens
+        assert a.shape == x.shape, name
+        scale = max(r.abs().max().item(), 1.0)
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f'grad {name}: {m}')
+
+
+def _random_windows(grid, heads, per_head, seed, most=3):
+    shape = ((heads,) if per_head else ()) + (*grid, 4)
+    return LayerWindows(np.random.default_rng(seed).integers(0, most + 1, size=shape), grid)
+
+
+@pytest.mark.parametrize('isa', ISAS)
+@pytest.mark.parametrize('kind', BIAS_KINDS)
+@pytest.mark.parametrize('grid,prefix,per_head', [((5, 7), 0, False), ((9, 11), 1, True), ((5, 7), 3, True)])
+def test_native_bias_matches_reference(grid, prefix, per_head, kind, isa):
+    windows = _random_windows(grid, 3, per_head, seed=sum(grid) + prefix)
+    _compare_bias(windows, prefix, kind, b=2, heads=3, d=24, seed=len(kind) + prefix, isa=isa)
+
+
+@pytest.mark.parametrize('isa', ISAS)
+@pytest.mark.parametrize('grid', [(1, 1), (1, 17), (17, 1), (3, 20), (14, 14)])
+def test_native_bias_odd_and_wide_grids(grid, isa):
+    """Grids narrower than a tile, wider than one vector, one patch; windows up to the whole grid."""
+    windows = _random_windows(grid, 2, True, seed=grid[1], most=9)
+    _compare_bias(windows, 1, 'table+prefix+rows+cols', heads=2, d=8, seed=grid[0], isa=isa)
+
+
+@pytest.mark.parametrize('isa', ISAS)
+def test_native_bias_every_tile_height_and_two_threads(isa):
+    windows = _random_windows((8, 19), 3, True, seed=7)
+    for rows in range(1, _max_tile_rows(isa) + 1):
+        _compare_bias(windows, 2, 'small+prefix+rows+cols/1', heads=3, d=24, isa=isa, tile_rows=rows)
+    _compare_bias(windows, 1, 'table+prefix+rows+cols', b=3, heads=3, d=32, isa=isa, threads=2)
+
+
+@st.composite
+def bias_cases(draw):
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 20))
+    heads = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2 ** 16))
+    windows = _random_windows((h, w), heads, draw(st.booleans()), seed, most=draw(st.integers(0, 5)))
+    isa = draw(st.sampled_from(ISAS))
+    kind = '+'.join(draw(st.lists(st.sampled_from(['table', 'small', 'prefix', 'rows', 'cols', 'rows/1']),
+                                  min_size=1, max_size=4, unique=True)))
+    kind = kind.replace('rows/1', 'rows') + '/1' if 'rows/1' in kind else kind  # '/1': rows and cols shared
+    return (windows, heads, draw(st.integers(0, 2)), kind, draw(st.integers(1, 2)),
+            draw(st.sampled_from([8, 12, 16, 40])), seed, isa, draw(st.integers(1, _max_tile_rows(isa))))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bias_cases())
+def test_native_bias_property(case):
+    windows, heads, prefix, kind, b, d, seed, isa, tile_rows = case
+    _compare_bias(windows, prefix, kind, b=b, heads=heads, d=d, seed=seed, isa=isa, tile_rows=tile_rows)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_native_bias_low_precision(dtype):
+    """bf16/fp16 inputs and bias parts: logits, bias and softmax in fp32; the parts' gradients come back in
+    their own dtype."""
+    from vitfree.ops.bias import position_bias
+    windows = _random_windows((5, 7), 2, True, seed=5)
+    g = torch.Generator().manual_seed(2)
+    qkv = [torch.randn(2, 2, 36, 16, generator=g, dtype=torch.float64) for _ in range(3)]
+    parts = _bias_parts('table+prefix+rows+cols/1', 2, 2, (5, 7), 1)
+    low = [x.to(dtype).requires_grad_() for x in qkv + list(parts.values())]
+    out = window_attention(*low[:3], windows, 1, backend='native', bias=position_bias(**dict(zip(parts, low[3:]))))
+    grads = torch.autograd.grad(out.float().sum(), low)
+    wide = [x.detach().double().requires_grad_() for x in low]
+    ref = _bias_reference(*wide[:3], windows, 1, dict(zip(parts, wide[3:])))
+    refs = torch.autograd.grad(ref.sum(), wide)
+    assert out.dtype == dtype and all(a.dtype == dtype for a in grads)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=3e-2)
+    for a, r in zip(grads, refs):
+        torch.testing.assert_close(a.double(), r, rtol=2e-2, atol=3e-2 * max(r.abs().max().item(), 1.0))
+
+
+def test_native_refuses_a_dense_full_bias_and_auto_goes_elsewhere():
+    """``full`` (any dense T x T bias) is not taken by native: naming native is one clear error, auto picks a
+    backend that adds it; without ``full`` auto may pick native at high resolution."""
+    from vitfree.ops import BackendError, choose_backend, make_query, plan
+    from vitfree.ops.bias import position_bias
+    windows = LayerWindows(1, (3, 4))
+    q, k, v = (torch.randn(1, 2, 13, 8) for _ in range(3))
+    full = position_bias(table=torch.randn(2, 3, 3), full=torch.randn(1, 1, 13, 13))
+    with pytest.raises(BackendError, match=r"'native' cannot run .*position bias \(table, full\): native cannot add "
+                                           r"the full part .*takes table, prefix, rows, cols.*backends that can: "
+                                           r"\[.*'dense'"):
+        window_attention(q, k, v, windows, 1, backend='native', bias=full)
+    parts = dict(table=full.table, full=full.full)
+    out = window_attention(q, k, v, windows, 1, bias=full)
+    torch.testing.assert_close(out.double(), _bias_reference(q.double(), k.double(), v.double(), windows, 1,
+                                                             {n: p.double() for n, p in parts.items()}),
+                               rtol=1e-5, atol=1e-5)
+    big = torch.empty(1, 6, 1 + 64 * 64, 64)
+    wide = LayerWindows(3, (64, 64))
+    for bias in (position_bias(table=torch.zeros(6, 7, 7), prefix=torch.zeros(6, 3)),
+                 position_bias(rows=torch.zeros(1, 6, 4096, 64), cols=torch.zeros(1, 6, 4096, 64))):
+        assert plan(wide, make_query(big, wide.grid, 1, 6, 64, bias=bias)).name == 'native'
+    assert plan(wide, make_query(big, wide.grid, 1, 6, 64, bias=full)).name != 'native'
+    assert choose_backend(big, wide, 1) == 'native'
+
+
+@pytest.mark.parametrize('isa', ISAS)
+def test_native_bias_keeps_non_finite_keys_in_their_windows(isa):
+    """A NaN key changes only the rows that see it, with a bias as without."""
+    from vitfree.ops.bias import position_bias
+    windows = _random_windows((6, 9), 2, True, seed=4, most=2)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 1 + 54, 8, generator=g) for _ in range(3))
+    parts = {n: p.float() for n, p in _bias_parts('table+prefix+rows+cols', 1, 2, (6, 9), 2).items()}
+    token = 1 + 2 * 9 + 4
+    dirty = k.clone()
+    dirty[0, 1, token, 3] = float('nan')
+    with _env(VITFREE_NATIVE_ISA=isa):
+        clean = window_attention(q, k, v, windows, 1, backend='native', bias=position_bias(**parts))
+        got = window_attention(q, dirty, v, windows, 1, backend='native', bias=position_bias(**parts))
+    sees = windows.mask(1)[1][:, token]  # the rows of head 1 that see the key
+    torch.testing.assert_close(got[0, 0], clean[0, 0])
+    torch.testing.assert_close(got[0, 1][~sees], clean[0, 1][~sees])
+    assert not torch.isfinite(got[0, 1][sees]).all() and 1 < sees.sum() < 20
+
+
+def test_native_bias_compiles():
+    """Inside torch.compile the biased kernel is one opaque op (forward and backward), same numbers."""
+    from vitfree.ops.bias import position_bias
+    windows = _random_windows((5, 7), 2, True, seed=3)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 36, 16, generator=g).requires_grad_() for _ in range(3))
+    parts = {n: p.float().requires_grad_() for n, p in _bias_parts('table+prefix+rows+cols/1', 2, 2, (5, 7), 0).items()}
+
+    def f(q, k, v, table, prefix, rows, cols):
+        bias = position_bias(table=table, prefix=prefix, rows=rows, cols=cols)
+        return window_attention(q, k, v, windows, 1, backend='native', bias=bias)
+
+    leaves = [q, k, v, *parts.values()]
+    want = f(*leaves)
+    dwant = torch.autograd.grad(want.square().sum(), leaves)
+    got = torch.compile(f, fullgraph=True, backend='aot_eager')(*leaves)
+    dgot = torch.autograd.grad(got.square().sum(), leaves)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(dgot, dwant):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize('name', ['sam', 'beit'])
+def test_bias_families_on_native_equal_dense(name):
+    """A SAM WinfT (decomposed rel-pos: rows and cols that depend on q) and a BEiT WinfT (relative table and
+    class-token terms) with random per-head windows: native gives dense's output and gradients (input and every
+    parameter, the position tables included)."""
+    from families import images, random_spec, winft_of
+    m = winft_of(name, windows=random_spec(name, global_blocks=(1,) if name == 'sam' else ()))
+    x = images(name)
+    res = {}
+    for backend in ('native', 'dense'):
+        m.zero_grad()
+        m.set_attn_backend(backend)
+        xb = x.clone().requires_grad_()
+        out = m(xb)
+        out.backward(torch.ones_like(out) + out.detach())
+        assert set(m.attn_backends()) == {backend} | ({'global'} if name == 'sam' else set())
+        res[backend] = (out.detach(), xb.grad, {n: p.grad for n, p in m.named_parameters()})
+    (out, dx, grads), (ref, ref_dx, ref_grads) = res['native'], res['dense']
+    for what, a, r in [('output', out, ref), ('input gradient', dx, ref_dx)] + [
+            (f'gradient of {n}', g, ref_grads[n]) for n, g in grads.items() if ref_grads[n] is not None]:
+        scale = max(r.abs().max().item(), 1e-3)
+        assert (a - r).abs().max().item() <= 1e-4 * scale, what
+    tables = [n for n in grads if 'rel_pos' in n or 'relative_position' in n]
+    assert tables and all(grads[n].abs().sum() > 0 for n in tables)

@@ -2,7 +2,7 @@
 ``eager``, ``tiled``, ``global``) against a float64 reference that adds the bias to the allowed
 logits only, outputs and the gradients of q, k, v and every bias part; per-head windows, odd grids,
 prefix tokens, batched and broadcast parts; the dispatcher never gives a bias to a backend that
-cannot add it."""
+cannot add it (or a part it cannot add).  The native kernel's bias is tested in ``test_native.py``."""
 import numpy as np
 import pytest
 import torch
@@ -118,12 +118,15 @@ def test_global_backend_adds_the_bias():
     torch.testing.assert_close(out.double(), reference(q, k, v, w, 1, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('name', ['native', 'sdpa-tiles'])
-def test_backends_without_bias_refuse_it(name):
+@pytest.mark.parametrize('name,full,why', [('sdpa-tiles', False, 'a position bias'),
+                                           ('native', True, 'the full part of a position bias')])
+def test_backends_without_bias_refuse_it(name, full, why):
+    """A backend that takes no bias, or not every part of this one (native: no dense ``full``), is never
+    given it."""
     w = LayerWindows(np.ones((3, 3, 4), dtype=int), (3, 3))
     q = k = v = torch.randn(1, 2, 10, 4)
-    b = position_bias(table=torch.zeros(2, 5, 5))
-    with pytest.raises(BackendError, match=rf"{name} cannot add a position bias.*backends that can: \[.*'dense'"):
+    b = position_bias(table=torch.zeros(2, 5, 5), full=torch.zeros(1, 1, 10, 10) if full else None)
+    with pytest.raises(BackendError, match=rf"{name} cannot add {why}.*backends that can: \[.*'dense'"):
         window_attention(q, k, v, w, 1, backend=name, bias=b)
     out = window_attention(q, k, v, w, 1, bias=b)  # auto picks one that can
     torch.testing.assert_close(out.double(), reference(q, k, v, w, 1, b), rtol=1e-5, atol=1e-5)

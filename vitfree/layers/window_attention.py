@@ -96,7 +96,7 @@ def run_windows(windows: LayerWindows, grid: Tuple[int, int], resize_mode: str, 
     b, h, t, d = q.shape
     query = make_query(q, grid, num_prefix_tokens, h, d, v.shape[-1], dropout=dropout_p > 0,
                        caller_mask=attn_mask is not None, override=backend, explicit_softmax=explicit_softmax,
-                       bias=bias is not None)
+                       bias=bias)
     p = plan(windows, query, resize_mode)
     if qkv is not None and p.has_qkv_entry:
         return p.from_qkv(qkv, scale).reshape(b, t, h * d), p.name

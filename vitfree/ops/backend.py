@@ -24,12 +24,12 @@ import contextlib
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 
 from ..windows import LayerWindows
-from .bias import PositionBias, dense_position_bias
+from .bias import PositionBias, bias_parts, dense_position_bias
 
 __all__ = ['Query', 'Plan', 'Backend', 'PreparedCache', 'building', 'contain_nonfinite', 'ProbsHook',
            'refuse_second_order', 'PositionBias']
@@ -44,8 +44,8 @@ class Query(NamedTuple):
     computes in (autocast resolved); ``override`` is the calling module's ``backend=`` (``'auto'``
     when it has none; :func:`vitfree.use_backend` and ``VITFREE_BACKEND`` come on top in the
     dispatcher); ``explicit_softmax`` asks for the layer's own softmax path, whose probabilities
-    pass the hook point (timm's ``fused_attn = False``); ``bias``: the call adds a
-    :class:`~vitfree.ops.bias.PositionBias` to the logits."""
+    pass the hook point (timm's ``fused_attn = False``); ``bias``: the names of the parts of the
+    :class:`~vitfree.ops.bias.PositionBias` the call adds to the logits (``()``: none)."""
     grid: Tuple[int, int]
     prefix: int
     batch: int
@@ -59,7 +59,7 @@ class Query(NamedTuple):
     caller_mask: bool = False
     override: str = 'auto'
     explicit_softmax: bool = False
-    bias: bool = False
+    bias: Tuple[str, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -85,7 +85,8 @@ class Backend:
     ``attn_mask`` on top of the windows); ``takes_dropout`` (runs attention dropout);
     ``exact_nonfinite`` (a non-finite key or value reaches only the queries whose window holds
     it, without help from the plan); ``takes_bias`` (adds a :class:`~vitfree.ops.bias.PositionBias`,
-    passed to :meth:`run` as ``bias=``, and its gradients flow into the bias's tensors).  The
+    passed to :meth:`run` as ``bias=``, and its gradients flow into the bias's tensors: ``True`` for
+    every part, or the names of the parts it takes, e.g. ``('table', 'prefix', 'rows', 'cols')``).  The
     dispatcher checks dtypes, shapes, devices and the flags above for every backend;
     :meth:`supports` adds what is particular to this one."""
     name: str = ''
@@ -94,7 +95,7 @@ class Backend:
     takes_caller_mask: bool = False
     takes_dropout: bool = True
     exact_nonfinite: bool = False
-    takes_bias: bool = False
+    takes_bias: Union[bool, Tuple[str, ...]] = False
 
     def supports(self, query: Query, windows: LayerWindows) -> Optional[str]:
         """None when this backend can run the query, else why not (one clause)."""
@@ -151,9 +152,9 @@ class Plan:
         if q.dtype != dt or k.dtype != dt or v.dtype != dt:
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        if (bias is not None) != self.query.bias:
-            raise ValueError(f'this plan was made for a call {"with" if self.query.bias else "without"} a position '
-                             f'bias, and is run {"with" if bias is not None else "without"} one')
+        if bias_parts(bias) != self.query.bias:
+            raise ValueError(f'this plan was made for a call with position-bias parts {self.query.bias}, and is run '
+                             f'with {bias_parts(bias)}')
         if q.shape[0] == 0:
             return v.new_empty(v.shape)
         with torch.autocast(q.device.type, enabled=False):

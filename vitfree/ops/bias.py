@@ -18,18 +18,23 @@ linear-cost kernel can evaluate on the pairs it visits without ever building a `
 Fields left ``None`` add nothing.  Every part is an ordinary tensor computed by the layer from its
 parameters, so gradients flow into those parameters through whatever the kernel returns for the
 bias.  :func:`dense_position_bias` is the dense materialisation (the reference, and what
-``dense``, ``eager`` and traced graphs add); backends that can add a bias say so with
-``takes_bias`` and the dispatcher never gives one to a backend that cannot.  Plain tensor
-operations throughout, so TorchScript, FX and ``torch.export`` trace them.
+``dense``, ``eager`` and traced graphs add).  Backends that can add a bias say so with
+``takes_bias``: ``True`` for every part (``dense``, ``eager``, ``global``, ``tiled``), or the names
+of the parts they take (``native``: ``table``, ``prefix``, ``rows`` and ``cols``, evaluated in the
+kernel on the pairs it visits, not ``full``); a :class:`~vitfree.ops.backend.Query` records the
+parts a call has (:func:`bias_parts`), and the dispatcher never gives a backend a part it cannot
+add.  Plain tensor operations throughout, so TorchScript, FX and ``torch.export`` trace them.
 """
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ['PositionBias', 'position_bias', 'dense_position_bias', 'prefix_query_bias', 'offset_index',
-           'bias_batch', 'bias_heads']
+           'bias_batch', 'bias_heads', 'bias_parts', 'PARTS']
+
+PARTS = ('table', 'prefix', 'rows', 'cols', 'full')  # the fields of PositionBias, in order
 
 
 class PositionBias(NamedTuple):
@@ -46,6 +51,18 @@ def position_bias(table: Optional[torch.Tensor] = None, prefix: Optional[torch.T
                   full: Optional[torch.Tensor] = None) -> PositionBias:
     """A :class:`PositionBias` with the given parts (the others ``None``)."""
     return PositionBias(table, prefix, rows, cols, full)
+
+
+def bias_parts(bias: Union['PositionBias', bool, None, Tuple[str, ...]]) -> Tuple[str, ...]:
+    """The names of the parts a bias has, in :data:`PARTS` order (what a :class:`~vitfree.ops.backend.Query`
+    records): ``()`` for None or False; ``True`` (a bias of unknown parts) counts as every part."""
+    if bias is None or bias is False:
+        return ()
+    if bias is True:
+        return PARTS
+    if isinstance(bias, PositionBias):
+        return tuple(name for name, part in zip(PARTS, bias) if part is not None)
+    return tuple(name for name in PARTS if name in bias)
 
 
 def offset_index(grid: Tuple[int, int], table: torch.Tensor, qy: torch.Tensor, qx: torch.Tensor,

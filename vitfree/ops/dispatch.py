@@ -31,7 +31,7 @@ import itertools
 import math
 import os
 import weakref
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -39,7 +39,7 @@ from .._util import warn
 from ..windows import LayerWindows
 from . import calibration as _tables
 from .backend import Backend, Plan, PreparedCache, Query
-from .bias import PositionBias
+from .bias import PARTS, PositionBias, bias_parts
 
 __all__ = [
     'BackendError', 'register_backend', 'get_backend', 'list_backends', 'available_backends', 'use_backend',
@@ -122,15 +122,17 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def make_query(x: torch.Tensor, grid: Tuple[int, int], prefix: int, heads: int, head_dim: int,
                value_dim: Optional[int] = None, *, dropout: bool = False, caller_mask: bool = False,
                override: Optional[str] = None, explicit_softmax: bool = False, batch: Optional[int] = None,
-               bias: bool = False) -> Query:
+               bias: Union[PositionBias, bool, None, Tuple[str, ...]] = None) -> Query:
     """The :class:`Query` of a call on tensor ``x`` (q, or the packed qkv projection): dtype with autocast
-    resolved, device, whether gradients will be taken, and the batch (0 inside a compiled graph)."""
+    resolved, device, whether gradients will be taken, and the batch (0 inside a compiled graph); ``bias``:
+    the call's :class:`~vitfree.ops.bias.PositionBias` (or the names of its parts; ``True``: unknown parts,
+    counted as all of them)."""
     if batch is None:
         batch = 0 if torch.compiler.is_compiling() else int(x.shape[0])
     return Query((int(grid[0]), int(grid[1])), int(prefix), batch, int(heads), int(head_dim),
                  int(head_dim if value_dim is None else value_dim), compute_dtype(x), x.device,
                  bool(torch.is_grad_enabled() and x.requires_grad), bool(dropout), bool(caller_mask),
-                 override or AUTO, bool(explicit_softmax), bool(bias))
+                 override or AUTO, bool(explicit_softmax), bias_parts(bias))
 
 
 def _refusal(b: Backend, query: Query, windows: LayerWindows) -> Optional[str]:
@@ -139,8 +141,14 @@ def _refusal(b: Backend, query: Query, windows: LayerWindows) -> Optional[str]:
         return f'{b.name} takes no attention mask on top of the windows'
     if query.dropout and not b.takes_dropout:
         return f'{b.name} has no attention dropout'
-    if query.bias and not b.takes_bias:
-        return f'{b.name} cannot add a position bias to the logits'
+    if query.bias:
+        taken = PARTS if b.takes_bias is True else tuple(b.takes_bias or ())
+        if not taken:
+            return f'{b.name} cannot add a position bias to the logits'
+        missing = [part for part in query.bias if part not in taken]
+        if missing:
+            return (f'{b.name} cannot add the {", ".join(missing)} part of a position bias (it takes '
+                    f'{", ".join(taken)})')
     return b.supports(query, windows)
 
 
@@ -193,7 +201,7 @@ def _choose(query: Query, windows: LayerWindows) -> Backend:
 def _describe(query: Query) -> str:
     return (f'{query.heads} heads x {query.head_dim} on a {query.grid[0]}x{query.grid[1]} grid with {query.prefix} '
             f'prefix tokens, {query.dtype}, {query.device}{", with gradients" if query.grad else ""}'
-            f'{", with a position bias" if query.bias else ""}')
+            f'{", with a position bias (" + ", ".join(query.bias) + ")" if query.bias else ""}')
 
 
 # ---- plans --------------------------------------------------------------------------------------------
@@ -342,7 +350,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows:
     check_inputs(q, k, v, windows, num_prefix_tokens, dropout_p, attn_mask, bias)
     query = make_query(q, windows.grid, num_prefix_tokens, q.shape[1], q.shape[-1], v.shape[-1],
                        dropout=dropout_p > 0, caller_mask=attn_mask is not None,
-                       override=None if backend is None else _check_name(backend, 'backend='), bias=bias is not None)
+                       override=None if backend is None else _check_name(backend, 'backend='), bias=bias)
     return plan(windows, query)(q, k, v, scale, dropout_p, attn_mask, bias=bias)
 
 

@@ -10,6 +10,14 @@ strides: the layer hands over views of its qkv projection and gets the output ba
 layout its output projection reads.  Logits, softmax and accumulation are fp32 (bf16/fp16 inputs are widened
 first).  The backward pass recomputes the probabilities from the saved log-sum-exp.
 
+A position bias (:mod:`vitfree.ops.bias`) is added in the kernel to the logits of the pairs each tile
+visits, never as a ``T x T`` tensor: the ``table`` part (per head, offsets clamped to the table: one
+scalar per offset of a tile), the ``prefix`` terms, and the ``rows`` / ``cols`` terms of every query
+(batched, or one for the whole batch), read from per-head copies laid out by offset so that a tile
+row's queries read one vector.  The backward pass returns the gradient of every part it was given.
+A dense ``full`` part is not taken (``takes_bias`` names the other four, so the dispatcher gives such
+a call to a backend that adds it).  Without a bias the kernel gets a null pointer and runs as before.
+
 The kernel (``csrc/window_attention.cpp``) is compiled the first time it is needed with the
 system C++ compiler (``$CXX`` or ``g++``; ``-O3 -fopenmp`` and the instruction set's flags) into
 vitfree's cache folder (``$VITFREE_CACHE_DIR``, else ``$XDG_CACHE_HOME/vitfree``, else
@@ -35,13 +43,14 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..windows import LayerWindows
 from .backend import Backend, Plan, PreparedCache, Query, refuse_second_order
+from .bias import PositionBias
 from .calibration import cache_dir
 
 __all__ = ['NativeBackend', 'native_window_attention', 'native_qkv_attention', 'native_library', 'native_isa',
@@ -138,9 +147,9 @@ def _build(isa: Optional[str] = None) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.vitfree_window_attention_forward.argtypes = (
-        [ptr] * 3 + [i64] * 6 + [ptr] * 4 + [i64, f32, ptr, ptr, ctypes.c_int])
+        [ptr] * 3 + [i64] * 6 + [ptr] * 4 + [i64, f32, ptr, ptr, ctypes.c_int, ptr])
     lib.vitfree_window_attention_backward.argtypes = (
-        [ptr] * 6 + [i64] * 6 + [ptr] * 4 + [i64, f32] + [ptr] * 6 + [ctypes.c_int])
+        [ptr] * 6 + [i64] * 6 + [ptr] * 4 + [i64, f32] + [ptr] * 6 + [ctypes.c_int, ptr])
     lib.vitfree_window_attention_pairs.argtypes = [i64] * 4 + [ptr, i64, ctypes.c_int, ptr]
     lib.vitfree_window_attention_isa.restype = ctypes.c_char_p
     lib.vitfree_window_attention_max_tile_rows.restype = ctypes.c_int
@@ -243,33 +252,107 @@ def _status(code: int, bounds: torch.Tensor) -> None:
         raise MemoryError('the native window-attention kernel ran out of memory for its scratch buffers')
 
 
-def _forward_into(q, k, v, bounds, num_prefix_tokens: int, grid_w: int, scale: float):
+class _BiasArgs(ctypes.Structure):
+    """The kernel's ``VitfreeBias``: the bias parts (fp32, contiguous; null where absent) and, for the
+    backward pass, their per-image gradient buffers."""
+    _fields_ = [('table', ctypes.c_void_p), ('ty', ctypes.c_int64), ('tx', ctypes.c_int64),
+                ('prefix', ctypes.c_void_p), ('rows', ctypes.c_void_p), ('rows_b', ctypes.c_int64),
+                ('cols', ctypes.c_void_p), ('cols_b', ctypes.c_int64), ('d_table', ctypes.c_void_p),
+                ('d_prefix', ctypes.c_void_p), ('d_rows', ctypes.c_void_p), ('d_cols', ctypes.c_void_p)]
+
+
+BiasParts = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+def _ptr(x: Optional[torch.Tensor]) -> Optional[int]:
+    return None if x is None else x.data_ptr()
+
+
+def _bias_args(parts: Optional[BiasParts], shape: Tuple[int, ...], prefix_tokens: int, grid_w: int,
+               grads: Tuple = (None,) * 4) -> Optional[_BiasArgs]:
+    """The kernel's bias argument (None without a bias) for ``(B, H, T, D)`` queries; checks the shapes
+    and layout of what the kernel reads."""
+    if parts is None:
+        return None
+    b, h, t, _ = shape
+    n = t - prefix_tokens
+    gh = n // grid_w
+    table, prefix, rows, cols = parts
+    ndim = {'table': 3, 'prefix': 2, 'rows': 4, 'cols': 4}
+    wants = {'table': lambda s: len(s) == 3 and s[0] == h and s[1] % 2 == 1 and s[2] % 2 == 1,
+             'prefix': lambda s: s == (h, 3), 'rows': lambda s: s[0] in (1, b) and s[1:] == (h, n, gh),
+             'cols': lambda s: s[0] in (1, b) and s[1:] == (h, n, grid_w)}
+    for name, x in zip(('table', 'prefix', 'rows', 'cols'), parts):
+        if x is None:
+            continue
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != ndim[name]:
+            raise ValueError(f'bias {name} must be a contiguous float32 tensor, got {x.dtype} {tuple(x.shape)}')
+        if not wants[name](tuple(x.shape)):
+            raise ValueError(f'bias {name} of shape {tuple(x.shape)} does not fit queries of shape {tuple(shape)} '
+                             f'on a grid {gh}x{grid_w} with {prefix_tokens} prefix tokens')
+    ty, tx = (table.shape[1], table.shape[2]) if table is not None else (1, 1)
+    return _BiasArgs(_ptr(table), ty, tx, _ptr(prefix), _ptr(rows), 1 if rows is None else rows.shape[0], _ptr(cols),
+                     1 if cols is None else cols.shape[0], *(_ptr(g) for g in grads))
+
+
+def _forward_into(q, k, v, bounds, num_prefix_tokens: int, grid_w: int, scale: float,
+                  bias: Optional[BiasParts] = None):
+    """Output ``(B, T, H, D)`` and log-sum-exp ``(B, H, T)``; ``bias``: the parts (table, prefix, rows,
+    cols) of a position bias, or None."""
     lib = _kernel()
     q, k, v = (_unit_last(x, n) for x, n in ((q, 'q'), (k, 'k'), (v, 'v')))
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f'the native kernel needs q, k and v of one shape (B, heads, tokens, head_dim); got q '
                          f'{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}')
     b, h, t, d = q.shape
+    args = _bias_args(bias, q.shape, num_prefix_tokens, grid_w)
     out = torch.empty(b, t, h, d, dtype=torch.float32)
     lse = torch.empty(b, h, t, dtype=torch.float32)
     _status(lib.vitfree_window_attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), b, h, t, d, num_prefix_tokens, grid_w,
         _strides(q), _strides(k), _strides(v), bounds.data_ptr(), bounds.shape[0], scale,
-        out.data_ptr(), lse.data_ptr(), torch.get_num_threads()), bounds)
+        out.data_ptr(), lse.data_ptr(), torch.get_num_threads(), None if args is None else ctypes.byref(args)), bounds)
     return out, lse
 
 
-def _backward_into(q, k, v, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale, dq, dk, dv) -> None:
-    """Writes every element of dq, dk, dv (float32, unit stride in head_dim)."""
+def _backward_into(q, k, v, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale, dq, dk, dv,
+                   bias: Optional[BiasParts] = None, dbias: Tuple = (None,) * 4) -> None:
+    """Writes every element of dq, dk, dv (float32, unit stride in head_dim) and of the per-image bias
+    gradients ``dbias`` (buffers for the parts of ``bias`` there are, see :func:`_bias_grads`)."""
     lib = _kernel()
     q, k, v = (_unit_last(x, n) for x, n in ((q, 'q'), (k, 'k'), (v, 'v')))
     b, h, t, d = q.shape
     grad_out = grad_out.float().contiguous()
+    args = _bias_args(bias, q.shape, num_prefix_tokens, grid_w, dbias)
     _status(lib.vitfree_window_attention_backward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
         b, h, t, d, num_prefix_tokens, grid_w, _strides(q), _strides(k), _strides(v), bounds.data_ptr(),
         bounds.shape[0], scale, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _strides(dq), _strides(dk),
-        _strides(dv), torch.get_num_threads()), bounds)
+        _strides(dv), torch.get_num_threads(), None if args is None else ctypes.byref(args)), bounds)
+
+
+def _bias_grads(parts: BiasParts, b: int, grid: Tuple[int, int]) -> Tuple[Optional[torch.Tensor], ...]:
+    """Per-image gradient buffers the kernel writes, for the parts there are: ``(B, H, ty * tx)``,
+    ``(B, H, 3)``, ``(B, H, N, gh)``, ``(B, H, N, gw)``."""
+    table, prefix, rows, cols = parts
+    n = grid[0] * grid[1]
+    return (None if table is None else torch.empty(b, table.shape[0], table.shape[1] * table.shape[2]),
+            None if prefix is None else torch.empty(b, prefix.shape[0], 3),
+            None if rows is None else torch.empty(b, rows.shape[1], n, grid[0]),
+            None if cols is None else torch.empty(b, cols.shape[1], n, grid[1]))
+
+
+def _reduce_bias_grads(parts: BiasParts, grads: Tuple) -> Tuple[torch.Tensor, ...]:
+    """The per-image gradients summed to each part's own shape (empty where a part is absent)."""
+    out = []
+    for x, g in zip(parts, grads):
+        if x is None:
+            out.append(torch.empty(0))
+        elif x.dim() == 4 and x.shape[0] == g.shape[0]:  # batched rows / cols: per image already
+            out.append(g)
+        else:
+            out.append(g.sum(0).view(x.shape))
+    return tuple(out)
 
 
 @torch.library.custom_op('vitfree::window_attention', mutates_args=())
@@ -384,9 +467,79 @@ class _AttentionQKV(torch.autograd.Function):
         return dqkv, None, None, None, None
 
 
+@torch.library.custom_op('vitfree::window_attention_bias', mutates_args=())
+def _attention_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor, num_prefix_tokens: int,
+                    grid_w: int, scale: float, table: Optional[torch.Tensor], prefix: Optional[torch.Tensor],
+                    rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_attention` with a position bias: its parts as fp32 contiguous tensors (None: absent)."""
+    return _forward_into(q, k, v, bounds, num_prefix_tokens, grid_w, scale, (table, prefix, rows, cols))
+
+
+@_attention_bias.register_fake
+def _(q, k, v, bounds, num_prefix_tokens, grid_w, scale, table, prefix, rows, cols):
+    b, h, t, d = q.shape
+    return q.new_empty(b, t, h, d), q.new_empty(b, h, t)
+
+
+@torch.library.custom_op('vitfree::window_attention_bias_backward', mutates_args=())
+def _attention_bias_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             grad_out: torch.Tensor, lse: torch.Tensor, bounds: torch.Tensor, num_prefix_tokens: int,
+                             grid_w: int, scale: float, table: Optional[torch.Tensor], prefix: Optional[torch.Tensor],
+                             rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """dq, dk, dv and the gradients of table, prefix, rows, cols (each in its part's shape; empty where the
+    part is absent)."""
+    parts = (table, prefix, rows, cols)
+    dq, dk, dv = (torch.empty(x.shape, dtype=torch.float32) for x in (q, k, v))
+    grid = ((q.shape[2] - num_prefix_tokens) // grid_w, grid_w)
+    dbias = _bias_grads(parts, q.shape[0], grid)
+    _backward_into(q, k, v, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale, dq, dk, dv, parts, dbias)
+    return [dq, dk, dv, *_reduce_bias_grads(parts, dbias)]
+
+
+@_attention_bias_backward.register_fake
+def _(q, k, v, out, grad_out, lse, bounds, num_prefix_tokens, grid_w, scale, table, prefix, rows, cols):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            *(q.new_empty(0) if x is None else torch.empty_like(x) for x in (table, prefix, rows, cols))]
+
+
+class _BiasAttention(torch.autograd.Function):
+    """:class:`_Attention` with a position bias (table, prefix, rows, cols: fp32 contiguous or None); the
+    parts get their gradients as the tiled backend's autograd gives them."""
+
+    @staticmethod
+    def forward(q, k, v, bounds, num_prefix_tokens, grid_w, scale, table, prefix, rows, cols):
+        parts = (table, prefix, rows, cols)
+        if not torch.compiler.is_compiling():
+            return _forward_into(q, k, v, bounds, num_prefix_tokens, grid_w, scale, parts)
+        with torch.no_grad():
+            return _attention_bias(q, k, v, bounds, num_prefix_tokens, grid_w, scale, *parts)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, bounds, p, gw, scale, *parts = inputs
+        ctx.save_for_backward(q, k, v, bounds, *output, *parts)
+        ctx.meta = (p, gw, scale)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        refuse_second_order('native')
+        q, k, v, bounds, out, lse, *parts = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _attention_bias_backward(q, k, v, out, grad_out.contiguous(), lse, bounds, *ctx.meta, *parts)
+        dparts = [None if x is None else g for x, g in zip(parts, grads[3:])]
+        return (*grads[:3], None, None, None, None, *dparts)
+
+
 # ---- the backend ------------------------------------------------------------------------------------
 # a query row costs about this many pair-channels of the kernel's work (index and softmax work; CPU fit)
 QUERY_WORK = 1727.0
+# a position bias, in the same unit (timed on this project's CPU: 64x64 grid, 7x7 windows, 12 heads x 64): its
+# term on every visited pair (table, prefix), and per query and entry of its key-row / key-column terms (rows,
+# cols: read by the forward pass, a whole row of gradient written by the backward pass); the no-bias fit is
+# reused, so a bias only makes a call a little dearer
+BIAS_PAIR_WORK = 2.0
+BIAS_ENTRY_WORK = 6.0
 
 
 def _contiguous_rows(x: torch.Tensor) -> torch.Tensor:
@@ -400,6 +553,7 @@ class NativeBackend(Backend):
     description = 'compiled C++/OpenMP CPU kernel: each query visits only its window; O(T * window)'
     takes_dropout = False
     exact_nonfinite = True  # a key outside a query's window is never read for it
+    takes_bias = ('table', 'prefix', 'rows', 'cols')  # evaluated per visited pair; a dense `full` is not taken
 
     def supports(self, query: Query, windows: LayerWindows) -> Optional[str]:
         if query.device.type != 'cpu':
@@ -414,14 +568,26 @@ class NativeBackend(Backend):
         return window_bounds_tensor(windows, query.prefix)
 
     def work(self, query: Query, windows: LayerWindows) -> float:
-        return float(query.batch_heads * (window_pairs(windows, query.prefix) * query.head_dim
-                                          + QUERY_WORK * query.tokens))
+        pairs = window_pairs(windows, query.prefix)
+        per_head = pairs * query.head_dim + QUERY_WORK * query.tokens
+        if query.bias:
+            entries = query.grid[0] * ('rows' in query.bias) + query.grid[1] * ('cols' in query.bias)
+            per_head += BIAS_PAIR_WORK * pairs + BIAS_ENTRY_WORK * windows.num_patches * entries
+        return float(query.batch_heads * per_head)
 
-    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None) -> torch.Tensor:
-        p, gw = plan.query.prefix, plan.windows.grid[1]
-        out, _ = _Attention.apply(_contiguous_rows(q), _contiguous_rows(k), _contiguous_rows(v), plan.data, p, gw,
-                                  scale)
-        return out.transpose(1, 2).to(q.dtype)
+    def run(self, plan: Plan, q, k, v, scale, dropout_p=0.0, attn_mask=None, probs_hook=None,
+            bias: Optional[PositionBias] = None) -> torch.Tensor:
+        p, gw, dtype = plan.query.prefix, plan.windows.grid[1], q.dtype
+        q, k, v = _contiguous_rows(q), _contiguous_rows(k), _contiguous_rows(v)
+        if bias is None:
+            out, _ = _Attention.apply(q, k, v, plan.data, p, gw, scale)
+        else:
+            if bias.full is not None:
+                raise ValueError('the native kernel takes no dense `full` part of a position bias')
+            parts = (None if x is None else x.float().contiguous() for x in (bias.table, bias.prefix, bias.rows,
+                                                                          bias.cols))
+            out, _ = _BiasAttention.apply(q, k, v, plan.data, p, gw, scale, *parts)
+        return out.transpose(1, 2).to(dtype)
 
     def run_qkv(self, plan: Plan, qkv: torch.Tensor, scale: float) -> torch.Tensor:
         p, gw = plan.query.prefix, plan.windows.grid[1]

@@ -33,6 +33,15 @@
 //             prefix tokens carry the whole grid (they see every token regardless)
 //   out     : (B, T, H, D) contiguous (the layout the output projection reads)
 //   lse     : (B, H, T) log-sum-exp of every query row
+//
+// An additive position bias (optional, VitfreeBias below; vitfree/ops/bias.py defines it) is added
+// to the logits of the pairs each tile visits, after the Q K^T product and before the window mask:
+// per head, a relative-offset table (one scalar per offset (dr, dc) of the layout, the same for
+// every lane), three prefix terms, and per query a key-row and a key-column term, read from
+// buffers laid out by offset, [dr][query] and [dc][query], so that the L queries of a tile row read
+// one contiguous vector.  The backward pass sums dS into the same layouts (table: one lane vector
+// per offset; rows and columns: [offset][query]) and writes every gradient element at the end of
+// its (image, head).  Without a bias (a null pointer) none of this runs.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -43,6 +52,24 @@
 #include <sys/mman.h>
 #include <type_traits>
 #include <utility>
+
+// The position bias, fp32 and contiguous; a null part adds nothing.  Inputs: table (H, ty, tx)
+// with odd sides (offsets y_q - y_k, x_q - x_k clamped to +-(ty - 1) / 2, +-(tx - 1) / 2); prefix
+// (H, 3): prefix query -> patch key, patch query -> prefix key, prefix -> prefix; rows
+// (rows_b, H, N, gh) and cols (cols_b, H, N, gw), rows_b and cols_b 1 (shared by the batch) or B.
+// Gradients (backward only, non-null where the input is; every element written): d_table
+// (B, H, ty * tx), d_prefix (B, H, 3), d_rows (B, H, N, gh), d_cols (B, H, N, gw): per image, the
+// caller sums over the batch where the input is shared.
+struct VitfreeBias {
+    const float* table;
+    int64_t ty, tx;
+    const float* prefix;
+    const float* rows;
+    int64_t rows_b;
+    const float* cols;
+    int64_t cols_b;
+    float *d_table, *d_prefix, *d_rows, *d_cols;
+};
 
 namespace {
 
@@ -275,6 +302,7 @@ struct Geo {
     const int64_t *qs, *ks, *vs;
     const int32_t* bounds;
     int64_t bounds_heads;
+    const VitfreeBias* bias = nullptr;  // null: no position bias
     const int32_t* win(int64_t h, int64_t t) const { return bounds + ((bounds_heads == 1 ? 0 : h) * T + t) * 4; }
 };
 
@@ -651,6 +679,17 @@ const Table<KB0, KM, ND> KB_T_0;
 const Table<KB1, KM, ND> KB_T_1;
 
 // ---- per-thread state of one (image, head) ---------------------------------------------------
+// The position bias of one (image, head), by offset (dr - dr_lo, dc - dc_lo of the layout) and
+// query: tab[noff] scalars, rows[ndr][N] and cols[ndc][N] (padded by L; 0 where the key leaves the
+// grid); null where the part is absent.  The backward sums: gtab (noff lane vectors), grows and
+// gcols (as rows and cols), gpre (the three prefix terms).
+struct BiasWork {
+    bool on = false, has_pre = false;
+    const float *tab = nullptr, *rows = nullptr, *cols = nullptr;
+    float pre[3] = {0.0f, 0.0f, 0.0f};
+    float *gtab = nullptr, *grows = nullptr, *gcols = nullptr, *gpre = nullptr;
+};
+
 struct Work {
     Geo g;
     Lay y;
@@ -668,13 +707,15 @@ struct Work {
     float* tmp;               // 4 D + P + L floats
     const float** pre;        // P row pointers
     uint8_t* act;             // per key row of a tile: which query rows use it
+    BiasWork bias;
 };
 
 struct Scratch {
     Buf qp, kp, vp, dop, dkp, dvp, s, s2, ot, qt, mk, sq, sq2, tmp, bad, grid, lse, delta, pre, act;
+    Buf btab, brows, bcols, gtab, grows, gcols;  // the position bias (only with one)
     void trim(size_t most) {
         for (Buf* b : {&qp, &kp, &vp, &dop, &dkp, &dvp, &s, &s2, &ot, &qt, &mk, &sq, &sq2, &tmp, &bad, &grid, &lse,
-                       &delta, &pre, &act})
+                       &delta, &pre, &act, &btab, &brows, &bcols, &gtab, &grows, &gcols})
             b->trim(most);
     }
 };
@@ -727,6 +768,170 @@ bool any_bad(const uint8_t* bad, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r <= r1; ++r)
         if (bad[r]) return true;
     return false;
+}
+
+// ---- the position bias -----------------------------------------------------------------------
+// the flat table index of offset (dr, dc) = key - query, clamped to the table
+inline int64_t table_index(const VitfreeBias& bi, int64_t dr, int64_t dc) {
+    const int64_t ry = (bi.ty - 1) / 2, rx = (bi.tx - 1) / 2;
+    return (std::min(std::max(-dr, -ry), ry) + ry) * bi.tx + std::min(std::max(-dc, -rx), rx) + rx;
+}
+
+// src (N, len) per query -> dst[o][n] = src[n][coord(n) + lo + o] (0 off the grid), o < no; dst
+// padded by L zeros.  coord: a query's row (rows) or column (cols).
+void offset_layout(const float* src, int64_t len, const Geo& g, bool by_row, int lo, int64_t no, float* dst) {
+    const int64_t N = g.gh * g.gw;
+    constexpr int64_t ahead = 32;  // queries prefetched ahead: each reads a line or two of a long row
+    for (int64_t n = 0; n < N; ++n) {  // a query's entries are contiguous in the source
+        const int64_t c0 = (by_row ? n / g.gw : n % g.gw) + lo;
+        const float* s = src + n * len;
+        if (n + ahead < N) {
+            const float* nxt = s + ahead * len;  // (prefetches never fault)
+            __builtin_prefetch(nxt + std::max<int64_t>(c0, 0));
+            __builtin_prefetch(nxt + std::min<int64_t>(c0 + no, len) - 1);
+        }
+        for (int64_t o = 0; o < no; ++o) dst[o * N + n] = c0 + o >= 0 && c0 + o < len ? s[c0 + o] : 0.0f;
+    }
+    for (int i = 0; i < L; ++i) dst[no * N + i] = 0.0f;
+}
+
+// the reverse for gradients: dst (N, len) = 0 except dst[n][coord(n) + lo + o] = src[o][n]
+void offset_scatter(const float* src, int64_t len, const Geo& g, bool by_row, int lo, int64_t no, float* dst) {
+    const int64_t N = g.gh * g.gw;
+    std::memset(dst, 0, static_cast<size_t>(N * len) * sizeof(float));
+    for (int64_t n = 0; n < N; ++n) {
+        const int64_t c0 = (by_row ? n / g.gw : n % g.gw) + lo;
+        const int64_t oa = std::max<int64_t>(0, -c0), ob = std::min<int64_t>(no, len - c0);
+        float* d = dst + n * len + c0;
+        for (int64_t o = oa; o < ob; ++o) d[o] = src[o * N + n];
+    }
+}
+
+// the bias of (image b, head h) in the offset layouts (and zeroed sums for the backward pass)
+void setup_bias(Work& w, Scratch& s, bool backward) {
+    const Geo& g = w.g;
+    const Lay& y = w.y;
+    BiasWork& bw = w.bias;
+    bw = BiasWork{};
+    if (!g.bias) return;
+    const VitfreeBias& bi = *g.bias;
+    const int64_t N = g.gh * g.gw, ndr = y.dr_hi - y.dr_lo + 1, ndc = y.ndc(), noff = y.noff();
+    bw.on = true;
+    float* tbuf = s.btab.get(noff + 3);  // the table's terms, then the prefix sums
+    if (bi.table) {
+        float* tab = tbuf;
+        const float* tb = bi.table + w.h * bi.ty * bi.tx;
+        for (int64_t a = 0; a < ndr; ++a)
+            for (int64_t c = 0; c < ndc; ++c) tab[a * ndc + c] = tb[table_index(bi, y.dr_lo + a, y.dc_lo + c)];
+        bw.tab = tab;
+    }
+    if (bi.prefix) {
+        bw.has_pre = true;
+        for (int i = 0; i < 3; ++i) bw.pre[i] = bi.prefix[w.h * 3 + i];
+    }
+    if (bi.rows) {
+        float* r = s.brows.get(ndr * N + L);
+        offset_layout(bi.rows + ((bi.rows_b == 1 ? 0 : w.b) * g.H + w.h) * N * g.gh, g.gh, g, true, y.dr_lo, ndr, r);
+        bw.rows = r;
+    }
+    if (bi.cols) {
+        float* c = s.bcols.get(ndc * N + L);
+        offset_layout(bi.cols + ((bi.cols_b == 1 ? 0 : w.b) * g.H + w.h) * N * g.gw, g.gw, g, false, y.dc_lo, ndc, c);
+        bw.cols = c;
+    }
+    if (!backward) return;
+    bw.gpre = tbuf + noff;
+    bw.gpre[0] = bw.gpre[1] = bw.gpre[2] = 0.0f;
+    if (bi.table) {
+        bw.gtab = s.gtab.get(noff * L);
+        std::memset(bw.gtab, 0, static_cast<size_t>(noff * L) * sizeof(float));
+    }
+    if (bi.rows) {
+        bw.grows = s.grows.get(ndr * N + L);
+        std::memset(bw.grows, 0, static_cast<size_t>(ndr * N + L) * sizeof(float));
+    }
+    if (bi.cols) {
+        bw.gcols = s.gcols.get(ndc * N + L);
+        std::memset(bw.gcols, 0, static_cast<size_t>(ndc * N + L) * sizeof(float));
+    }
+}
+
+// S += the bias of the tile's pairs (prefix keys and window offsets; masked pairs are masked later)
+void tile_bias(const Work& w, const Tile& t, float* S) {
+    const BiasWork& bw = w.bias;
+    const Lay& y = w.y;
+    const int64_t P = w.g.P, ndc = t.ndc(), ndcg = y.ndc(), N = w.g.gh * w.g.gw;
+    for (int m = 0; m < t.nr; ++m) {
+        float* Sm = S + m * w.E * L;
+        const int64_t R = t.R0 + m, n0 = R * w.g.gw + t.C;
+        if (bw.has_pre)
+            for (int64_t j = 0; j < P; ++j) st(Sm + j * L, ld(Sm + j * L) + bw.pre[1]);
+        for (int64_t r = t.rlo; r <= t.rhi; ++r) {
+            if (!t.active(m, r)) continue;
+            const int64_t a = r - R - y.dr_lo;
+            float* Sr = Sm + (P + (r - t.rlo) * ndc) * L;
+            const vf rv = bw.rows ? ld(bw.rows + a * N + n0) : vf{};
+            const float* tb = bw.tab ? bw.tab + a * ndcg + (t.dclo - y.dc_lo) : nullptr;
+            const float* cb = bw.cols ? bw.cols + (t.dclo - y.dc_lo) * N + n0 : nullptr;
+            for (int64_t c = 0; c < ndc; ++c) {
+                vf x = rv;
+                if (tb) x += tb[c];
+                if (cb) x += ld(cb + c * N);
+                st(Sr + c * L, ld(Sr + c * L) + x);
+            }
+        }
+    }
+}
+
+// the bias's sums from the tile's dS (in S2; masked pairs and invalid lanes are exactly 0)
+void tile_bias_grad(const Work& w, const Tile& t) {
+    const BiasWork& bw = w.bias;
+    const Lay& y = w.y;
+    const int64_t P = w.g.P, ndc = t.ndc(), ndcg = y.ndc(), N = w.g.gh * w.g.gw;
+    for (int m = 0; m < t.nr; ++m) {
+        const float* Dm = w.S2 + m * w.E * L;
+        const int64_t R = t.R0 + m, n0 = R * w.g.gw + t.C;
+        if (bw.has_pre) {
+            vf sp{};
+            for (int64_t j = 0; j < P; ++j) sp += ld(Dm + j * L);
+            bw.gpre[1] += hsum(sp);
+        }
+        for (int64_t r = t.rlo; r <= t.rhi; ++r) {
+            if (!t.active(m, r)) continue;
+            const int64_t a = r - R - y.dr_lo;
+            const float* Dr = Dm + (P + (r - t.rlo) * ndc) * L;
+            float* gt = bw.gtab ? bw.gtab + (a * ndcg + (t.dclo - y.dc_lo)) * L : nullptr;
+            float* gc = bw.gcols ? bw.gcols + (t.dclo - y.dc_lo) * N + n0 : nullptr;
+            vf rs{};
+            for (int64_t c = 0; c < ndc; ++c) {
+                const vf ds = ld(Dr + c * L);
+                rs += ds;
+                if (gt) st(gt + c * L, ld(gt + c * L) + ds);
+                if (gc) st(gc + c * N, ld(gc + c * N) + ds);
+            }
+            if (bw.grows) st(bw.grows + a * N + n0, ld(bw.grows + a * N + n0) + rs);
+        }
+    }
+}
+
+// every gradient element of the bias of (image b, head h) (a buffer without its part stays untouched)
+void finish_bias_grad(const Work& w) {
+    const Geo& g = w.g;
+    const Lay& y = w.y;
+    const BiasWork& bw = w.bias;
+    if (!g.bias) return;
+    const VitfreeBias& bi = *g.bias;
+    const int64_t N = g.gh * g.gw, bh = w.b * g.H + w.h, ndcg = y.ndc();
+    if (bi.d_table && bw.gtab) {
+        float* o = bi.d_table + bh * bi.ty * bi.tx;
+        std::memset(o, 0, static_cast<size_t>(bi.ty * bi.tx) * sizeof(float));
+        for (int64_t a = 0; a < y.noff(); ++a)
+            o[table_index(bi, y.dr_lo + a / ndcg, y.dc_lo + a % ndcg)] += hsum(ld(bw.gtab + a * L));
+    }
+    if (bi.d_prefix && bw.gpre)
+        for (int i = 0; i < 3; ++i) bi.d_prefix[bh * 3 + i] = bw.gpre[i];
+    if (bi.d_rows && bw.grows) offset_scatter(bw.grows, g.gh, g, true, y.dr_lo, y.dr_hi - y.dr_lo + 1, bi.d_rows + bh * N * g.gh);
+    if (bi.d_cols && bw.gcols) offset_scatter(bw.gcols, g.gw, g, false, y.dc_lo, ndcg, bi.d_cols + bh * N * g.gw);
 }
 
 // ---- tile: logits, softmax, P V --------------------------------------------------------------
@@ -855,6 +1060,7 @@ void forward_tile(const Work& w, const Tile& t, float* out, float* lse) {
         a[m] = w.Qt + m * g.D * L;
     }
     tile_logits(w, t, a, L, w.Kp, w.kb, g.ks[2], w.S);
+    if (w.bias.on) tile_bias(w, t, w.S);
     vf mx[NR], l[NR];
     for (int m = 0; m < t.nr; ++m) tile_softmax_row(w, t, m, &mx[m], &l[m]);
     tile_pv(w, t, w.S, w.Vp, w.vb, g.vs[2], any_bad(w.vbad, t.rlo, t.rhi), w.OT);
@@ -926,12 +1132,15 @@ inline float dot(const float* a, const float* b, int64_t n) {
 float prefix_query_logits(const Work& w, const float* qs, float* spre) {
     const Geo& g = w.g;
     prefix_logits(w, qs, w.Kp, w.Sq);
+    const BiasWork& bw = w.bias;
     float mx = NEG_INF;
     for (int64_t j = 0; j < g.P; ++j) {
-        spre[j] = dot(qs, w.kb + j * g.ks[2], g.D);
+        spre[j] = dot(qs, w.kb + j * g.ks[2], g.D) + (bw.has_pre ? bw.pre[2] : 0.0f);
         mx = std::max(mx, spre[j]);
     }
     const int64_t nv = g.gh * w.y.ncv;
+    if (bw.has_pre)  // the padding lanes stay -inf
+        for (int64_t v = 0; v < nv; ++v) st(w.Sq + v * L, ld(w.Sq + v * L) + bw.pre[0]);
     for (int64_t v = 0; v < nv; ++v) mx = std::max(mx, hmax(ld(w.Sq + v * L)));
     return mx;
 }
@@ -1041,8 +1250,10 @@ void backward_tile(const Work& w, Back& k, const Tile& t) {
         ao[m] = k.dOp + (t.R0 + m) * y.rs + y.pad + t.C;
     }
     tile_logits(w, t, a, y.pitch, w.Kp, w.kb, g.ks[2], w.S);
+    if (w.bias.on) tile_bias(w, t, w.S);
     tile_logits(w, t, ao, y.pitch, w.Vp, w.vb, g.vs[2], w.S2);
     for (int m = 0; m < t.nr; ++m) backward_softmax_row(w, k, t, m);
+    if (w.bias.on) tile_bias_grad(w, t);
     tile_pv(w, t, w.S2, w.Kp, w.kb, g.ks[2], any_bad(w.kbad, t.rlo, t.rhi), w.OT);  // dQ^T / scale
     for (int m = 0; m < t.nr; ++m) {
         const int64_t t0 = g.P + (t.R0 + m) * g.gw + t.C;
@@ -1125,6 +1336,11 @@ void backward_prefix_query(const Work& w, const Back& k, int64_t i, const float*
         st(w.Sq + v * L, p);
         st(w.Sq2 + v * L, sel(valid, p * (ld(w.Sq2 + v * L) - delta), vf{}));
     }
+    if (w.bias.has_pre) {
+        vf sp{};
+        for (int64_t v = 0; v < nv; ++v) sp += ld(w.Sq2 + v * L);
+        w.bias.gpre[0] += hsum(sp);
+    }
     prefix_reduce(w, w.Sq2, w.Kp, dq);
     for (int64_t v = 0; v < nv; ++v) {  // dK += dS q, dV += P dO on the packed key vectors
         const vf ds = ld(w.Sq2 + v * L), p = ld(w.Sq + v * L);
@@ -1141,6 +1357,7 @@ void backward_prefix_query(const Work& w, const Back& k, int64_t i, const float*
         const float* vr = w.vb + j * g.vs[2];
         const float p = std::exp(spre[j] - lse);
         const float ds = p * (dot(go, vr, g.D) - delta);
+        if (w.bias.has_pre) w.bias.gpre[2] += ds;
         for (int64_t d = 0; d < g.D; ++d) {
             dq[d] += ds * kr[d];
             dk_pre[j * g.D + d] += ds * qs[d];
@@ -1246,6 +1463,7 @@ void backward_item(Work& w, Back& k, const float* q, float* dk, float* dv, const
             dvb[j * dvs[2] + d] = hsum(ld(k.pre_dv + (j * g.D + d) * L)) + dv_pre[j * g.D + d];
         }
     }
+    finish_bias_grad(w);
 }
 
 // pairs of one head: exact (window pairs), and lane-pairs computed by Q K^T and by P V
@@ -1323,32 +1541,37 @@ extern "C" {
 
 const char* vitfree_window_attention_isa() { return VITFREE_ISA; }
 
-// Returns 0, or 1 (a window is empty or leaves the grid), 2 (out of memory).
+// `bias`: a position bias to add (its inputs), or null.  Returns 0, or 1 (a window is empty or
+// leaves the grid), 2 (out of memory).
 int vitfree_window_attention_forward(const float* q, const float* k, const float* v, int64_t B, int64_t H,
                                      int64_t T, int64_t D, int64_t P, int64_t gw, const int64_t* qs,
                                      const int64_t* ks, const int64_t* vs, const int32_t* bounds,
-                                     int64_t bounds_heads, float scale, float* out, float* lse, int threads) {
-    const Geo g{B, H, T, D, P, gw, (T - P) / gw, qs, ks, vs, bounds, bounds_heads};
+                                     int64_t bounds_heads, float scale, float* out, float* lse, int threads,
+                                     const VitfreeBias* bias) {
+    const Geo g{B, H, T, D, P, gw, (T - P) / gw, qs, ks, vs, bounds, bounds_heads, bias};
     const int tile_rows = default_tile_rows();
     return for_each_head(g, threads, [&](Work& w, Back&, Scratch& s, int64_t b, int64_t h) {
         setup_work(w, g, b, h, scale, tile_rows, s, q, k, v, false);
+        setup_bias(w, s, false);
         forward_item(w, q, out, lse);
     });
 }
 
 // Gradients.  dq, dk, dv are fp32 buffers with (batch, head, token) strides gs[0..2], unit stride
 // in D; every element of them is written.  Work is split by (batch, head), so the key-side sums
-// never race.  Returns as the forward pass.
+// never race.  `bias`: the forward pass's (null: none), with its gradient buffers.  Returns as
+// the forward pass.
 int vitfree_window_attention_backward(const float* q, const float* k, const float* v, const float* out,
                                       const float* grad_out, const float* lse, int64_t B, int64_t H, int64_t T,
                                       int64_t D, int64_t P, int64_t gw, const int64_t* qs, const int64_t* ks,
                                       const int64_t* vs, const int32_t* bounds, int64_t bounds_heads, float scale,
                                       float* dq, float* dk, float* dv, const int64_t* dqs, const int64_t* dks,
-                                      const int64_t* dvs, int threads) {
-    const Geo g{B, H, T, D, P, gw, (T - P) / gw, qs, ks, vs, bounds, bounds_heads};
+                                      const int64_t* dvs, int threads, const VitfreeBias* bias) {
+    const Geo g{B, H, T, D, P, gw, (T - P) / gw, qs, ks, vs, bounds, bounds_heads, bias};
     const int tile_rows = default_tile_rows();
     return for_each_head(g, threads, [&](Work& w, Back& bk, Scratch& s, int64_t b, int64_t h) {
         setup_work(w, g, b, h, scale, tile_rows, s, q, k, v, true);
+        setup_bias(w, s, true);
         setup_back(w, bk, s, out, grad_out, lse, dq, dqs);
         backward_item(w, bk, q, dk, dv, dks, dvs);
     });
