@@ -115,10 +115,9 @@ def _memory_setup(method: str, g: int, backward: bool, batch: int, prefix: int) 
 
 def _pairs(g: int, prefix: int, batch: int) -> dict:
     """All pairs (unmasked SDPA), exact window pairs and the native tiles' pairs, of the whole call."""
-    from vitfree.ops.dispatch import _window_pairs
     w = LayerWindows(RADIUS, (g, g))
     exact, qk, pv = native.native_pair_counts(w, prefix, heads=HEADS)
-    assert exact == round(HEADS * _window_pairs(w, prefix))
+    assert exact == round(HEADS * native.window_pairs(w, prefix))
     bh = batch * HEADS
     return {'all': bh * (prefix + g * g) ** 2, 'window': batch * exact, 'native_qk': batch * qk,
             'native_pv': batch * pv, 'useful_qk': exact / qk, 'useful_pv': exact / pv}
