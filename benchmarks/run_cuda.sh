@@ -15,7 +15,7 @@
 # empty for the full table, or e.g. "--no-fp32"), CAL_DEVICE (default cuda), BENCH_ARGS (extra
 # bench_cuda.py options, e.g. --quick or --budget 300).  `smoke` runs bench_cuda.py on the CPU on
 # tiny sizes (a check of the script; tests/test_bench_scripts.py runs it), not part of the default.
-set -uo pipefail
+set -uo pipefail  # (empty arrays are expanded as ${a[@]+"${a[@]}"}: bash < 4.4 calls them unbound)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT_DIR=${OUT:-benchmarks/results}
@@ -60,13 +60,13 @@ for stage in "${stages[@]}"; do
         [ -z "${OUT:-}" ] && extra=(--commit)
         # `vitfree calibrate` (the console script may not be installed: the CLI's main directly)
         "$PY" -c 'import sys; from vitfree.cli import main; sys.exit(main())' calibrate \
-            --device "${CAL_DEVICE:-cuda}" --out "$OUT_DIR" "${cal_args[@]}" "${extra[@]}" 2>&1 \
+            --device "${CAL_DEVICE:-cuda}" --out "$OUT_DIR" ${cal_args[@]+"${cal_args[@]}"} ${extra[@]+"${extra[@]}"} 2>&1 \
             | tee "$OUT_DIR/calibration.log"
         [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
         ;;
     bench)
         echo "== benchmark"
-        "$PY" benchmarks/bench_cuda.py --out "$OUT_DIR" "${bench_args[@]}" 2>&1 | tee "$OUT_DIR/bench_cuda.log"
+        "$PY" benchmarks/bench_cuda.py --out "$OUT_DIR" ${bench_args[@]+"${bench_args[@]}"} 2>&1 | tee "$OUT_DIR/bench_cuda.log"
         [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
         ;;
     smoke)
