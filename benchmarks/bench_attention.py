@@ -312,7 +312,7 @@ def fit_native(args) -> None:
     the measured dense/native ratio next to the model's, so the crossover can be checked."""
     import numpy as np
 
-    from vitfree.ops.dispatch import _window_pairs
+    from vitfree.ops.native import window_pairs
     set_threads(args.threads)
     feats, ys, rows = [], [], []
     for g in (8, 14, 24, 32, 48, 64):
@@ -327,7 +327,7 @@ def fit_native(args) -> None:
                 with torch.no_grad():
                     times = interleaved(calls, reps=3)
                 bh = b * HEADS
-                feats.append([bh * _window_pairs(w, p) * DIM, bh * t, 1.0])
+                feats.append([bh * window_pairs(w, p) * DIM, bh * t, 1.0])
                 ys.append(times['native']['median'])
                 rows.append((g, r, b, p, times['dense']['median'] / times['native']['median']))
     x, y = np.array(feats), np.array(ys)
