@@ -228,7 +228,8 @@ def to_markdown(res: dict) -> str:
         '',
         f'**CPU: {m["cpu"]}** (family {m.get("cpu_family")}, model {m.get("cpu_model")}; vector extensions: '
         f'{", ".join(m.get("cpu_extensions", []))}), {m["cores"]} cores, torch {m["torch"]}, '
-        f'native kernel built for {m.get("native_isa")}. Latest run: {m["threads"]} thread(s), load average at start {m["load_avg_1_5_15"]}, at end '
+        f'native kernel built for {m.get("native_isa")}. Latest run: {m["threads"]} thread(s), load average at '
+        f'start {m["load_avg_1_5_15"]}, at end '
         f'{m.get("load_avg_end")}; rows from earlier runs keep their own machine record (threads, load, matmul peak) '
         f'in attention.json. {res["config"]["heads"]} heads x '
         f'{res["config"]["head_dim"]}, fp32. Time: median of {res["config"]["reps"]} interleaved rounds '
