@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from vitfree.benchmark import (cpu_results_dir, interleaved, machine_info, matmul_peak, merge_rows,  # noqa: E402
-                               peak_memory, set_threads, write_results)
+from vitfree.benchmark import (cpu_results_dir, interleaved, machine_info, machine_line,  # noqa: E402
+                               matmul_peak, merge_rows, peak_memory, set_threads, write_results)
 from vitfree.ops import choose_backend, native_window_attention, tiled_window_attention, window_attention  # noqa: E402
 from vitfree.ops import native  # noqa: E402
 from vitfree.windows import LayerWindows  # noqa: E402
@@ -226,9 +226,7 @@ def to_markdown(res: dict) -> str:
     lines = [
         '# Attention op: one 7x7 window per patch and a class token',
         '',
-        f'**CPU: {m["cpu"]}** (family {m.get("cpu_family")}, model {m.get("cpu_model")}; vector extensions: '
-        f'{", ".join(m.get("cpu_extensions", []))}), {m["cores"]} cores, torch {m["torch"]}, '
-        f'native kernel built for {m.get("native_isa")}. Latest run: {m["threads"]} thread(s), load average at '
+        f'{machine_line(m)}. Latest run: {m["threads"]} thread(s), load average at '
         f'start {m["load_avg_1_5_15"]}, at end '
         f'{m.get("load_avg_end")}; rows from earlier runs keep their own machine record (threads, load, matmul peak) '
         f'in attention.json. {res["config"]["heads"]} heads x '

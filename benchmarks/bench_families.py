@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
-from vitfree.benchmark import cpu_results_dir, interleaved, machine_info, peak_memory, set_threads, write_results  # noqa: E402
+from vitfree.benchmark import (cpu_results_dir, interleaved, machine_info, machine_line, peak_memory,  # noqa: E402
+                               set_threads, write_results)
 
 DINO = 'vit_small_patch16_dinov3'
 SAM = 'samvit_base_patch16'
@@ -97,7 +98,7 @@ def _mb(v) -> str:
 def to_markdown(res: Dict) -> str:
     m = res['machine']
     out = ['# New families on the CPU: DINOv3-S and SAM ViT-B against timm', '',
-           f'{m["cpu"]}, {m["cores"]} cores, torch {m["torch"]}, {res["threads"]} thread(s); load average at start '
+           f'{machine_line(m)}, {res["threads"]} thread(s); load average at start '
            f'{m["load_avg_1_5_15"]}, at the end {m.get("load_avg_end")}. Random weights, batch 1, inference; the '
            f'models of one row ran interleaved, medians of {res["reps"]} rounds after a warm-up '
            f'({"process CPU time" if res["threads"] == 1 else "wall time"}). Peak memory: growth of the resident '

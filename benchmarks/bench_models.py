@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 import timm  # noqa: E402
 
 import vitfree  # noqa: E402
-from vitfree.benchmark import cpu_results_dir, interleaved, machine_info, merge_rows, set_threads, write_results  # noqa: E402
+from vitfree.benchmark import (cpu_results_dir, interleaved, machine_info, machine_line, merge_rows,  # noqa: E402
+                               set_threads, write_results)
 from vitfree.windows import WindowSpec  # noqa: E402
 
 BASE = 'vit_small_patch16_224'
@@ -172,9 +173,7 @@ def _targets(res: Dict) -> list:
 def to_markdown(res: Dict) -> str:
     m = res['machine']
     out = ['# Whole model on the CPU: ViT-S, WinfT-S and the free-attention limits', '',
-           f'**CPU: {m["cpu"]}** (family {m.get("cpu_family")}, model {m.get("cpu_model")}; vector extensions: '
-           f'{", ".join(m.get("cpu_extensions", []))}), {m["cores"]} cores, torch {m["torch"]}, native kernel built '
-           f'for {m.get("native_isa")}; load average at start {m["load_avg_1_5_15"]}. '
+           f'{machine_line(m)}; load average at start {m["load_avg_1_5_15"]}. '
            f'All four models ran interleaved in one run; medians of {res["reps"]} rounds '
            "(the process's CPU time with one thread, wall clock with more). "
            'WinfT: uniform 7x7 window in every block, `auto` backend. limit: every attention module an identity '

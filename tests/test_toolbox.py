@@ -47,6 +47,15 @@ def _make(name, **kw):
         return MODELS[name](**kw).eval()
 
 
+def _make_unfused(name):
+    """``_make(name)`` built while timm's fused attention is off (its layers take the explicit softmax)."""
+    timm.layers.set_fused_attn(False)
+    try:
+        return _make(name)
+    finally:
+        timm.layers.set_fused_attn(True)
+
+
 def _close(a, b, tol=1e-5):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
@@ -146,11 +155,7 @@ def test_features_only_and_intermediates(name):
 @pytest.mark.parametrize('name', NAMES)
 def test_attention_extract_sees_every_block(name):
     from timm.utils import AttentionExtract
-    timm.layers.set_fused_attn(False)
-    try:
-        m = _make(name)
-    finally:
-        timm.layers.set_fused_attn(True)
+    m = _make_unfused(name)
     out = AttentionExtract(m, method='hook')(X)
     assert len(out) == len(m.blocks) == 6
     for i, (key, a) in enumerate(out.items()):
@@ -214,11 +219,7 @@ def test_attention_extract_hook_with_fused_attention_on(name):
 @pytest.mark.parametrize('name', ['winft_measured', 'winft_per_head'])
 def test_attention_extract_fx_with_fused_attention_off(name):
     from timm.utils import AttentionExtract
-    timm.layers.set_fused_attn(False)
-    try:
-        m = _make(name)
-    finally:
-        timm.layers.set_fused_attn(True)
+    m = _make_unfused(name)
     hooked = AttentionExtract(m, method='hook')(X)
     traced = AttentionExtract(m, method='fx')(X)
     assert list(traced) == [f'blocks.{i}.attn.softmax' for i in range(6)]

@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ['set_threads', 'clock', 'interleaved', 'peak_memory', 'matmul_peak', 'count_flops', 'cpu_info', 'cpu_results_dir',
-           'machine_info', 'merge_rows', 'write_results']
+           'machine_info', 'machine_line', 'merge_rows', 'write_results']
 
 
 def set_threads(threads: Optional[int]) -> int:
@@ -189,6 +189,14 @@ def machine_info() -> Dict[str, Any]:
             'cpu_extensions': cpu['extensions'], 'cpu_slug': cpu['slug'], 'cores': os.cpu_count(),
             'load_avg_1_5_15': load, 'torch': torch.__version__, 'threads': torch.get_num_threads(),
             'python': platform.python_version(), 'time_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+
+
+def machine_line(m: Dict[str, Any]) -> str:
+    """The CPU of a :func:`machine_info` record as results files open with it: model in bold, family,
+    model number, vector extensions, cores, torch, and the native kernel's instruction set if recorded."""
+    isa = f', native kernel built for {m["native_isa"]}' if m.get('native_isa') else ''
+    return (f'**CPU: {m["cpu"]}** (family {m.get("cpu_family")}, model {m.get("cpu_model")}; vector extensions: '
+            f'{", ".join(m.get("cpu_extensions", []))}), {m["cores"]} cores, torch {m["torch"]}{isa}')
 
 
 def merge_rows(path: str, results: Dict[str, Any], key: Callable[[Dict[str, Any]], Any],
