@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['PositionBias', 'position_bias', 'dense_position_bias', 'prefix_query_bias', 'offset_index',
-           'bias_batch', 'bias_heads', 'bias_parts', 'PARTS']
+           'bias_batch', 'bias_heads', 'bias_parts', 'bias_shape_error', 'PARTS']
 
 PARTS = ('table', 'prefix', 'rows', 'cols', 'full')  # the fields of PositionBias, in order
 
@@ -63,6 +63,33 @@ def bias_parts(bias: Union['PositionBias', bool, None, Tuple[str, ...]]) -> Tupl
     if isinstance(bias, PositionBias):
         return tuple(name for name, part in zip(PARTS, bias) if part is not None)
     return tuple(name for name in PARTS if name in bias)
+
+
+def bias_shape_error(bias: PositionBias, batch: int, heads: int, grid: Tuple[int, int],
+                     num_prefix_tokens: int) -> Optional[str]:
+    """None when every part of ``bias`` fits ``(batch, heads)`` queries on ``grid`` with
+    ``num_prefix_tokens`` prefix tokens, else what is wrong: the part, its shape and the shape accepted
+    (the one check of these shapes: the dispatcher's input contract, and the native kernel's arguments)."""
+    h, w = grid
+    n, t = h * w, num_prefix_tokens + h * w
+    wants = {'table': f'(heads={heads}, 2*ry+1, 2*rx+1) with odd sides', 'prefix': f'({heads}, 3)',
+             'rows': f'(1 or {batch}, {heads}, {n}, {h})', 'cols': f'(1 or {batch}, {heads}, {n}, {w})',
+             'full': f'(1 or {batch}, 1 or {heads}, {t}, {t})'}
+    for name, part in zip(PARTS, bias):
+        if part is None:
+            continue
+        s = tuple(part.shape) if torch.is_tensor(part) else None
+        ok = s is not None and part.dtype.is_floating_point and {
+            'table': lambda: len(s) == 3 and s[0] == heads and s[1] % 2 == 1 and s[2] % 2 == 1,
+            'prefix': lambda: s == (heads, 3),
+            'rows': lambda: len(s) == 4 and s[0] in (1, batch) and s[1:] == (heads, n, h),
+            'cols': lambda: len(s) == 4 and s[0] in (1, batch) and s[1:] == (heads, n, w),
+            'full': lambda: len(s) == 4 and s[0] in (1, batch) and s[1] in (1, heads) and s[2:] == (t, t),
+        }[name]()
+        if not ok:
+            got = f'{s} {part.dtype}' if s is not None else type(part).__name__
+            return f'bias.{name} must be a floating tensor of shape {wants[name]}, got {got}'
+    return None
 
 
 def offset_index(grid: Tuple[int, int], table: torch.Tensor, qy: torch.Tensor, qx: torch.Tensor,

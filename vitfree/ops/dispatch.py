@@ -39,7 +39,7 @@ from .._util import warn
 from ..windows import LayerWindows
 from . import calibration as _tables
 from .backend import Backend, Plan, PreparedCache, Query
-from .bias import PARTS, PositionBias, bias_parts
+from .bias import PARTS, PositionBias, bias_parts, bias_shape_error
 
 __all__ = [
     'BackendError', 'register_backend', 'get_backend', 'list_backends', 'available_backends', 'use_backend',
@@ -312,30 +312,13 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Lay
 
 
 def _check_bias(bias: PositionBias, batch: int, heads: int, grid: Tuple[int, int], num_prefix_tokens: int) -> None:
-    """The shapes of a bias for ``(batch, heads)`` queries on ``grid``; errors name the part, its shape
-    and the shape accepted."""
+    """The shapes of a bias for ``(batch, heads)`` queries on ``grid`` (:func:`~vitfree.ops.bias.bias_shape_error`)."""
     if not isinstance(bias, PositionBias):
         raise BackendError(f'bias must be a vitfree.ops.bias.PositionBias (position_bias(...)), got '
                            f'{type(bias).__name__}')
-    h, w = grid
-    n, t = h * w, num_prefix_tokens + h * w
-    wants = {'table': f'(heads={heads}, 2*ry+1, 2*rx+1) with odd sides', 'prefix': f'({heads}, 3)',
-             'rows': f'(1 or {batch}, {heads}, {n}, {h})', 'cols': f'(1 or {batch}, {heads}, {n}, {w})',
-             'full': f'(1 or {batch}, 1 or {heads}, {t}, {t})'}
-    for name, part in zip(bias._fields, bias):
-        if part is None:
-            continue
-        s = tuple(part.shape) if torch.is_tensor(part) else None
-        ok = s is not None and part.dtype.is_floating_point and {
-            'table': lambda: len(s) == 3 and s[0] == heads and s[1] % 2 == 1 and s[2] % 2 == 1,
-            'prefix': lambda: s == (heads, 3),
-            'rows': lambda: len(s) == 4 and s[0] in (1, batch) and s[1:] == (heads, n, h),
-            'cols': lambda: len(s) == 4 and s[0] in (1, batch) and s[1:] == (heads, n, w),
-            'full': lambda: len(s) == 4 and s[0] in (1, batch) and s[1] in (1, heads) and s[2:] == (t, t),
-        }[name]()
-        if not ok:
-            got = f'{s} {part.dtype}' if s is not None else type(part).__name__
-            raise BackendError(f'bias.{name} must be a floating tensor of shape {wants[name]}, got {got}')
+    why = bias_shape_error(bias, batch, heads, grid, num_prefix_tokens)
+    if why is not None:
+        raise BackendError(why)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: LayerWindows,

@@ -50,7 +50,7 @@ import torch
 
 from ..windows import LayerWindows
 from .backend import Backend, Plan, PreparedCache, Query, refuse_second_order
-from .bias import PositionBias
+from .bias import PositionBias, bias_shape_error
 from .calibration import cache_dir
 
 __all__ = ['NativeBackend', 'native_window_attention', 'native_qkv_attention', 'native_library', 'native_isa',
@@ -275,21 +275,14 @@ def _bias_args(parts: Optional[BiasParts], shape: Tuple[int, ...], prefix_tokens
     if parts is None:
         return None
     b, h, t, _ = shape
-    n = t - prefix_tokens
-    gh = n // grid_w
     table, prefix, rows, cols = parts
-    ndim = {'table': 3, 'prefix': 2, 'rows': 4, 'cols': 4}
-    wants = {'table': lambda s: len(s) == 3 and s[0] == h and s[1] % 2 == 1 and s[2] % 2 == 1,
-             'prefix': lambda s: s == (h, 3), 'rows': lambda s: s[0] in (1, b) and s[1:] == (h, n, gh),
-             'cols': lambda s: s[0] in (1, b) and s[1:] == (h, n, grid_w)}
     for name, x in zip(('table', 'prefix', 'rows', 'cols'), parts):
-        if x is None:
-            continue
-        if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != ndim[name]:
+        if x is not None and (x.dtype != torch.float32 or not x.is_contiguous()):
             raise ValueError(f'bias {name} must be a contiguous float32 tensor, got {x.dtype} {tuple(x.shape)}')
-        if not wants[name](tuple(x.shape)):
-            raise ValueError(f'bias {name} of shape {tuple(x.shape)} does not fit queries of shape {tuple(shape)} '
-                             f'on a grid {gh}x{grid_w} with {prefix_tokens} prefix tokens')
+    why = bias_shape_error(PositionBias(table, prefix, rows, cols, None), b, h,
+                           ((t - prefix_tokens) // grid_w, grid_w), prefix_tokens)
+    if why is not None:
+        raise ValueError(why)
     ty, tx = (table.shape[1], table.shape[2]) if table is not None else (1, 1)
     return _BiasArgs(_ptr(table), ty, tx, _ptr(prefix), _ptr(rows), 1 if rows is None else rows.shape[0], _ptr(cols),
                      1 if cols is None else cols.shape[0], *(_ptr(g) for g in grads))
